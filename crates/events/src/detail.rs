@@ -1,0 +1,469 @@
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::keys;
+
+pub(crate) const AMI_ID: &str = r"^ami-([0-9a-f]{8}|[0-9a-f]{17})$";
+pub(crate) const ACCOUNT_ID: &str = r"^[0-9]{12}$";
+const PARAMETER_NAME: &str = r"^/?[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$";
+const REGION: &str = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$";
+const STAGE: &str = r"^[a-z][a-z0-9-]{0,31}$";
+const ROLLOUT_ID: &str = r"^(/?[A-Za-z0-9_.\-/]+@ami-([0-9a-f]{8}|[0-9a-f]{17}))?$";
+
+/// Identity and provenance carried by every amiflow `detail` (DESIGN.md section 3).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Meta {
+    /// Contract version; a reader rejects a major version it does not know.
+    #[schemars(range(min = 1))]
+    pub schema_version: u32,
+    /// `<parameter name>@<ami id>`; empty only for a window opening, which belongs to no rollout.
+    #[schemars(regex(pattern = ROLLOUT_ID))]
+    pub rollout_id: String,
+    /// Idempotency key of this step, derived only from business fields.
+    #[schemars(length(min = 1, max = 1600))]
+    pub key: String,
+    /// `key` of the event that led to this one; empty for a root event.
+    #[serde(default)]
+    #[schemars(length(max = 1600))]
+    pub caused_by: String,
+    /// When the producer built the event: for ordering and "newer wins", never identity.
+    pub emitted_at: DateTime<Utc>,
+}
+
+impl Meta {
+    pub fn new(rollout_id: String, key: String, caused_by: &str) -> Self {
+        Self {
+            schema_version: crate::SCHEMA_VERSION,
+            rollout_id,
+            key,
+            caused_by: caused_by.to_owned(),
+            emitted_at: Utc::now(),
+        }
+    }
+}
+
+/// A new golden AMI exists in the hub account and should be rolled out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AmiBuilt {
+    #[serde(flatten)]
+    pub meta: Meta,
+    #[schemars(regex(pattern = AMI_ID))]
+    pub ami_id: String,
+    #[schemars(regex(pattern = REGION))]
+    pub region: String,
+    #[schemars(length(min = 3, max = 128))]
+    pub image_name: String,
+    pub created_at: DateTime<Utc>,
+    #[schemars(regex(pattern = PARAMETER_NAME), length(max = 1011))]
+    pub parameter_name: String,
+    /// Accounts to share with; absent means every spoke in the configuration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(inner(regex(pattern = ACCOUNT_ID)), length(max = 1000))]
+    pub targets: Option<Vec<String>>,
+    /// Customer managed key of the AMI's snapshots, when they are encrypted with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:key/[A-Za-z0-9-]+$"))]
+    pub kms_key_arn: Option<String>,
+}
+
+impl AmiBuilt {
+    pub fn new(
+        ami_id: &str,
+        region: &str,
+        image_name: &str,
+        created_at: DateTime<Utc>,
+        parameter_name: &str,
+    ) -> Self {
+        Self {
+            meta: Meta::new(
+                keys::rollout_id(parameter_name, ami_id),
+                keys::built(ami_id),
+                "",
+            ),
+            ami_id: ami_id.to_owned(),
+            region: region.to_owned(),
+            image_name: image_name.to_owned(),
+            created_at,
+            parameter_name: parameter_name.to_owned(),
+            targets: None,
+            kms_key_arn: None,
+        }
+    }
+}
+
+/// The AMI is usable from `target_account` (launch and snapshot permissions, KMS).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AmiShared {
+    #[serde(flatten)]
+    pub meta: Meta,
+    #[schemars(regex(pattern = AMI_ID))]
+    pub ami_id: String,
+    #[schemars(regex(pattern = REGION))]
+    pub region: String,
+    #[schemars(regex(pattern = ACCOUNT_ID))]
+    pub source_account: String,
+    #[schemars(regex(pattern = ACCOUNT_ID))]
+    pub target_account: String,
+    #[schemars(regex(pattern = STAGE))]
+    pub stage: String,
+    #[schemars(regex(pattern = PARAMETER_NAME), length(max = 1011))]
+    pub parameter_name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl AmiShared {
+    pub fn new(built: &AmiBuilt, source_account: &str, target_account: &str, stage: &str) -> Self {
+        Self {
+            meta: Meta::new(
+                built.meta.rollout_id.clone(),
+                keys::shared(&built.ami_id, target_account),
+                &built.meta.key,
+            ),
+            ami_id: built.ami_id.clone(),
+            region: built.region.clone(),
+            source_account: source_account.to_owned(),
+            target_account: target_account.to_owned(),
+            stage: stage.to_owned(),
+            parameter_name: built.parameter_name.clone(),
+            created_at: built.created_at,
+        }
+    }
+}
+
+/// The account's golden parameter holds `ami_id` (written now, or already).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ParamUpdated {
+    #[serde(flatten)]
+    pub meta: Meta,
+    #[schemars(regex(pattern = ACCOUNT_ID))]
+    pub account: String,
+    #[schemars(regex(pattern = PARAMETER_NAME), length(max = 1011))]
+    pub parameter_name: String,
+    #[schemars(regex(pattern = AMI_ID))]
+    pub ami_id: String,
+    /// The value before this rollout wrote it; absent for a new parameter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = AMI_ID))]
+    pub previous_ami_id: Option<String>,
+    #[schemars(range(min = 1))]
+    pub parameter_version: i64,
+}
+
+impl ParamUpdated {
+    pub fn new(
+        caused_by: &str,
+        account: &str,
+        parameter_name: &str,
+        ami_id: &str,
+        previous_ami_id: Option<String>,
+        parameter_version: i64,
+    ) -> Self {
+        Self {
+            meta: Meta::new(
+                keys::rollout_id(parameter_name, ami_id),
+                keys::param(account, parameter_name, ami_id),
+                caused_by,
+            ),
+            account: account.to_owned(),
+            parameter_name: parameter_name.to_owned(),
+            ami_id: ami_id.to_owned(),
+            previous_ami_id,
+            parameter_version,
+        }
+    }
+}
+
+/// A stage's maintenance window opened: reconcile every stale group of the account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RolloutWindowOpened {
+    #[serde(flatten)]
+    pub meta: Meta,
+    #[schemars(regex(pattern = ACCOUNT_ID))]
+    pub account: String,
+    #[schemars(regex(pattern = STAGE))]
+    pub stage: String,
+    pub closes_at: DateTime<Utc>,
+}
+
+impl RolloutWindowOpened {
+    pub fn new(
+        account: &str,
+        stage: &str,
+        opens_at: DateTime<Utc>,
+        closes_at: DateTime<Utc>,
+    ) -> Self {
+        let date = opens_at.format("%Y-%m-%d").to_string();
+        Self {
+            meta: Meta::new(String::new(), keys::window(account, stage, &date), ""),
+            account: account.to_owned(),
+            stage: stage.to_owned(),
+            closes_at,
+        }
+    }
+}
+
+/// How a stale group is moved to the new AMI.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// New launch template version with only `ImageId` changed, then an instance refresh.
+    LaunchTemplate,
+    /// The group belongs to a CloudFormation stack: update the stack, never the group behind it.
+    Cloudformation,
+}
+
+/// Move one group to `ami_id`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AsgRefreshRequested {
+    #[serde(flatten)]
+    pub meta: Meta,
+    #[schemars(regex(pattern = ACCOUNT_ID))]
+    pub account: String,
+    #[schemars(length(min = 1, max = 255))]
+    pub asg_name: String,
+    #[schemars(regex(pattern = PARAMETER_NAME), length(max = 1011))]
+    pub parameter_name: String,
+    #[schemars(regex(pattern = AMI_ID))]
+    pub ami_id: String,
+    pub strategy: Strategy,
+    /// When the window closes; after it the refresh is skipped, not started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+}
+
+impl AsgRefreshRequested {
+    pub fn new(
+        caused_by: &str,
+        account: &str,
+        asg_name: &str,
+        parameter_name: &str,
+        ami_id: &str,
+        strategy: Strategy,
+        deadline: Option<DateTime<Utc>>,
+    ) -> Self {
+        Self {
+            meta: Meta::new(
+                keys::rollout_id(parameter_name, ami_id),
+                keys::refresh(account, asg_name, ami_id),
+                caused_by,
+            ),
+            account: account.to_owned(),
+            asg_name: asg_name.to_owned(),
+            parameter_name: parameter_name.to_owned(),
+            ami_id: ami_id.to_owned(),
+            strategy,
+            deadline,
+        }
+    }
+}
+
+/// How a group's refresh ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    RolledBack,
+    Cancelled,
+    Skipped,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Succeeded => "succeeded",
+            Outcome::Failed => "failed",
+            Outcome::RolledBack => "rolled-back",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Skipped => "skipped",
+        }
+    }
+}
+
+/// A group's move to `ami_id` ended (or was skipped, with the reason).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AsgRefreshFinished {
+    #[serde(flatten)]
+    pub meta: Meta,
+    #[schemars(regex(pattern = ACCOUNT_ID))]
+    pub account: String,
+    #[schemars(length(min = 1, max = 255))]
+    pub asg_name: String,
+    #[schemars(regex(pattern = AMI_ID))]
+    pub ami_id: String,
+    pub outcome: Outcome,
+    /// Why, in words a person can act on (empty for a plain success).
+    #[serde(default)]
+    #[schemars(length(max = 4096))]
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_refresh_id: Option<String>,
+}
+
+impl AsgRefreshFinished {
+    pub fn new(request: &AsgRefreshRequested, outcome: Outcome, reason: impl Into<String>) -> Self {
+        Self {
+            meta: Meta::new(
+                request.meta.rollout_id.clone(),
+                keys::finished(&request.account, &request.asg_name, &request.ami_id),
+                &request.meta.key,
+            ),
+            account: request.account.clone(),
+            asg_name: request.asg_name.clone(),
+            ami_id: request.ami_id.clone(),
+            outcome,
+            reason: reason.into(),
+            instance_refresh_id: None,
+        }
+    }
+}
+
+/// Any amiflow detail, tagged by its EventBridge `detail-type`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Detail {
+    AmiBuilt(AmiBuilt),
+    AmiShared(AmiShared),
+    ParamUpdated(ParamUpdated),
+    RolloutWindowOpened(RolloutWindowOpened),
+    AsgRefreshRequested(AsgRefreshRequested),
+    AsgRefreshFinished(AsgRefreshFinished),
+}
+
+impl Detail {
+    /// Every detail-type amiflow defines, in pipeline order.
+    pub const TYPES: [&'static str; 6] = [
+        "AmiBuilt",
+        "AmiShared",
+        "ParamUpdated",
+        "RolloutWindowOpened",
+        "AsgRefreshRequested",
+        "AsgRefreshFinished",
+    ];
+
+    pub fn detail_type(&self) -> &'static str {
+        match self {
+            Detail::AmiBuilt(_) => "AmiBuilt",
+            Detail::AmiShared(_) => "AmiShared",
+            Detail::ParamUpdated(_) => "ParamUpdated",
+            Detail::RolloutWindowOpened(_) => "RolloutWindowOpened",
+            Detail::AsgRefreshRequested(_) => "AsgRefreshRequested",
+            Detail::AsgRefreshFinished(_) => "AsgRefreshFinished",
+        }
+    }
+
+    pub fn meta(&self) -> &Meta {
+        match self {
+            Detail::AmiBuilt(d) => &d.meta,
+            Detail::AmiShared(d) => &d.meta,
+            Detail::ParamUpdated(d) => &d.meta,
+            Detail::RolloutWindowOpened(d) => &d.meta,
+            Detail::AsgRefreshRequested(d) => &d.meta,
+            Detail::AsgRefreshFinished(d) => &d.meta,
+        }
+    }
+
+    /// The key this detail must carry, recomputed from its business fields (`None` for a window
+    /// opening, whose key also holds the opening date that the detail does not repeat). A detail
+    /// whose `key` differs was not built by amiflow's rules and is rejected: it would defeat
+    /// idempotency.
+    pub fn expected_key(&self) -> Option<String> {
+        match self {
+            Detail::AmiBuilt(d) => Some(keys::built(&d.ami_id)),
+            Detail::AmiShared(d) => Some(keys::shared(&d.ami_id, &d.target_account)),
+            Detail::ParamUpdated(d) => Some(keys::param(&d.account, &d.parameter_name, &d.ami_id)),
+            Detail::RolloutWindowOpened(_) => None,
+            Detail::AsgRefreshRequested(d) => {
+                Some(keys::refresh(&d.account, &d.asg_name, &d.ami_id))
+            }
+            Detail::AsgRefreshFinished(d) => {
+                Some(keys::finished(&d.account, &d.asg_name, &d.ami_id))
+            }
+        }
+    }
+
+    /// Whether `key` (and `rollout_id`) are the ones amiflow derives for this detail.
+    pub fn identity_problem(&self) -> Option<String> {
+        let meta = self.meta();
+        if let Detail::RolloutWindowOpened(d) = self {
+            let prefix = format!("window:{}:{}:", d.account, d.stage);
+            let date = meta.key.strip_prefix(&prefix).unwrap_or("");
+            if chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_err() {
+                return Some(format!("key {:?} is not {prefix}<YYYY-MM-DD>", meta.key));
+            }
+        }
+        if let Some(expected) = self.expected_key() {
+            if meta.key != expected {
+                return Some(format!(
+                    "key {:?} does not match the event's fields (expected {expected:?})",
+                    meta.key
+                ));
+            }
+        }
+        if let Some(expected) = self.expected_rollout_id() {
+            if meta.rollout_id != expected {
+                return Some(format!(
+                    "rollout_id {:?} does not match the event's fields (expected {expected:?})",
+                    meta.rollout_id
+                ));
+            }
+        }
+        None
+    }
+
+    /// The rollout id this detail must carry (`None` where any is allowed).
+    pub fn expected_rollout_id(&self) -> Option<String> {
+        match self {
+            Detail::AmiBuilt(d) => Some(keys::rollout_id(&d.parameter_name, &d.ami_id)),
+            Detail::AmiShared(d) => Some(keys::rollout_id(&d.parameter_name, &d.ami_id)),
+            Detail::ParamUpdated(d) => Some(keys::rollout_id(&d.parameter_name, &d.ami_id)),
+            Detail::RolloutWindowOpened(_) | Detail::AsgRefreshFinished(_) => None,
+            Detail::AsgRefreshRequested(d) => Some(keys::rollout_id(&d.parameter_name, &d.ami_id)),
+        }
+    }
+
+    pub fn to_value(&self) -> serde_json::Value {
+        let value = match self {
+            Detail::AmiBuilt(d) => serde_json::to_value(d),
+            Detail::AmiShared(d) => serde_json::to_value(d),
+            Detail::ParamUpdated(d) => serde_json::to_value(d),
+            Detail::RolloutWindowOpened(d) => serde_json::to_value(d),
+            Detail::AsgRefreshRequested(d) => serde_json::to_value(d),
+            Detail::AsgRefreshFinished(d) => serde_json::to_value(d),
+        };
+        // Serializing plain structs of strings, numbers and dates cannot fail.
+        value.unwrap_or(serde_json::Value::Null)
+    }
+
+    /// Deserialize a detail of a known type (no schema check: see [`crate::parse_message`]).
+    pub fn from_value(
+        detail_type: &str,
+        value: serde_json::Value,
+    ) -> Result<Option<Detail>, serde_json::Error> {
+        Ok(Some(match detail_type {
+            "AmiBuilt" => Detail::AmiBuilt(serde_json::from_value(value)?),
+            "AmiShared" => Detail::AmiShared(serde_json::from_value(value)?),
+            "ParamUpdated" => Detail::ParamUpdated(serde_json::from_value(value)?),
+            "RolloutWindowOpened" => Detail::RolloutWindowOpened(serde_json::from_value(value)?),
+            "AsgRefreshRequested" => Detail::AsgRefreshRequested(serde_json::from_value(value)?),
+            "AsgRefreshFinished" => Detail::AsgRefreshFinished(serde_json::from_value(value)?),
+            _ => return Ok(None),
+        }))
+    }
+}
+
+macro_rules! from_detail {
+    ($($t:ident),*) => {$(
+        impl From<$t> for Detail {
+            fn from(d: $t) -> Self { Detail::$t(d) }
+        }
+    )*};
+}
+from_detail!(
+    AmiBuilt,
+    AmiShared,
+    ParamUpdated,
+    RolloutWindowOpened,
+    AsgRefreshRequested,
+    AsgRefreshFinished
+);
