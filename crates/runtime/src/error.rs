@@ -1,0 +1,123 @@
+//! Errors that know what to do next: a transient failure is retried and then redelivered, a
+//! permanent one sends the message to the DLQ at once with its reason.
+
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::client::result::SdkError;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+
+/// What the runtime does with a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Throttling, 5xx, timeouts, connection errors: try again later.
+    Transient,
+    /// Bad input or an AWS refusal that will not change by itself: DLQ with the reason.
+    Permanent,
+}
+
+/// A step's failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error("transient: {0}")]
+    Transient(String),
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl StepError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StepError::Transient(_))
+    }
+
+    /// The `amiflow-error-kind` value for this failure.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StepError::Transient(_) => "transient-exhausted",
+            StepError::Permanent(_) => "permanent",
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        match self {
+            StepError::Transient(r) | StepError::Permanent(r) => r,
+        }
+    }
+
+    /// Classify an SDK error; `action` names the API call (`ec2:ModifyImageAttribute`) so the
+    /// reason tells a person which permission or input to look at.
+    pub fn from_sdk<E>(action: &str, err: &SdkError<E, HttpResponse>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let detail = describe(err);
+        match classify(err) {
+            ErrorClass::Transient => StepError::Transient(format!("{action}: {detail}")),
+            ErrorClass::Permanent => StepError::Permanent(format!("{action}: {detail}")),
+        }
+    }
+}
+
+/// Error codes AWS services use for throttling and server-side trouble. Matched by code, never
+/// by message text.
+const TRANSIENT_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "RequestThrottled",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "SlowDown",
+    "PriorRequestNotComplete",
+    "EC2ThrottledException",
+    "InternalError",
+    "InternalFailure",
+    "InternalServerError",
+    "ServiceUnavailable",
+    "ServiceUnavailableException",
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "IDPCommunicationError",
+];
+
+/// Classify any SDK error.
+pub fn classify<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> ErrorClass {
+    match err {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            ErrorClass::Transient
+        }
+        SdkError::ServiceError(service) => {
+            let code = service.err().code().unwrap_or_default();
+            if TRANSIENT_CODES.contains(&code) || service.raw().status().is_server_error() {
+                ErrorClass::Transient
+            } else {
+                ErrorClass::Permanent
+            }
+        }
+        _ => ErrorClass::Permanent,
+    }
+}
+
+/// `Code: message` of an SDK error, or its display chain.
+pub fn describe<E>(err: &SdkError<E, HttpResponse>) -> String
+where
+    E: ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if let SdkError::ServiceError(service) = err {
+        let e = service.err();
+        return match (e.code(), e.message()) {
+            (Some(code), Some(message)) => format!("{code}: {message}"),
+            (Some(code), None) => code.to_owned(),
+            _ => format!("{e}"),
+        };
+    }
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
