@@ -121,3 +121,55 @@ where
     }
     text
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_smithy_mocks::{RuleMode, mock, mock_client};
+    use aws_smithy_runtime_api::http::StatusCode;
+    use aws_smithy_types::body::SdkBody;
+
+    /// Send one PutEvents against a mocked reply and classify what comes back.
+    async fn class_of(status: u16, body: &'static str) -> (ErrorClass, String) {
+        let rule = mock!(aws_sdk_eventbridge::Client::put_events).then_http_response(move || {
+            HttpResponse::new(StatusCode::try_from(status).unwrap(), SdkBody::from(body))
+        });
+        let client = mock_client!(aws_sdk_eventbridge, RuleMode::MatchAny, [&rule], |c| c
+            .retry_config(aws_smithy_types::retry::RetryConfig::disabled()));
+        let err = client.put_events().send().await.unwrap_err();
+        (
+            classify(&err),
+            StepError::from_sdk("events:PutEvents", &err).to_string(),
+        )
+    }
+
+    #[tokio::test]
+    async fn throttling_and_server_errors_are_transient() {
+        let (class, text) = class_of(
+            400,
+            r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#,
+        )
+        .await;
+        assert_eq!(class, ErrorClass::Transient);
+        assert!(
+            text.contains("events:PutEvents: ThrottlingException: Rate exceeded"),
+            "{text}"
+        );
+        let (class, _) = class_of(503, r#"{"__type":"SomethingUnheardOf"}"#).await;
+        assert_eq!(class, ErrorClass::Transient);
+        let (class, _) = class_of(500, "<html>oops</html>").await;
+        assert_eq!(class, ErrorClass::Transient);
+    }
+
+    #[tokio::test]
+    async fn refusals_are_permanent_and_name_the_action() {
+        let (class, text) = class_of(400, r#"{"__type":"AccessDeniedException","message":"not authorized to perform: events:PutEvents"}"#).await;
+        assert_eq!(class, ErrorClass::Permanent);
+        assert!(
+            text.starts_with("permanent: events:PutEvents: AccessDeniedException"),
+            "{text}"
+        );
+        let (class, _) = class_of(400, r#"{"__type":"ResourceNotFoundException","message":"Event bus amiflow does not exist."}"#).await;
+        assert_eq!(class, ErrorClass::Permanent);
+    }
+}

@@ -153,6 +153,116 @@ fn batches(entries: Vec<(usize, PutEventsRequestEntry)>) -> Vec<Vec<PutEventsReq
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aws_sdk_eventbridge::operation::put_events::PutEventsOutput;
+    use aws_sdk_eventbridge::types::PutEventsResultEntry;
+    use aws_smithy_mocks::{RuleMode, mock, mock_client};
+
+    fn details(n: usize) -> Vec<Detail> {
+        let created = chrono::DateTime::parse_from_rfc3339("2026-11-01T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        let built = events::AmiBuilt::new(
+            "ami-0a1b2c3d4e5f60718",
+            "us-east-1",
+            "golden-al2023-2026-11",
+            created,
+            "/p",
+        );
+        (0..n)
+            .map(|i| {
+                events::AmiShared::new(&built, "111111111111", &format!("{:012}", i), "qa").into()
+            })
+            .collect()
+    }
+
+    fn ok(n: usize) -> PutEventsOutput {
+        let entries = (0..n)
+            .map(|i| {
+                PutEventsResultEntry::builder()
+                    .event_id(i.to_string())
+                    .build()
+            })
+            .collect();
+        PutEventsOutput::builder()
+            .failed_entry_count(0)
+            .set_entries(Some(entries))
+            .build()
+    }
+
+    #[tokio::test]
+    async fn only_rejected_entries_are_sent_again() {
+        let partial = mock!(aws_sdk_eventbridge::Client::put_events)
+            .match_requests(|r| r.entries().len() == 3)
+            .then_output(|| {
+                PutEventsOutput::builder()
+                    .failed_entry_count(1)
+                    .entries(PutEventsResultEntry::builder().event_id("a").build())
+                    .entries(
+                        PutEventsResultEntry::builder()
+                            .error_code("InternalFailure")
+                            .error_message("try again")
+                            .build(),
+                    )
+                    .entries(PutEventsResultEntry::builder().event_id("c").build())
+                    .build()
+            });
+        // The retry must carry exactly the rejected entry (the second one).
+        let retry = mock!(aws_sdk_eventbridge::Client::put_events)
+            .match_requests(|r| {
+                r.entries().len() == 1
+                    && r.entries()[0]
+                        .detail()
+                        .is_some_and(|d| d.contains("000000000001"))
+            })
+            .then_output(|| ok(1));
+        let client = mock_client!(
+            aws_sdk_eventbridge,
+            RuleMode::Sequential,
+            [&partial, &retry]
+        );
+        Publisher::new(client, "amiflow", 3)
+            .publish(&details(3))
+            .await
+            .unwrap();
+        assert_eq!((partial.num_calls(), retry.num_calls()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn eleven_events_take_two_calls() {
+        let first = mock!(aws_sdk_eventbridge::Client::put_events)
+            .match_requests(|r| r.entries().len() == 10)
+            .then_output(|| ok(10));
+        let second = mock!(aws_sdk_eventbridge::Client::put_events)
+            .match_requests(|r| r.entries().len() == 1)
+            .then_output(|| ok(1));
+        let client = mock_client!(aws_sdk_eventbridge, RuleMode::Sequential, [&first, &second]);
+        Publisher::new(client, "amiflow", 1)
+            .publish(&details(11))
+            .await
+            .unwrap();
+        assert_eq!((first.num_calls(), second.num_calls()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn entries_still_rejected_after_the_attempts_are_a_transient_failure() {
+        let always = mock!(aws_sdk_eventbridge::Client::put_events).then_output(|| {
+            PutEventsOutput::builder()
+                .failed_entry_count(1)
+                .entries(
+                    PutEventsResultEntry::builder()
+                        .error_code("ThrottlingException")
+                        .build(),
+                )
+                .build()
+        });
+        let client = mock_client!(aws_sdk_eventbridge, RuleMode::MatchAny, [&always]);
+        let err = Publisher::new(client, "amiflow", 2)
+            .publish(&details(1))
+            .await
+            .unwrap_err();
+        assert!(err.is_retryable(), "{err}");
+        assert_eq!(always.num_calls(), 2);
+    }
 
     fn entry(n: usize) -> (usize, PutEventsRequestEntry) {
         (

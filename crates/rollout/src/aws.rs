@@ -1,0 +1,845 @@
+//! Narrow capabilities over AWS, one trait per thing a step needs (not per SDK client), each with
+//! a real implementation that is a few lines over the SDK. Steps take `&impl Trait`, so their
+//! logic is unit-tested with in-memory fakes and the SDK replies with `aws-smithy-mocks`.
+//!
+//! Idempotent AWS answers ("already shared", "no updates are to be performed") are turned into
+//! success here, matched by error code, never by message text.
+
+use std::collections::HashMap;
+
+use aws_sdk_autoscaling::types::{
+    AlarmSpecification, DesiredConfiguration, Filter as AsgFilter, LaunchTemplateSpecification,
+    MixedInstancesPolicy, RefreshPreferences, Tag,
+};
+use aws_sdk_cloudformation::types::{Capability, Parameter as CfnParameter};
+use aws_sdk_ec2::types::{
+    CreateVolumePermission, CreateVolumePermissionModifications, Filter, LaunchPermission,
+    LaunchPermissionModifications, RequestLaunchTemplateData,
+};
+use aws_sdk_ssm::types::ParameterType;
+use aws_smithy_types::error::metadata::ProvideErrorMetadata;
+use chrono::{DateTime, Utc};
+use runtime::StepError;
+
+fn code_of<E: ProvideErrorMetadata, R>(
+    e: &aws_smithy_runtime_api::client::result::SdkError<E, R>,
+) -> Option<&str> {
+    e.as_service_error().and_then(|s| s.code())
+}
+
+// ---------------------------------------------------------------- images (EC2, hub and spokes)
+
+/// What amiflow needs to know about an AMI.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    pub created_at: Option<DateTime<Utc>>,
+    pub family_tag: Option<String>,
+    pub state: String,
+    /// (snapshot id, KMS key id if encrypted with one)
+    pub snapshots: Vec<(String, Option<String>)>,
+}
+
+pub trait Images: Send + Sync {
+    /// `None` when the AMI does not exist or is not visible to this account.
+    fn describe(&self, ami: &str) -> impl Future<Output = Result<Option<Image>, StepError>> + Send;
+    fn launch_permissions(
+        &self,
+        ami: &str,
+    ) -> impl Future<Output = Result<Vec<String>, StepError>> + Send;
+    fn add_launch_permission(
+        &self,
+        ami: &str,
+        account: &str,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+    fn snapshot_permissions(
+        &self,
+        snapshot: &str,
+    ) -> impl Future<Output = Result<Vec<String>, StepError>> + Send;
+    fn add_snapshot_permission(
+        &self,
+        snapshot: &str,
+        account: &str,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+}
+
+#[derive(Clone)]
+pub struct Ec2Images(pub aws_sdk_ec2::Client);
+
+impl Images for Ec2Images {
+    async fn describe(&self, ami: &str) -> Result<Option<Image>, StepError> {
+        let out = match self.0.describe_images().image_ids(ami).send().await {
+            Ok(out) => out,
+            // AWS answers an invisible or unknown id with an error, not an empty list.
+            Err(e)
+                if matches!(
+                    code_of(&e),
+                    Some("InvalidAMIID.NotFound" | "InvalidAMIID.Unavailable")
+                ) =>
+            {
+                return Ok(None);
+            }
+            Err(e) => return Err(StepError::from_sdk("ec2:DescribeImages", &e)),
+        };
+        Ok(out.images().first().map(|i| Image {
+            id: i.image_id().unwrap_or_default().to_owned(),
+            name: i.name().unwrap_or_default().to_owned(),
+            owner: i.owner_id().unwrap_or_default().to_owned(),
+            created_at: i
+                .creation_date()
+                .and_then(|d| DateTime::parse_from_rfc3339(d).ok())
+                .map(|d| d.to_utc()),
+            family_tag: i
+                .tags()
+                .iter()
+                .find(|t| t.key() == Some("amiflow:family"))
+                .and_then(|t| t.value())
+                .map(str::to_owned),
+            state: i.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+            snapshots: i
+                .block_device_mappings()
+                .iter()
+                .filter_map(|m| m.ebs())
+                .filter_map(|ebs| {
+                    let id = ebs.snapshot_id()?.to_owned();
+                    Some((id, ebs.kms_key_id().map(str::to_owned)))
+                })
+                .collect(),
+        }))
+    }
+
+    async fn launch_permissions(&self, ami: &str) -> Result<Vec<String>, StepError> {
+        let out = self
+            .0
+            .describe_image_attribute()
+            .image_id(ami)
+            .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("ec2:DescribeImageAttribute", &e))?;
+        Ok(out
+            .launch_permissions()
+            .iter()
+            .filter_map(|p| p.user_id().map(str::to_owned))
+            .collect())
+    }
+
+    async fn add_launch_permission(&self, ami: &str, account: &str) -> Result<(), StepError> {
+        let add = LaunchPermissionModifications::builder()
+            .add(LaunchPermission::builder().user_id(account).build())
+            .build();
+        match self
+            .0
+            .modify_image_attribute()
+            .image_id(ami)
+            .launch_permission(add)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if code_of(&e) == Some("InvalidPermission.Duplicate") => Ok(()),
+            Err(e) => Err(StepError::from_sdk("ec2:ModifyImageAttribute", &e)),
+        }
+    }
+
+    async fn snapshot_permissions(&self, snapshot: &str) -> Result<Vec<String>, StepError> {
+        let out = self
+            .0
+            .describe_snapshot_attribute()
+            .snapshot_id(snapshot)
+            .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("ec2:DescribeSnapshotAttribute", &e))?;
+        Ok(out
+            .create_volume_permissions()
+            .iter()
+            .filter_map(|p| p.user_id().map(str::to_owned))
+            .collect())
+    }
+
+    async fn add_snapshot_permission(
+        &self,
+        snapshot: &str,
+        account: &str,
+    ) -> Result<(), StepError> {
+        let add = CreateVolumePermissionModifications::builder()
+            .add(CreateVolumePermission::builder().user_id(account).build())
+            .build();
+        match self
+            .0
+            .modify_snapshot_attribute()
+            .snapshot_id(snapshot)
+            .attribute(aws_sdk_ec2::types::SnapshotAttributeName::CreateVolumePermission)
+            .create_volume_permission(add)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if code_of(&e) == Some("InvalidPermission.Duplicate") => Ok(()),
+            Err(e) => Err(StepError::from_sdk("ec2:ModifySnapshotAttribute", &e)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- KMS grants
+
+pub trait Keys: Send + Sync {
+    /// Make sure `grantee` may use `key` for EBS (decrypt, re-encrypt, create grants).
+    fn ensure_grant(
+        &self,
+        key: &str,
+        grantee: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+}
+
+#[derive(Clone)]
+pub struct KmsKeys(pub aws_sdk_kms::Client);
+
+impl Keys for KmsKeys {
+    async fn ensure_grant(&self, key: &str, grantee: &str, name: &str) -> Result<(), StepError> {
+        use aws_sdk_kms::types::GrantOperation as Op;
+        let grants = self
+            .0
+            .list_grants()
+            .key_id(key)
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("kms:ListGrants", &e))?;
+        if grants
+            .grants()
+            .iter()
+            .any(|g| g.grantee_principal() == Some(grantee) && g.name() == Some(name))
+        {
+            return Ok(());
+        }
+        self.0
+            .create_grant()
+            .key_id(key)
+            .grantee_principal(grantee)
+            .name(name)
+            .set_operations(Some(vec![
+                Op::Decrypt,
+                Op::DescribeKey,
+                Op::CreateGrant,
+                Op::ReEncryptFrom,
+                Op::ReEncryptTo,
+                Op::GenerateDataKeyWithoutPlaintext,
+            ]))
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("kms:CreateGrant", &e))?;
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- SSM golden parameters
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamValue {
+    pub value: String,
+    pub version: i64,
+    pub data_type: String,
+}
+
+pub trait Parameters: Send + Sync {
+    fn get(&self, name: &str)
+    -> impl Future<Output = Result<Option<ParamValue>, StepError>> + Send;
+    /// Write an `aws:ec2:image` value (overwriting); returns the new version.
+    fn put_image(
+        &self,
+        name: &str,
+        ami: &str,
+    ) -> impl Future<Output = Result<i64, StepError>> + Send;
+    /// Every value the parameter ever held, oldest first.
+    fn history(&self, name: &str) -> impl Future<Output = Result<Vec<String>, StepError>> + Send;
+}
+
+#[derive(Clone)]
+pub struct SsmParameters(pub aws_sdk_ssm::Client);
+
+impl Parameters for SsmParameters {
+    async fn get(&self, name: &str) -> Result<Option<ParamValue>, StepError> {
+        match self.0.get_parameter().name(name).send().await {
+            Ok(out) => Ok(out.parameter().map(|p| ParamValue {
+                value: p.value().unwrap_or_default().to_owned(),
+                version: p.version(),
+                data_type: p.data_type().unwrap_or("text").to_owned(),
+            })),
+            Err(e) if code_of(&e) == Some("ParameterNotFound") => Ok(None),
+            Err(e) => Err(StepError::from_sdk("ssm:GetParameter", &e)),
+        }
+    }
+
+    async fn put_image(&self, name: &str, ami: &str) -> Result<i64, StepError> {
+        let out = self
+            .0
+            .put_parameter()
+            .name(name)
+            .value(ami)
+            .r#type(ParameterType::String)
+            .data_type("aws:ec2:image")
+            .overwrite(true)
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("ssm:PutParameter", &e))?;
+        Ok(out.version())
+    }
+
+    async fn history(&self, name: &str) -> Result<Vec<String>, StepError> {
+        let mut pages = self
+            .0
+            .get_parameter_history()
+            .name(name)
+            .max_results(50)
+            .into_paginator()
+            .send();
+        let mut values = Vec::new();
+        while let Some(page) = pages.next().await {
+            match page {
+                Ok(page) => values.extend(
+                    page.parameters()
+                        .iter()
+                        .filter_map(|p| p.value().map(str::to_owned)),
+                ),
+                Err(e) if code_of(&e) == Some("ParameterNotFound") => return Ok(Vec::new()),
+                Err(e) => return Err(StepError::from_sdk("ssm:GetParameterHistory", &e)),
+            }
+        }
+        Ok(values)
+    }
+}
+
+// ---------------------------------------------------------------- Auto Scaling groups
+
+/// Where a group takes its AMI from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LaunchSource {
+    /// A launch template, possibly inside a mixed-instances policy; `version` as the group says it
+    /// (`"3"`, `"$Latest"`, `"$Default"`).
+    Template {
+        id: String,
+        version: String,
+        mixed: Option<MixedInstancesPolicy>,
+    },
+    LaunchConfiguration(String),
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub name: String,
+    pub source: LaunchSource,
+    pub tags: HashMap<String, String>,
+    pub instance_ids: Vec<String>,
+}
+
+/// One launch template version, as much as amiflow reads of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateVersion {
+    pub number: i64,
+    pub image_id: String,
+    pub is_default: bool,
+}
+
+/// An instance refresh as amiflow reads it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Refresh {
+    pub id: String,
+    pub status: String,
+    pub reason: String,
+}
+
+impl Refresh {
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self.status.as_str(),
+            "Pending" | "InProgress" | "Cancelling" | "RollbackInProgress" | "Baking"
+        )
+    }
+}
+
+/// What to start a refresh with.
+#[derive(Debug, Clone, Default)]
+pub struct RefreshRequest {
+    pub desired: Option<DesiredConfiguration>,
+    pub auto_rollback: bool,
+    pub min_healthy_percentage: i32,
+    pub checkpoints: Vec<i32>,
+    pub checkpoint_delay: Option<i32>,
+    pub alarms: Vec<String>,
+}
+
+pub trait Groups: Send + Sync {
+    fn list(&self) -> impl Future<Output = Result<Vec<Group>, StepError>> + Send;
+    fn get(&self, name: &str) -> impl Future<Output = Result<Option<Group>, StepError>> + Send;
+    /// Groups carrying tag `key` (any value).
+    fn with_tag(&self, key: &str) -> impl Future<Output = Result<Vec<Group>, StepError>> + Send;
+    fn set_tag(
+        &self,
+        group: &str,
+        key: &str,
+        value: &str,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+    /// A version by number, `$Latest` or `$Default`.
+    fn template_version(
+        &self,
+        template: &str,
+        version: &str,
+    ) -> impl Future<Output = Result<Option<TemplateVersion>, StepError>> + Send;
+    fn version_with_image(
+        &self,
+        template: &str,
+        ami: &str,
+    ) -> impl Future<Output = Result<Option<i64>, StepError>> + Send;
+    fn create_version(
+        &self,
+        template: &str,
+        source: i64,
+        ami: &str,
+    ) -> impl Future<Output = Result<i64, StepError>> + Send;
+    fn set_default_version(
+        &self,
+        template: &str,
+        version: i64,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+    fn launch_configuration_image(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<String>, StepError>> + Send;
+    /// Newest refreshes first.
+    fn refreshes(
+        &self,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<Refresh>, StepError>> + Send;
+    fn start_refresh(
+        &self,
+        group: &str,
+        request: &RefreshRequest,
+    ) -> impl Future<Output = Result<String, StepError>> + Send;
+    /// AMI of each instance id.
+    fn instance_images(
+        &self,
+        ids: &[String],
+    ) -> impl Future<Output = Result<HashMap<String, String>, StepError>> + Send;
+}
+
+#[derive(Clone)]
+pub struct AwsGroups {
+    pub autoscaling: aws_sdk_autoscaling::Client,
+    pub ec2: aws_sdk_ec2::Client,
+}
+
+fn to_group(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
+    let spec = |s: &LaunchTemplateSpecification| {
+        (
+            s.launch_template_id()
+                .or(s.launch_template_name())
+                .unwrap_or_default()
+                .to_owned(),
+            s.version().unwrap_or("$Default").to_owned(),
+        )
+    };
+    let source = if let Some(mixed) = g.mixed_instances_policy() {
+        match mixed
+            .launch_template()
+            .and_then(|t| t.launch_template_specification())
+        {
+            Some(s) => {
+                let (id, version) = spec(s);
+                LaunchSource::Template {
+                    id,
+                    version,
+                    mixed: Some(mixed.clone()),
+                }
+            }
+            None => LaunchSource::None,
+        }
+    } else if let Some(s) = g.launch_template() {
+        let (id, version) = spec(s);
+        LaunchSource::Template {
+            id,
+            version,
+            mixed: None,
+        }
+    } else if let Some(lc) = g.launch_configuration_name() {
+        LaunchSource::LaunchConfiguration(lc.to_owned())
+    } else {
+        LaunchSource::None
+    };
+    Group {
+        name: g.auto_scaling_group_name().unwrap_or_default().to_owned(),
+        source,
+        tags: g
+            .tags()
+            .iter()
+            .filter_map(|t| {
+                Some((
+                    t.key()?.to_owned(),
+                    t.value().unwrap_or_default().to_owned(),
+                ))
+            })
+            .collect(),
+        instance_ids: g
+            .instances()
+            .iter()
+            .filter_map(|i| i.instance_id().map(str::to_owned))
+            .collect(),
+    }
+}
+
+impl AwsGroups {
+    async fn describe(
+        &self,
+        names: Option<&str>,
+        tag_key: Option<&str>,
+    ) -> Result<Vec<Group>, StepError> {
+        let mut request = self
+            .autoscaling
+            .describe_auto_scaling_groups()
+            .max_records(100);
+        if let Some(name) = names {
+            request = request.auto_scaling_group_names(name);
+        }
+        if let Some(key) = tag_key {
+            request = request.filters(AsgFilter::builder().name("tag-key").values(key).build());
+        }
+        let mut pages = request.into_paginator().send();
+        let mut groups = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page =
+                page.map_err(|e| StepError::from_sdk("autoscaling:DescribeAutoScalingGroups", &e))?;
+            groups.extend(page.auto_scaling_groups().iter().map(to_group));
+        }
+        Ok(groups)
+    }
+}
+
+fn template_filter(template: &str) -> (Option<String>, Option<String>) {
+    if template.starts_with("lt-") {
+        (Some(template.to_owned()), None)
+    } else {
+        (None, Some(template.to_owned()))
+    }
+}
+
+impl Groups for AwsGroups {
+    async fn list(&self) -> Result<Vec<Group>, StepError> {
+        self.describe(None, None).await
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Group>, StepError> {
+        Ok(self.describe(Some(name), None).await?.into_iter().next())
+    }
+
+    async fn with_tag(&self, key: &str) -> Result<Vec<Group>, StepError> {
+        self.describe(None, Some(key)).await
+    }
+
+    async fn set_tag(&self, group: &str, key: &str, value: &str) -> Result<(), StepError> {
+        let tag = Tag::builder()
+            .resource_id(group)
+            .resource_type("auto-scaling-group")
+            .key(key)
+            .value(value)
+            .propagate_at_launch(false)
+            .build();
+        self.autoscaling
+            .create_or_update_tags()
+            .tags(tag)
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("autoscaling:CreateOrUpdateTags", &e))?;
+        Ok(())
+    }
+
+    async fn template_version(
+        &self,
+        template: &str,
+        version: &str,
+    ) -> Result<Option<TemplateVersion>, StepError> {
+        let (id, name) = template_filter(template);
+        let out = match self
+            .ec2
+            .describe_launch_template_versions()
+            .set_launch_template_id(id)
+            .set_launch_template_name(name)
+            .versions(version)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if code_of(&e).is_some_and(|c| c.starts_with("InvalidLaunchTemplate")) => {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(StepError::from_sdk(
+                    "ec2:DescribeLaunchTemplateVersions",
+                    &e,
+                ));
+            }
+        };
+        Ok(out
+            .launch_template_versions()
+            .first()
+            .map(|v| TemplateVersion {
+                number: v.version_number().unwrap_or_default(),
+                image_id: v
+                    .launch_template_data()
+                    .and_then(|d| d.image_id())
+                    .unwrap_or_default()
+                    .to_owned(),
+                is_default: v.default_version().unwrap_or(false),
+            }))
+    }
+
+    async fn version_with_image(
+        &self,
+        template: &str,
+        ami: &str,
+    ) -> Result<Option<i64>, StepError> {
+        let (id, name) = template_filter(template);
+        let out = self
+            .ec2
+            .describe_launch_template_versions()
+            .set_launch_template_id(id)
+            .set_launch_template_name(name)
+            .filters(Filter::builder().name("image-id").values(ami).build())
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("ec2:DescribeLaunchTemplateVersions", &e))?;
+        Ok(out
+            .launch_template_versions()
+            .iter()
+            .filter_map(|v| v.version_number())
+            .max())
+    }
+
+    async fn create_version(
+        &self,
+        template: &str,
+        source: i64,
+        ami: &str,
+    ) -> Result<i64, StepError> {
+        let (id, name) = template_filter(template);
+        let out = self
+            .ec2
+            .create_launch_template_version()
+            .set_launch_template_id(id)
+            .set_launch_template_name(name)
+            .source_version(source.to_string())
+            .version_description(format!("amiflow: {ami}"))
+            .launch_template_data(RequestLaunchTemplateData::builder().image_id(ami).build())
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("ec2:CreateLaunchTemplateVersion", &e))?;
+        Ok(out
+            .launch_template_version()
+            .and_then(|v| v.version_number())
+            .unwrap_or_default())
+    }
+
+    async fn set_default_version(&self, template: &str, version: i64) -> Result<(), StepError> {
+        let (id, name) = template_filter(template);
+        self.ec2
+            .modify_launch_template()
+            .set_launch_template_id(id)
+            .set_launch_template_name(name)
+            .default_version(version.to_string())
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("ec2:ModifyLaunchTemplate", &e))?;
+        Ok(())
+    }
+
+    async fn launch_configuration_image(&self, name: &str) -> Result<Option<String>, StepError> {
+        let out = self
+            .autoscaling
+            .describe_launch_configurations()
+            .launch_configuration_names(name)
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("autoscaling:DescribeLaunchConfigurations", &e))?;
+        Ok(out
+            .launch_configurations()
+            .first()
+            .and_then(|c| c.image_id())
+            .map(str::to_owned))
+    }
+
+    async fn refreshes(&self, group: &str) -> Result<Vec<Refresh>, StepError> {
+        let out = self
+            .autoscaling
+            .describe_instance_refreshes()
+            .auto_scaling_group_name(group)
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("autoscaling:DescribeInstanceRefreshes", &e))?;
+        Ok(out
+            .instance_refreshes()
+            .iter()
+            .map(|r| Refresh {
+                id: r.instance_refresh_id().unwrap_or_default().to_owned(),
+                status: r
+                    .status()
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_default(),
+                reason: r.status_reason().unwrap_or_default().to_owned(),
+            })
+            .collect())
+    }
+
+    async fn start_refresh(
+        &self,
+        group: &str,
+        request: &RefreshRequest,
+    ) -> Result<String, StepError> {
+        let mut preferences = RefreshPreferences::builder()
+            .min_healthy_percentage(request.min_healthy_percentage)
+            .skip_matching(true)
+            .auto_rollback(request.auto_rollback);
+        if !request.checkpoints.is_empty() {
+            preferences = preferences.set_checkpoint_percentages(Some(request.checkpoints.clone()));
+            preferences = preferences.set_checkpoint_delay(request.checkpoint_delay);
+        }
+        if !request.alarms.is_empty() {
+            preferences = preferences.alarm_specification(
+                AlarmSpecification::builder()
+                    .set_alarms(Some(request.alarms.clone()))
+                    .build(),
+            );
+        }
+        let out = self
+            .autoscaling
+            .start_instance_refresh()
+            .auto_scaling_group_name(group)
+            .set_desired_configuration(request.desired.clone())
+            .preferences(preferences.build())
+            .send()
+            .await
+            .map_err(|e| match code_of(&e) {
+                // Someone (or we, a moment ago) already runs one: try again later, never twice.
+                Some("InstanceRefreshInProgress") => StepError::Transient(format!(
+                    "autoscaling:StartInstanceRefresh: {group} already has a refresh in progress"
+                )),
+                _ => StepError::from_sdk("autoscaling:StartInstanceRefresh", &e),
+            })?;
+        Ok(out.instance_refresh_id().unwrap_or_default().to_owned())
+    }
+
+    async fn instance_images(&self, ids: &[String]) -> Result<HashMap<String, String>, StepError> {
+        let mut images = HashMap::new();
+        for chunk in ids.chunks(200) {
+            let mut pages = self
+                .ec2
+                .describe_instances()
+                .set_instance_ids(Some(chunk.to_vec()))
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| StepError::from_sdk("ec2:DescribeInstances", &e))?;
+                for reservation in page.reservations() {
+                    for i in reservation.instances() {
+                        if let (Some(id), Some(image)) = (i.instance_id(), i.image_id()) {
+                            images.insert(id.to_owned(), image.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+        Ok(images)
+    }
+}
+
+// ---------------------------------------------------------------- CloudFormation stacks
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stack {
+    pub name: String,
+    pub status: String,
+    /// (key, value as given, resolved value for SSM parameter types)
+    pub parameters: Vec<(String, String, Option<String>)>,
+}
+
+pub trait Stacks: Send + Sync {
+    fn describe(&self, name: &str)
+    -> impl Future<Output = Result<Option<Stack>, StepError>> + Send;
+    /// `UpdateStack` with the previous template and every previous value; `false` when
+    /// CloudFormation says there is nothing to update.
+    fn update_with_previous(
+        &self,
+        stack: &Stack,
+    ) -> impl Future<Output = Result<bool, StepError>> + Send;
+}
+
+#[derive(Clone)]
+pub struct CfnStacks(pub aws_sdk_cloudformation::Client);
+
+impl Stacks for CfnStacks {
+    async fn describe(&self, name: &str) -> Result<Option<Stack>, StepError> {
+        let out = match self.0.describe_stacks().stack_name(name).send().await {
+            Ok(out) => out,
+            Err(e) if code_of(&e) == Some("ValidationError") => return Ok(None),
+            Err(e) => return Err(StepError::from_sdk("cloudformation:DescribeStacks", &e)),
+        };
+        Ok(out.stacks().first().map(|s| Stack {
+            name: s.stack_name().unwrap_or_default().to_owned(),
+            status: s
+                .stack_status()
+                .map(|st| st.as_str().to_owned())
+                .unwrap_or_default(),
+            parameters: s
+                .parameters()
+                .iter()
+                .map(|p| {
+                    (
+                        p.parameter_key().unwrap_or_default().to_owned(),
+                        p.parameter_value().unwrap_or_default().to_owned(),
+                        p.resolved_value().map(str::to_owned),
+                    )
+                })
+                .collect(),
+        }))
+    }
+
+    async fn update_with_previous(&self, stack: &Stack) -> Result<bool, StepError> {
+        let parameters: Vec<CfnParameter> = stack
+            .parameters
+            .iter()
+            .map(|(key, _, _)| {
+                CfnParameter::builder()
+                    .parameter_key(key)
+                    .use_previous_value(true)
+                    .build()
+            })
+            .collect();
+        match self
+            .0
+            .update_stack()
+            .stack_name(&stack.name)
+            .use_previous_template(true)
+            .set_parameters(Some(parameters))
+            .capabilities(Capability::CapabilityIam)
+            .capabilities(Capability::CapabilityNamedIam)
+            .capabilities(Capability::CapabilityAutoExpand)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            // CloudFormation answers "No updates are to be performed." as a ValidationError; the
+            // stack is already where we want it. (Its other ValidationErrors are permanent.)
+            Err(e)
+                if code_of(&e) == Some("ValidationError")
+                    && e.as_service_error()
+                        .and_then(|s| s.message())
+                        .is_some_and(|m| m.contains("No updates")) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(StepError::from_sdk("cloudformation:UpdateStack", &e)),
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! ingest-worker (hub): AWS AMI events -> `AmiBuilt`.
+use std::sync::Arc;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (_, ctx, worker) = rollout::workers::start("ingest-worker").await?;
+    worker
+        .run(
+            Arc::new(rollout::workers::IngestStep(ctx)),
+            runtime::shutdown::signal(),
+        )
+        .await
+}

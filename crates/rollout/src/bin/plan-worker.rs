@@ -1,0 +1,13 @@
+//! plan-worker (spoke): `ParamUpdated` / `RolloutWindowOpened` -> one `AsgRefreshRequested` per stale group.
+use std::sync::Arc;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (_, ctx, worker) = rollout::workers::start("plan-worker").await?;
+    worker
+        .run(
+            Arc::new(rollout::workers::PlanStep(ctx)),
+            runtime::shutdown::signal(),
+        )
+        .await
+}

@@ -1,0 +1,19 @@
+//! refresh-worker (spoke): `AsgRefreshRequested` -> instance refresh; refresh events -> `AsgRefreshFinished`.
+use std::sync::Arc;
+use std::time::Duration;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let (_, ctx, worker) = rollout::workers::start("refresh-worker").await?;
+    let defer: f64 = runtime::config::var_or("AMIFLOW_DEFER_SECONDS", 60.0)?;
+    let step = rollout::workers::RefreshStep {
+        ctx,
+        settings: rollout::refresh::RefreshSettings {
+            defer: Duration::from_secs_f64(defer),
+        },
+        admission: tokio::sync::Mutex::new(()),
+    };
+    worker
+        .run(Arc::new(step), runtime::shutdown::signal())
+        .await
+}

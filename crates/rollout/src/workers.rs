@@ -1,0 +1,232 @@
+//! Each worker's [`runtime::Step`]: route the parsed event to its step function, refuse what
+//! this worker must not handle (wrong detail-type, another account's event) with a reason, and
+//! build the AWS capabilities from one SDK configuration.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_config::SdkConfig;
+use events::{AwsEvent, Detail, Inbound};
+use runtime::{StepError, StepOutput};
+
+use crate::aws::{AwsGroups, CfnStacks, Ec2Images, KmsKeys, SsmParameters};
+use crate::policy::{Policy, Stage};
+use crate::refresh::RefreshSettings;
+
+fn refuse(worker: &str, event: &Inbound) -> StepError {
+    StepError::Permanent(format!(
+        "{worker} does not handle {} events; check the rule that routed it here",
+        event.label()
+    ))
+}
+
+fn own_stage<'p>(policy: &'p Policy, account: &str, claimed: &str) -> Result<&'p Stage, StepError> {
+    if claimed != account {
+        return Err(StepError::Permanent(format!(
+            "event for account {claimed} delivered to the worker of account {account}; check the bus rules"
+        )));
+    }
+    policy.stage_for_account(account).ok_or_else(|| {
+        StepError::Permanent(format!(
+            "account {account} is not a stage in the rollout policy"
+        ))
+    })
+}
+
+/// Everything a worker needs to act in its own account.
+pub struct Context {
+    pub policy: Arc<Policy>,
+    pub account: String,
+    pub config: SdkConfig,
+}
+
+pub struct IngestStep(pub Context);
+
+impl runtime::Step for IngestStep {
+    async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
+        let images = Ec2Images(aws_sdk_ec2::Client::new(&self.0.config));
+        match event {
+            Inbound::Aws(AwsEvent::AmiStateChange(change)) => Ok(StepOutput::Emit(
+                crate::ingest::ingest_ami(change, &images, &self.0.policy).await?,
+            )),
+            Inbound::Aws(AwsEvent::ImageBuilderStateChange(change)) => {
+                Err(StepError::Permanent(format!(
+                    "Image Builder image {} ({}) is not resolved to its AMI by this version of amiflow; \
+                 inject the AmiBuilt with `amictl rerun ami <ami-id>`",
+                    change.image_arn, change.status
+                )))
+            }
+            other => Err(refuse("ingest-worker", other)),
+        }
+    }
+}
+
+pub struct ShareStep(pub Context);
+
+impl runtime::Step for ShareStep {
+    async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
+        let Inbound::Amiflow(e) = event else {
+            return Err(refuse("share-worker", event));
+        };
+        let Detail::AmiBuilt(built) = &e.detail else {
+            return Err(refuse("share-worker", event));
+        };
+        if self.0.account != self.0.policy.hub_account {
+            return Err(StepError::Permanent(format!(
+                "share-worker runs in {}, not the hub {}",
+                self.0.account, self.0.policy.hub_account
+            )));
+        }
+        let images = Ec2Images(aws_sdk_ec2::Client::new(&self.0.config));
+        let keys = KmsKeys(aws_sdk_kms::Client::new(&self.0.config));
+        Ok(StepOutput::Emit(
+            crate::share::share(built, &images, &keys, &self.0.policy).await?,
+        ))
+    }
+}
+
+pub struct ParamStep {
+    pub ctx: Context,
+    pub read_back_interval: Duration,
+}
+
+impl runtime::Step for ParamStep {
+    async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
+        let Inbound::Amiflow(e) = event else {
+            return Err(refuse("param-worker", event));
+        };
+        let Detail::AmiShared(shared) = &e.detail else {
+            return Err(refuse("param-worker", event));
+        };
+        own_stage(&self.ctx.policy, &self.ctx.account, &shared.target_account)?;
+        if self
+            .ctx
+            .policy
+            .families
+            .iter()
+            .all(|f| f.parameter_name != shared.parameter_name)
+        {
+            return Err(StepError::Permanent(format!(
+                "parameter {} is not a golden family in the rollout policy",
+                shared.parameter_name
+            )));
+        }
+        let images = Ec2Images(aws_sdk_ec2::Client::new(&self.ctx.config));
+        let params = SsmParameters(aws_sdk_ssm::Client::new(&self.ctx.config));
+        Ok(StepOutput::Emit(
+            crate::param::update_parameter(
+                shared,
+                &self.ctx.account,
+                &images,
+                &params,
+                self.read_back_interval,
+            )
+            .await?,
+        ))
+    }
+}
+
+pub struct PlanStep(pub Context);
+
+impl runtime::Step for PlanStep {
+    async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
+        let Inbound::Amiflow(e) = event else {
+            return Err(refuse("plan-worker", event));
+        };
+        let (claimed, deadline, key) = match &e.detail {
+            Detail::ParamUpdated(p) => (p.account.as_str(), None, p.meta.key.as_str()),
+            Detail::RolloutWindowOpened(w) => {
+                (w.account.as_str(), Some(w.closes_at), w.meta.key.as_str())
+            }
+            _ => return Err(refuse("plan-worker", event)),
+        };
+        let stage = own_stage(&self.0.policy, &self.0.account, claimed)?;
+        if matches!(e.detail, Detail::ParamUpdated(_)) && stage.refresh_waits_for_window {
+            tracing::info!(stage = %stage.name, "parameter updated; refreshes wait for the stage's window");
+            return Ok(StepOutput::Emit(Vec::new()));
+        }
+        let groups = AwsGroups {
+            autoscaling: aws_sdk_autoscaling::Client::new(&self.0.config),
+            ec2: aws_sdk_ec2::Client::new(&self.0.config),
+        };
+        let params = SsmParameters(aws_sdk_ssm::Client::new(&self.0.config));
+        let requests = crate::plan::plan(
+            key,
+            &self.0.account,
+            deadline,
+            &groups,
+            &params,
+            &self.0.policy,
+            stage,
+        )
+        .await?;
+        Ok(StepOutput::Emit(requests))
+    }
+}
+
+pub struct RefreshStep {
+    pub ctx: Context,
+    pub settings: RefreshSettings,
+    pub admission: tokio::sync::Mutex<()>,
+}
+
+impl runtime::Step for RefreshStep {
+    async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
+        let groups = AwsGroups {
+            autoscaling: aws_sdk_autoscaling::Client::new(&self.ctx.config),
+            ec2: aws_sdk_ec2::Client::new(&self.ctx.config),
+        };
+        match event {
+            Inbound::Amiflow(e) => {
+                let Detail::AsgRefreshRequested(req) = &e.detail else {
+                    return Err(refuse("refresh-worker", event));
+                };
+                let stage = own_stage(&self.ctx.policy, &self.ctx.account, &req.account)?;
+                let stacks = CfnStacks(aws_sdk_cloudformation::Client::new(&self.ctx.config));
+                crate::refresh::request_refresh(
+                    req,
+                    chrono::Utc::now(),
+                    &groups,
+                    &stacks,
+                    stage,
+                    &self.settings,
+                    &self.admission,
+                )
+                .await
+            }
+            Inbound::Aws(AwsEvent::InstanceRefresh(r)) => {
+                if !r.account.is_empty() && r.account != self.ctx.account {
+                    return Err(StepError::Permanent(format!(
+                        "instance-refresh event of account {} reached account {}",
+                        r.account, self.ctx.account
+                    )));
+                }
+                crate::refresh::refresh_event(r, &self.ctx.account, &groups).await
+            }
+            other => Err(refuse("refresh-worker", other)),
+        }
+    }
+}
+
+/// The common start of every worker binary: tracing, config, policy, credentials, own account.
+pub async fn start(
+    worker: &str,
+) -> anyhow::Result<(runtime::WorkerConfig, Context, runtime::Worker)> {
+    runtime::telemetry::init();
+    let config = runtime::WorkerConfig::from_env(worker)?;
+    let policy = Arc::new(Policy::from_env()?);
+    let clients = runtime::Clients::from_env(policy.role_name.clone()).await?;
+    let sdk = clients.base().clone();
+    let ctx = Context {
+        policy,
+        account: clients.own_account().to_owned(),
+        config: sdk.clone(),
+    };
+    let consumer = runtime::Worker::connect(
+        aws_sdk_sqs::Client::new(&sdk),
+        aws_sdk_eventbridge::Client::new(&sdk),
+        config.clone(),
+    )
+    .await?;
+    Ok((config, ctx, consumer))
+}
