@@ -10,6 +10,7 @@ import importlib
 # Modules are added here as they are written; each must define apply().
 MODULES = [
     "amiflow_shim.faults",
+    "amiflow_shim.speed",
     "amiflow_shim.ec2",
     "amiflow_shim.events",
     "amiflow_shim.autoscaling",
