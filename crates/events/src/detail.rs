@@ -392,21 +392,21 @@ impl Detail {
                 return Some(format!("key {:?} is not {prefix}<YYYY-MM-DD>", meta.key));
             }
         }
-        if let Some(expected) = self.expected_key() {
-            if meta.key != expected {
-                return Some(format!(
-                    "key {:?} does not match the event's fields (expected {expected:?})",
-                    meta.key
-                ));
-            }
+        if let Some(expected) = self.expected_key()
+            && meta.key != expected
+        {
+            return Some(format!(
+                "key {:?} does not match the event's fields (expected {expected:?})",
+                meta.key
+            ));
         }
-        if let Some(expected) = self.expected_rollout_id() {
-            if meta.rollout_id != expected {
-                return Some(format!(
-                    "rollout_id {:?} does not match the event's fields (expected {expected:?})",
-                    meta.rollout_id
-                ));
-            }
+        if let Some(expected) = self.expected_rollout_id()
+            && meta.rollout_id != expected
+        {
+            return Some(format!(
+                "rollout_id {:?} does not match the event's fields (expected {expected:?})",
+                meta.rollout_id
+            ));
         }
         None
     }

@@ -11,8 +11,10 @@ use crate::detail::Detail;
 use crate::envelope::Envelope;
 use crate::{MAX_EVENT_BYTES, SCHEMA_VERSION, SOURCE, schema};
 
-/// A message that parsed into something a worker can act on.
+/// A message that parsed into something a worker can act on. Not boxed: one lives per message
+/// in flight (at most a batch of ten), and steps match on it by reference.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Inbound {
     /// One of our events, schema-valid, with a consistent identity.
     Amiflow(Envelope<Detail>),

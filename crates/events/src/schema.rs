@@ -46,11 +46,31 @@ pub fn file_name(detail_type: &str) -> String {
     format!("{detail_type}.json")
 }
 
-/// The schema as pretty JSON with a trailing newline, exactly as checked in.
+/// The schema as pretty JSON with a trailing newline, exactly as checked in. Keys are sorted
+/// here rather than by the map type: another crate in the build may turn on serde_json's
+/// `preserve_order`, and the checked-in files must not depend on which crates were built.
 pub fn render(schema: &Schema) -> String {
-    let mut text = serde_json::to_string_pretty(schema).unwrap_or_default();
+    let mut text = serde_json::to_string_pretty(&sorted(schema.as_value())).unwrap_or_default();
     text.push('\n');
     text
+}
+
+fn sorted(value: &serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            serde_json::Value::Object(
+                keys.into_iter()
+                    .map(|k| (k.clone(), sorted(&map[k])))
+                    .collect(),
+            )
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.iter().map(sorted).collect())
+        }
+        other => other.clone(),
+    }
 }
 
 static VALIDATORS: LazyLock<BTreeMap<&'static str, jsonschema::Validator>> = LazyLock::new(|| {
