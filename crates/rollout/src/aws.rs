@@ -323,7 +323,7 @@ pub enum LaunchSource {
     Template {
         id: String,
         version: String,
-        mixed: Option<MixedInstancesPolicy>,
+        mixed: Option<Box<MixedInstancesPolicy>>,
     },
     LaunchConfiguration(String),
     None,
@@ -367,6 +367,10 @@ impl Refresh {
 pub struct RefreshRequest {
     pub desired: Option<DesiredConfiguration>,
     pub auto_rollback: bool,
+    /// Skip instances already on the target launch template version. Only meaningful when the
+    /// refresh changes the version: with the same version (a `resolve:ssm:` template, a stack that
+    /// re-resolved its parameter in place) AWS would skip every instance and replace none.
+    pub skip_matching: bool,
     pub min_healthy_percentage: i32,
     pub checkpoints: Vec<i32>,
     pub checkpoint_delay: Option<i32>,
@@ -443,7 +447,12 @@ fn to_group(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
             s.version().unwrap_or("$Default").to_owned(),
         )
     };
-    let source = if let Some(mixed) = g.mixed_instances_policy() {
+    // An empty <MixedInstancesPolicy/> (the emulator sends one for stack-created groups) is no
+    // policy: only one that names a launch template counts.
+    let source = if let Some(mixed) = g
+        .mixed_instances_policy()
+        .filter(|m| m.launch_template().is_some())
+    {
         match mixed
             .launch_template()
             .and_then(|t| t.launch_template_specification())
@@ -453,7 +462,7 @@ fn to_group(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
                 LaunchSource::Template {
                     id,
                     version,
-                    mixed: Some(mixed.clone()),
+                    mixed: Some(Box::new(mixed.clone())),
                 }
             }
             None => LaunchSource::None,
@@ -699,7 +708,7 @@ impl Groups for AwsGroups {
     ) -> Result<String, StepError> {
         let mut preferences = RefreshPreferences::builder()
             .min_healthy_percentage(request.min_healthy_percentage)
-            .skip_matching(true)
+            .skip_matching(request.skip_matching)
             .auto_rollback(request.auto_rollback);
         if !request.checkpoints.is_empty() {
             preferences = preferences.set_checkpoint_percentages(Some(request.checkpoints.clone()));

@@ -46,19 +46,18 @@ pub async fn update_parameter(
             )]);
         }
         // Never regress: an AMI created later than this one stays.
-        if let Some(existing) = images.describe(&current.value).await? {
-            if let (Some(theirs), Some(ours)) = (existing.created_at, new.created_at) {
-                if theirs > ours {
-                    tracing::info!(parameter = name, current = %current.value, offered = %shared.ami_id, "parameter holds a newer AMI; not regressing");
-                    return Ok(vec![updated(
-                        shared,
-                        account,
-                        current.value.clone(),
-                        None,
-                        current.version,
-                    )]);
-                }
-            }
+        if let Some(existing) = images.describe(&current.value).await?
+            && let (Some(theirs), Some(ours)) = (existing.created_at, new.created_at)
+            && theirs > ours
+        {
+            tracing::info!(parameter = name, current = %current.value, offered = %shared.ami_id, "parameter holds a newer AMI; not regressing");
+            return Ok(vec![updated(
+                shared,
+                account,
+                current.value.clone(),
+                None,
+                current.version,
+            )]);
         }
     }
     let previous = current.as_ref().map(|c| c.value.clone());

@@ -19,6 +19,17 @@ pub struct Judged {
     pub group: GroupAmi,
     pub parameter: Option<String>,
     pub verdict: Verdict,
+    /// Instances of a `Current` group still running another AMI (a `resolve:ssm:` template or a
+    /// stack re-resolved the configuration, but nothing replaced the instances yet).
+    pub lagging_instances: usize,
+}
+
+impl Judged {
+    /// Stale by configuration, or current by configuration with instances left behind.
+    pub fn needs_refresh(&self) -> bool {
+        self.verdict == Verdict::Stale
+            || (self.verdict == Verdict::Current && self.lagging_instances > 0)
+    }
 }
 
 /// Judge every group of the account against every family.
@@ -57,7 +68,37 @@ pub async fn judge_all(
             group: g,
             parameter,
             verdict,
+            lagging_instances: 0,
         });
+    }
+    // One batched DescribeInstances for every group whose configuration is already current.
+    let ids: Vec<String> = judged
+        .iter()
+        .filter(|j| j.parameter.is_some() && j.verdict == Verdict::Current)
+        .flat_map(|j| j.group.group.instance_ids.iter().cloned())
+        .collect();
+    if !ids.is_empty() {
+        let images = groups.instance_images(&ids).await?;
+        for j in judged
+            .iter_mut()
+            .filter(|j| j.parameter.is_some() && j.verdict == Verdict::Current)
+        {
+            j.lagging_instances = j
+                .group
+                .group
+                .instance_ids
+                .iter()
+                .filter(|id| {
+                    images
+                        .get(*id)
+                        .is_some_and(|ami| Some(ami) != j.group.ami.as_ref())
+                })
+                .count();
+        }
+    }
+    for j in &judged {
+        tracing::debug!(group = %j.group.group.name, ami = ?j.group.ami, source = ?j.group.source,
+            verdict = ?j.verdict, lagging = j.lagging_instances, "judged");
     }
     Ok(judged)
 }
@@ -77,7 +118,7 @@ pub async fn plan(
         let Some(parameter) = &j.parameter else {
             continue;
         };
-        if j.verdict != Verdict::Stale {
+        if !j.needs_refresh() {
             if let Verdict::Skipped(reason) = &j.verdict {
                 tracing::info!(group = %j.group.group.name, %reason, "group skipped");
             }

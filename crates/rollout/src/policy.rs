@@ -240,10 +240,10 @@ impl Policy {
 
     /// The family an AMI belongs to, by its `amiflow:family` tag or its name prefix.
     pub fn family_of(&self, image_name: &str, family_tag: Option<&str>) -> Option<&Family> {
-        if let Some(tag) = family_tag {
-            if let Some(f) = self.families.iter().find(|f| f.parameter_name == tag) {
-                return Some(f);
-            }
+        if let Some(tag) = family_tag
+            && let Some(f) = self.families.iter().find(|f| f.parameter_name == tag)
+        {
+            return Some(f);
         }
         self.families
             .iter()

@@ -151,16 +151,16 @@ pub async fn request_refresh(
             Err(done) => return Ok(done),
         },
     };
-    if let Some(plan) = &plan {
-        if plan.already_there {
-            let images = groups.instance_images(&group.instance_ids).await?;
-            if images.values().all(|a| *a == req.ami_id) {
-                return Ok(finished(
-                    req,
-                    Outcome::Succeeded,
-                    "already on the AMI: nothing to refresh",
-                ));
-            }
+    if let Some(plan) = &plan
+        && plan.already_there
+    {
+        let images = groups.instance_images(&group.instance_ids).await?;
+        if images.values().all(|a| *a == req.ami_id) {
+            return Ok(finished(
+                req,
+                Outcome::Succeeded,
+                "already on the AMI: nothing to refresh",
+            ));
         }
     }
     let plan = plan.unwrap_or_default();
@@ -203,6 +203,7 @@ pub async fn request_refresh(
     let request = RefreshRequest {
         desired: plan.desired.clone(),
         auto_rollback: plan.desired.is_some(),
+        skip_matching: plan.new_version,
         min_healthy_percentage: stage.min_healthy_percentage,
         checkpoints: stage.checkpoints.clone(),
         checkpoint_delay: stage.checkpoint_delay_seconds,
@@ -230,6 +231,9 @@ struct Plan {
     before_refresh: Option<BeforeRefresh>,
     /// The group's configuration already launches the AMI (only instances may lag).
     already_there: bool,
+    /// The refresh moves the group to another launch template version, so instances already on
+    /// it can be skipped (AWS's SkipMatching compares template and version, not the AMI).
+    new_version: bool,
     how: String,
 }
 
@@ -321,7 +325,7 @@ async fn launch_template(
     };
     let desired = || match &mixed {
         Some(policy) => {
-            let mut policy = policy.clone();
+            let mut policy = (**policy).clone();
             if let Some(lt) = policy.launch_template.as_mut() {
                 lt.launch_template_specification = Some(spec_for(version));
             }
@@ -336,6 +340,7 @@ async fn launch_template(
     let plan = if pinned || stage.pin_unpinned_groups {
         Plan {
             desired: Some(desired()),
+            new_version: true,
             how: format!("pinned to {template} version {version}, auto rollback on"),
             ..Plan::default()
         }
@@ -345,6 +350,7 @@ async fn launch_template(
                 template: template.clone(),
                 version,
             }),
+            new_version: true,
             how: format!(
                 "{template} default version set to {version}; $Default group refreshed without rollback"
             ),
@@ -352,6 +358,7 @@ async fn launch_template(
         }
     } else {
         Plan {
+            new_version: true,
             how: format!("{template} version {version} is $Latest; refreshed without rollback"),
             ..Plan::default()
         }
