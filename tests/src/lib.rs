@@ -10,6 +10,8 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
 use emulator::Emulator;
 
+pub mod world;
+
 /// A private emulator and clients acting in its default account.
 pub struct Local {
     pub emulator: Emulator,
@@ -274,4 +276,33 @@ pub fn worker_env(endpoint: &str) -> HashMap<&'static str, String> {
         ("AWS_SECRET_ACCESS_KEY", "testing".to_owned()),
         ("AWS_REGION", "us-east-1".to_owned()),
     ])
+}
+
+/// An `SdkConfig` acting in `account` on an emulator: sts:AssumeRole into
+/// `arn:aws:iam::<account>:role/amiflow` (the emulator accepts any role), then static credentials
+/// with the session token it returned. Plain test keys act in 123456789012.
+pub async fn sdk_config_in(endpoint: &str, account: &str) -> SdkConfig {
+    let base = sdk_config(endpoint).await;
+    let assumed = aws_sdk_sts::Client::new(&base)
+        .assume_role()
+        .role_arn(format!("arn:aws:iam::{account}:role/amiflow"))
+        .role_session_name("e2e")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("assuming a role in {account}: {e:?}"));
+    let creds = assumed
+        .credentials()
+        .expect("AssumeRole returns credentials");
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(endpoint)
+        .region(Region::new("us-east-1"))
+        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
+            creds.access_key_id(),
+            creds.secret_access_key(),
+            Some(creds.session_token().to_owned()),
+            None,
+            "e2e-assumed",
+        ))
+        .load()
+        .await
 }
