@@ -1,0 +1,440 @@
+//! `amictl demo`: the README's first command. Starts the local world (`amictl local up`), injects
+//! an `AmiBuilt` for the month's new golden AMI onto the hub bus, waits for every stage's golden
+//! parameter, opens the maintenance windows stage by stage as EventBridge Scheduler would, shows
+//! each stage's progress from the `AsgRefreshFinished` events forwarded to the hub, prints the
+//! compliance table computed from AWS itself, and tears the world down (`--keep` leaves it up).
+//!
+//! The demo only emits events and reads state: every change is made by the worker processes.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use aws_config::SdkConfig;
+use aws_sdk_eventbridge::types::PutEventsRequestEntry;
+use chrono::Utc;
+use clap::Args;
+use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+use events::{AmiBuilt, Detail, RolloutWindowOpened};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use rollout::policy::Policy;
+
+use crate::compliance::{self, AccountCompliance, GroupState};
+use crate::local::{self, Scale, State, UpArgs};
+
+/// Run a whole monthly rollout in a local AWS world and show the result.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Example:\n  cargo run -p amictl -- demo          # the README's first command\n  amictl demo --keep && eval \"$(amictl local env)\"   # look around afterwards\n  amictl local down"
+)]
+pub struct DemoArgs {
+    /// Leave the world running afterwards (stop it with `amictl local down`).
+    #[arg(long)]
+    keep: bool,
+    /// Size of the world (`seed`: about 4,500 instances; takes minutes).
+    #[arg(long, value_enum, default_value_t = Scale::Small)]
+    scale: Scale,
+    /// Seconds each phase of an emulated instance refresh lasts.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1.0)]
+    refresh_step: f64,
+    /// Give up on a stage whose groups have not all finished within this many seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 600)]
+    stage_timeout: u64,
+}
+
+const PARAMETER: &str = "/golden/al2023/ami-id";
+
+pub async fn run(args: DemoArgs) -> Result<()> {
+    let started = Instant::now();
+    ensure_workers_built()?;
+    local::up(UpArgs::for_demo(args.scale, args.refresh_step)).await?;
+    let outcome = tokio::select! {
+        outcome = rollout_in_world(&args) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
+    };
+    if args.keep {
+        eprintln!(
+            "amictl: the world is still up (--keep): `eval \"$(amictl local env)\"` to use it, `amictl local down` to stop it"
+        );
+    } else {
+        local::down()?;
+    }
+    outcome?;
+    println!("demo finished in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `cargo run -p amictl` builds amictl only; the demo needs the worker binaries beside it. Under
+/// cargo (which sets `CARGO`), build them the same way; otherwise say how.
+fn ensure_workers_built() -> Result<()> {
+    let exe = std::env::current_exe().context("locating the amictl executable")?;
+    let dir = exe
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent folder", exe.display()))?;
+    let missing: Vec<&str> = local::worker_binaries()
+        .filter(|b| !dir.join(b).is_file())
+        .collect();
+    let cargo = std::env::var_os("CARGO");
+    let manifest = emulator::project_root().join("Cargo.toml");
+    match cargo {
+        // Under cargo: always ask it, so the workers are as fresh as amictl (a no-op when they are).
+        Some(cargo) if manifest.is_file() => {
+            eprintln!("amictl: building the worker binaries (cargo build -p rollout --bins)");
+            let mut command = std::process::Command::new(cargo);
+            command
+                .args([
+                    "build",
+                    "--quiet",
+                    "-p",
+                    "rollout",
+                    "--bins",
+                    "--manifest-path",
+                ])
+                .arg(&manifest);
+            if dir.ends_with("release") {
+                command.arg("--release");
+            }
+            let status = command.status().context("running cargo build")?;
+            if !status.success() {
+                bail!("building the worker binaries failed ({status}); see cargo's output above");
+            }
+            Ok(())
+        }
+        _ if missing.is_empty() => Ok(()),
+        _ => bail!(
+            "the worker binaries {} are not next to amictl in {}; build them with `cargo build -p rollout --bins` (or run the demo with `cargo run -p amictl -- demo`)",
+            missing.join(", "),
+            dir.display()
+        ),
+    }
+}
+
+struct Stage {
+    name: String,
+    account: String,
+    config: SdkConfig,
+    bar: ProgressBar,
+    /// Groups that must report an outcome in this stage's window (stale at the window's start).
+    expected: usize,
+}
+
+async fn rollout_in_world(args: &DemoArgs) -> Result<()> {
+    let state = local::current_state()?
+        .ok_or_else(|| anyhow!("the local world did not record its state"))?;
+    let policy = Policy::load(&state.config_file)
+        .with_context(|| format!("reading {}", state.config_file.display()))?;
+    let hub = state.hub_account.clone();
+    let hub_config = local::account_config(&state, &hub).await?;
+    let candidate = candidate_ami(&state)?;
+
+    // 1. The month's AMI is built: inject what ingest would emit.
+    let image = aws_sdk_ec2::Client::new(&hub_config)
+        .describe_images()
+        .image_ids(&candidate)
+        .send()
+        .await
+        .context("describing the new golden AMI")?
+        .images()
+        .first()
+        .cloned()
+        .ok_or_else(|| anyhow!("the new golden AMI {candidate} is not in the hub"))?;
+    let created = image
+        .creation_date()
+        .and_then(|d| chrono::DateTime::parse_from_rfc3339(d).ok())
+        .map(|d| d.to_utc())
+        .unwrap_or_else(Utc::now);
+    let built = AmiBuilt::new(
+        &candidate,
+        &state.region,
+        image.name().unwrap_or("golden-al2023"),
+        created,
+        PARAMETER,
+    );
+    println!(
+        "\ninjecting AmiBuilt {candidate} ({}) on the hub bus; rollout {}",
+        built.image_name, built.meta.rollout_id
+    );
+    put(&hub_config, &state.bus, &Detail::from(built)).await?;
+
+    let multi = MultiProgress::new();
+    let style = ProgressStyle::with_template("{prefix:>5} {bar:30} {pos}/{len} groups  {msg}")
+        .expect("a valid progress template");
+    let mut stages = Vec::new();
+    for account in &state.accounts {
+        let config = local::account_config(&state, &account.id).await?;
+        let bar = multi.add(ProgressBar::new(0));
+        bar.set_style(style.clone());
+        bar.set_prefix(account.stage.clone());
+        bar.set_message("waiting for the golden parameter");
+        stages.push(Stage {
+            name: account.stage.clone(),
+            account: account.id.clone(),
+            config,
+            bar,
+            expected: 0,
+        });
+    }
+
+    // 2. Shared, then published in every stage.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for stage in &stages {
+        loop {
+            if parameter(&stage.config).await? == candidate {
+                stage
+                    .bar
+                    .set_message(format!("parameter {candidate}; waiting for the window"));
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{}'s golden parameter did not reach {candidate} within 2 minutes; see the share and param worker logs in {}",
+                    stage.name,
+                    state.logs_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    // 3. The windows, stage by stage: each must finish before the next opens.
+    let audit = state
+        .accounts
+        .iter()
+        .find(|a| a.hub)
+        .and_then(|a| a.queues.get("audit"))
+        .map(|q| q.url.clone())
+        .ok_or_else(|| anyhow!("the hub has no audit queue in the world state"))?;
+    let mut outcomes: BTreeMap<(String, String), (String, String)> = BTreeMap::new();
+    for stage in &mut stages {
+        let policy_stage = policy.stage_for_account(&stage.account).ok_or_else(|| {
+            anyhow!(
+                "account {} is not in {}",
+                stage.account,
+                state.config_file.display()
+            )
+        })?;
+        let before = compliance::account(&stage.config, &policy, policy_stage).await?;
+        stage.expected = before.groups.iter().filter(|g| g.needs_refresh).count();
+        stage.bar.set_length(stage.expected as u64);
+        stage.bar.set_message("window open");
+        let opens = Utc::now();
+        let window = RolloutWindowOpened::new(
+            &stage.account,
+            &stage.name,
+            opens,
+            opens + chrono::Duration::hours(i64::from(policy_stage.window.duration_hours)),
+        );
+        put(&stage.config, &state.bus, &Detail::from(window)).await?;
+        let opened = Instant::now();
+        if stage.bar.is_hidden() {
+            eprintln!(
+                "amictl: {}: window open, {} groups to refresh or report",
+                stage.name, stage.expected
+            );
+        }
+        let deadline = Instant::now() + Duration::from_secs(args.stage_timeout);
+        loop {
+            drain_outcomes(&hub_config, &audit, &mut outcomes).await?;
+            let done = outcomes.keys().filter(|(a, _)| *a == stage.account).count();
+            stage.bar.set_position(done as u64);
+            if done >= stage.expected {
+                let took = format!("done in {:.0} s", opened.elapsed().as_secs_f64());
+                stage.bar.finish_with_message(took.clone());
+                if stage.bar.is_hidden() {
+                    eprintln!("amictl: {}: {done} groups finished, {took}", stage.name);
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                stage.bar.abandon_with_message("timed out");
+                bail!(
+                    "stage {}: {done} of {} groups finished within {} s; see `amictl local env` and the refresh-worker log in {}",
+                    stage.name,
+                    stage.expected,
+                    args.stage_timeout,
+                    state.logs_dir.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    drop(multi);
+
+    // 4. Compliance, from AWS itself.
+    let mut reports = Vec::new();
+    for stage in &stages {
+        let policy_stage = policy
+            .stage_for_account(&stage.account)
+            .expect("checked above");
+        reports.push(compliance::account(&stage.config, &policy, policy_stage).await?);
+    }
+    println!("\n{}", summary_table(&reports, &outcomes));
+    println!("\n{}", reasons_table(&reports, &outcomes));
+    Ok(())
+}
+
+fn candidate_ami(state: &State) -> Result<String> {
+    let text = std::fs::read_to_string(&state.world_file)
+        .with_context(|| format!("reading {}", state.world_file.display()))?;
+    let world: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing {}", state.world_file.display()))?;
+    world["amis"]["candidate"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("{} names no candidate AMI", state.world_file.display()))
+}
+
+async fn parameter(config: &SdkConfig) -> Result<String> {
+    let out = aws_sdk_ssm::Client::new(config)
+        .get_parameter()
+        .name(PARAMETER)
+        .send()
+        .await
+        .with_context(|| format!("reading {PARAMETER}"))?;
+    Ok(out
+        .parameter()
+        .and_then(|p| p.value())
+        .unwrap_or_default()
+        .to_owned())
+}
+
+async fn put(config: &SdkConfig, bus: &str, detail: &Detail) -> Result<()> {
+    let out = aws_sdk_eventbridge::Client::new(config)
+        .put_events()
+        .entries(
+            PutEventsRequestEntry::builder()
+                .source("amiflow")
+                .detail_type(detail.detail_type())
+                .detail(detail.to_value().to_string())
+                .event_bus_name(bus)
+                .build(),
+        )
+        .send()
+        .await
+        .with_context(|| format!("putting {} on bus {bus}", detail.detail_type()))?;
+    if out.failed_entry_count() > 0 {
+        bail!("EventBridge rejected the {} event", detail.detail_type());
+    }
+    Ok(())
+}
+
+/// Read (and delete) the `AsgRefreshFinished` events the stages forwarded to the hub's audit queue.
+async fn drain_outcomes(
+    hub: &SdkConfig,
+    queue: &str,
+    outcomes: &mut BTreeMap<(String, String), (String, String)>,
+) -> Result<()> {
+    let sqs = aws_sdk_sqs::Client::new(hub);
+    loop {
+        let got = sqs
+            .receive_message()
+            .queue_url(queue)
+            .max_number_of_messages(10)
+            .send()
+            .await
+            .context("reading the hub's audit queue")?;
+        if got.messages().is_empty() {
+            return Ok(());
+        }
+        for m in got.messages() {
+            let body: serde_json::Value =
+                serde_json::from_str(m.body().unwrap_or("null")).unwrap_or_default();
+            if body["detail-type"] == "AsgRefreshFinished" {
+                let d = &body["detail"];
+                let text = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+                outcomes
+                    .entry((text("account"), text("asg_name")))
+                    .or_insert((text("outcome"), text("reason")));
+            }
+            if let Some(receipt) = m.receipt_handle() {
+                sqs.delete_message()
+                    .queue_url(queue)
+                    .receipt_handle(receipt)
+                    .send()
+                    .await
+                    .context("deleting from the hub's audit queue")?;
+            }
+        }
+    }
+}
+
+fn summary_table(
+    reports: &[AccountCompliance],
+    outcomes: &BTreeMap<(String, String), (String, String)>,
+) -> Table {
+    let mut table = Table::new();
+    table.load_preset(UTF8_FULL_CONDENSED).set_header([
+        "stage",
+        "account",
+        "golden parameter",
+        "groups",
+        "current",
+        "refreshed now",
+        "skipped",
+        "rolled back",
+        "failed",
+        "stale",
+        "not golden",
+        "instances off golden",
+    ]);
+    for r in reports {
+        let refreshed = outcomes
+            .iter()
+            .filter(|((a, _), (o, _))| *a == r.account && o == "succeeded")
+            .count();
+        let parameter = r
+            .parameters
+            .iter()
+            .find(|p| p.name == PARAMETER)
+            .and_then(|p| p.ami.clone())
+            .unwrap_or_else(|| "(none)".into());
+        table.add_row([
+            r.stage.clone(),
+            r.account.clone(),
+            parameter,
+            r.groups.len().to_string(),
+            r.count(GroupState::Current).to_string(),
+            refreshed.to_string(),
+            r.count(GroupState::Skipped).to_string(),
+            r.count(GroupState::RolledBack).to_string(),
+            r.count(GroupState::Failed).to_string(),
+            (r.count(GroupState::Stale) + r.count(GroupState::Refreshing)).to_string(),
+            r.count(GroupState::Untouched).to_string(),
+            r.instances_off_golden().to_string(),
+        ]);
+    }
+    table
+}
+
+/// Every group that is not current, with the reason: the refresh-worker's outcome where it gave
+/// one, else the judgement of the group.
+fn reasons_table(
+    reports: &[AccountCompliance],
+    outcomes: &BTreeMap<(String, String), (String, String)>,
+) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(["stage", "group", "state", "why"]);
+    if table.width().is_none() {
+        // Not a terminal: wrap the reasons at a width that reads well in a log.
+        table.set_width(140);
+    }
+    for r in reports {
+        for g in r.groups.iter().filter(|g| g.state != GroupState::Current) {
+            let why = outcomes
+                .get(&(r.account.clone(), g.name.clone()))
+                .filter(|(_, reason)| !reason.is_empty())
+                .map(|(outcome, reason)| format!("{outcome}: {reason}"))
+                .unwrap_or_else(|| g.reason.clone());
+            table.add_row([
+                r.stage.clone(),
+                g.name.clone(),
+                g.state.as_str().into(),
+                why,
+            ]);
+        }
+    }
+    table
+}
