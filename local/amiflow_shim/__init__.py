@@ -16,6 +16,8 @@ MODULES = [
     "amiflow_shim.autoscaling",
     "amiflow_shim.cloudformation",
     "amiflow_shim.ssm",
+    # Last, so it wraps the app outermost and counts what every other module serves.
+    "amiflow_shim.calls",
 ]
 
 _applied = False

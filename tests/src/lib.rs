@@ -306,3 +306,23 @@ pub async fn sdk_config_in(endpoint: &str, account: &str) -> SdkConfig {
         .load()
         .await
 }
+
+/// Replace (or append) the section `name` of BENCHMARKS.md, between `<!-- name:start -->` and
+/// `<!-- name:end -->`, so each benchmark command rewrites only its own results.
+pub fn write_benchmark_section(name: &str, body: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+        "# Benchmarks\n\nEach section is written by the command it names; ratios compare with a baseline measured in the same run.\n".into()
+    });
+    let (start, end) = (
+        format!("<!-- {name}:start -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let section = format!("{start}\n{body}{end}");
+    let text = match (text.find(&start), text.find(&end)) {
+        (Some(a), Some(b)) => format!("{}{}{}", &text[..a], section, &text[b + end.len()..]),
+        _ => format!("{}\n\n{}\n", text.trim_end(), section),
+    };
+    std::fs::write(&path, text).unwrap();
+    println!("wrote the {name} section of {}", path.display());
+}

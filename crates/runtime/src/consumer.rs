@@ -56,6 +56,8 @@ pub struct WorkerStats {
     pub retried_later: AtomicU64,
     pub released: AtomicU64,
     pub emitted: AtomicU64,
+    /// Messages whose batched delete SQS confirmed.
+    pub deleted: AtomicU64,
 }
 
 impl WorkerStats {
@@ -198,7 +200,7 @@ impl Worker {
         let (release_tx, release_rx) = watch::channel(false);
         let (delete_tx, delete_rx) =
             mpsc::channel::<String>(config.concurrency * 2 + MAX_ATTRIBUTES);
-        let deleter = tokio::spawn(delete_batches(inner.clone(), delete_rx));
+        let deleter = tokio::spawn(delete_batches(inner.clone(), stats.clone(), delete_rx));
         let mut tasks = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut receive_failures = 0u32;
@@ -214,10 +216,34 @@ impl Worker {
                     _ = tasks.join_next() => continue,
                 }
             }
+            let batch = config.concurrency.min(10);
+            if free < batch {
+                // Steps that finish together (the common case) should lead to one full receive,
+                // not one receive per finished step: give the others a moment to finish.
+                let _ = tokio::time::timeout(TOP_UP_WAIT, async {
+                    while permits.available_permits() < batch && tasks.join_next().await.is_some() {
+                    }
+                })
+                .await;
+            }
+            let free = permits.available_permits().max(1);
+            let receiving = receive(&inner, free.min(10));
+            let mut receiving = std::pin::pin!(receiving);
             let received = tokio::select! {
                 biased;
-                _ = &mut shutdown => break,
-                r = receive(&inner, free.min(10)) => r,
+                r = &mut receiving => r,
+                _ = &mut shutdown => {
+                    // Dropping a long poll in flight does not cancel it at SQS: what it takes
+                    // would stay invisible for the whole visibility timeout. Let it return (at
+                    // most the wait time) and hand back whatever it got.
+                    if let Ok(messages) = receiving.await {
+                        for m in &messages {
+                            release_now(&inner, m.receipt_handle().unwrap_or_default()).await;
+                        }
+                        WorkerStats::bump(&stats.released, messages.len() as u64);
+                    }
+                    break;
+                }
             };
             match received {
                 Ok(messages) => {
@@ -277,6 +303,9 @@ impl Worker {
         Ok(())
     }
 }
+
+/// How long the loop waits for more free slots before receiving fewer than a full batch.
+const TOP_UP_WAIT: Duration = Duration::from_millis(20);
 
 async fn receive(inner: &Inner, max: usize) -> Result<Vec<Message>, String> {
     let out = inner
@@ -541,7 +570,11 @@ async fn send_copy(
 
 /// Delete finished messages in batches of up to ten. A failed delete only means the message is
 /// delivered again, which every step tolerates.
-async fn delete_batches(inner: Arc<Inner>, mut rx: mpsc::Receiver<String>) {
+async fn delete_batches(
+    inner: Arc<Inner>,
+    stats: Arc<WorkerStats>,
+    mut rx: mpsc::Receiver<String>,
+) {
     let mut pending: Vec<String> = Vec::with_capacity(10);
     loop {
         let next = if pending.is_empty() {
@@ -550,7 +583,7 @@ async fn delete_batches(inner: Arc<Inner>, mut rx: mpsc::Receiver<String>) {
             match tokio::time::timeout(Duration::from_millis(20), rx.recv()).await {
                 Ok(next) => next,
                 Err(_) => {
-                    flush(&inner, &mut pending).await;
+                    flush(&inner, &stats, &mut pending).await;
                     continue;
                 }
             }
@@ -559,18 +592,18 @@ async fn delete_batches(inner: Arc<Inner>, mut rx: mpsc::Receiver<String>) {
             Some(receipt) => {
                 pending.push(receipt);
                 if pending.len() == 10 {
-                    flush(&inner, &mut pending).await;
+                    flush(&inner, &stats, &mut pending).await;
                 }
             }
             None => {
-                flush(&inner, &mut pending).await;
+                flush(&inner, &stats, &mut pending).await;
                 return;
             }
         }
     }
 }
 
-async fn flush(inner: &Inner, pending: &mut Vec<String>) {
+async fn flush(inner: &Inner, stats: &WorkerStats, pending: &mut Vec<String>) {
     if pending.is_empty() {
         return;
     }
@@ -595,6 +628,7 @@ async fn flush(inner: &Inner, pending: &mut Vec<String>) {
         .await
     {
         Ok(out) => {
+            WorkerStats::bump(&stats.deleted, out.successful().len() as u64);
             for failed in out.failed() {
                 tracing::warn!(worker = %inner.config.worker, code = failed.code(), message = failed.message().unwrap_or_default(), "delete failed; the message will be delivered again");
             }

@@ -5,7 +5,7 @@
 //!
 //! `cargo run --release -p e2e --bin bench-runtime [-- --messages N --rounds R]`
 
-use std::path::Path;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,8 @@ async fn raw_loop(sqs: &aws_sdk_sqs::Client, queue: &str, n: usize) -> Duration 
             .queue_url(queue)
             .max_number_of_messages(10)
             .wait_time_seconds(1)
+            .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+            .message_attribute_names("All")
             .send()
             .await
             .unwrap();
@@ -115,13 +117,33 @@ async fn runtime_loop(local: &e2e::Local, queue: &str, n: usize) -> Duration {
     let handle = tokio::spawn(worker.run(Arc::new(Noop), async {
         let _ = rx.await;
     }));
-    while (WorkerStats::get(&stats.succeeded) as usize) < n {
+    // Like the raw loop: the time until SQS confirmed the n-th delete; stopping is not counted
+    // (a stopping worker lets its last long poll return, which would add up to the wait time).
+    while (WorkerStats::get(&stats.deleted) as usize) < n {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let elapsed = started.elapsed();
     let _ = stop.send(());
     handle.await.unwrap().unwrap();
-    // The worker counts a message done before its batched delete; stopping flushed the deletes.
-    started.elapsed()
+    elapsed
+}
+
+/// Add the emulator's call counts since the last reset, by action.
+fn count_calls(port: u16, into: &mut BTreeMap<String, u64>) {
+    let calls = e2e::http_json(port, "GET", "/amiflow-emulator/calls", None);
+    for row in calls["calls"].as_array().into_iter().flatten() {
+        *into
+            .entry(row["action"].as_str().unwrap_or_default().to_owned())
+            .or_default() += row["count"].as_u64().unwrap_or(0);
+    }
+}
+
+fn per_message(calls: &BTreeMap<String, u64>, messages: usize) -> String {
+    calls
+        .iter()
+        .map(|(action, n)| format!("{action} {:.2}", *n as f64 / messages as f64))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -173,35 +195,25 @@ fn worker_startup(endpoint: &str, queue: &str) -> (Duration, u64) {
     (startup, rss)
 }
 
-fn write_section(name: &str, body: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|_| "# Benchmarks\n\nEach section is written by the command it names; ratios compare with a baseline measured in the same run.\n".into());
-    let (start, end) = (
-        format!("<!-- {name}:start -->"),
-        format!("<!-- {name}:end -->"),
-    );
-    let section = format!("{start}\n{body}{end}");
-    let text = match (text.find(&start), text.find(&end)) {
-        (Some(a), Some(b)) => format!("{}{}{}", &text[..a], section, &text[b + end.len()..]),
-        _ => format!("{}\n{}\n", text.trim_end(), section),
-    };
-    std::fs::write(&path, text).unwrap();
-    println!("wrote the {name} section of {}", path.display());
-}
-
 #[tokio::main]
 async fn main() {
     let n = arg("--messages", 400);
-    let rounds = arg("--rounds", 2);
+    let rounds = arg("--rounds", 3);
     let local = e2e::Local::start().await;
     let sqs = local.sqs();
     let (queue, _dlq) = local.queue_with_dlq("bench", 30).await;
     let (mut raw, mut ours) = (Vec::new(), Vec::new());
+    let port = local.emulator.port();
+    let (mut raw_calls, mut our_calls) = (BTreeMap::new(), BTreeMap::new());
     for round in 0..rounds {
         fill(&sqs, &queue, n).await;
+        e2e::http_json(port, "POST", "/amiflow-emulator/calls", None);
         let r = raw_loop(&sqs, &queue, n).await;
+        count_calls(port, &mut raw_calls);
         fill(&sqs, &queue, n).await;
+        e2e::http_json(port, "POST", "/amiflow-emulator/calls", None);
         let o = runtime_loop(&local, &queue, n).await;
+        count_calls(port, &mut our_calls);
         println!(
             "round {round}: raw {:.1} msg/s, runtime {:.1} msg/s",
             n as f64 / r.as_secs_f64(),
@@ -220,6 +232,7 @@ async fn main() {
          | raw SDK receive (10) + delete-batch | {raw_rate:.1} |\n\
          | amiflow runtime, no-op step | {our_rate:.1} |\n\
          | **ratio runtime / raw** | **{ratio:.2}** (target ≥ 0.95) |\n\n\
+         API calls per message (counted by the emulator): raw loop {raw_per}; runtime {our_per}.\n\n\
          | probe worker | value |\n|---|---|\n\
          | start-up to first receive | {startup_ms} ms |\n\
          | idle resident memory | {rss_mib:.1} MiB |\n\n\
@@ -227,8 +240,10 @@ async fn main() {
          absolute rates say little; the ratio is the result.\n",
         date = Utc::now().format("%Y-%m-%d"),
         ratio = our_rate / raw_rate,
+        raw_per = per_message(&raw_calls, n * rounds),
+        our_per = per_message(&our_calls, n * rounds),
         startup_ms = startup.as_millis(),
         rss_mib = rss as f64 / 1024.0,
     );
-    write_section("bench-runtime", &body);
+    e2e::write_benchmark_section("bench-runtime", &body);
 }
