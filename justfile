@@ -28,3 +28,8 @@ schemas:
 bench-runtime:
     cargo build --release -p e2e --bins
     cargo run --release -p e2e --bin bench-runtime
+
+# A whole rollout at the seed story's size (about 4,500 instances); writes BENCHMARKS.md.
+bench-rollout:
+    cargo build -p rollout --bins
+    cargo run -p e2e --bin bench-rollout -- --scale seed

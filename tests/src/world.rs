@@ -29,6 +29,9 @@ pub struct World {
     pub dir: tempfile::TempDir,
     workers: Vec<tokio::process::Child>,
     configs: BTreeMap<String, SdkConfig>,
+    /// Access key id of each worker's own role session -> worker binary, so the emulator's call
+    /// counter can tell workers apart.
+    keys: BTreeMap<String, String>,
 }
 
 /// Where cargo put the workspace's binaries (next to this test executable's `deps/`).
@@ -71,6 +74,7 @@ impl World {
             dir,
             workers: Vec::new(),
             configs: BTreeMap::new(),
+            keys: BTreeMap::new(),
         };
         for account in world.accounts() {
             let config = crate::sdk_config_in(&world.local.endpoint(), &account).await;
@@ -131,6 +135,11 @@ impl World {
             .to_owned()
     }
 
+    /// The worker binary whose role session uses `access_key_id`.
+    pub fn worker_of_key(&self, access_key_id: &str) -> Option<String> {
+        self.keys.get(access_key_id).cloned()
+    }
+
     /// SDK configuration acting in `account`.
     pub fn config(&self, account: &str) -> &SdkConfig {
         &self.configs[account]
@@ -156,13 +165,16 @@ impl World {
         let policy = emulator::project_root().join("local/amiflow.toml");
         let hub = self.hub();
         for account in self.accounts() {
-            let provider: SharedCredentialsProvider =
-                self.configs[&account].credentials_provider().unwrap();
-            let creds = provider.provide_credentials().await.unwrap();
             for (binary, queue, hub_only) in WORKERS {
                 if hub_only && account != hub {
                     continue;
                 }
+                // A role session of its own, as in AWS where each worker has its own role.
+                let config = crate::sdk_config_in(&self.local.endpoint(), &account).await;
+                let provider: SharedCredentialsProvider = config.credentials_provider().unwrap();
+                let creds = provider.provide_credentials().await.unwrap();
+                self.keys
+                    .insert(creds.access_key_id().to_owned(), binary.to_owned());
                 let exe = dir.join(binary);
                 assert!(
                     exe.exists(),

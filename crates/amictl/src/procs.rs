@@ -107,7 +107,15 @@ mod tests {
     fn a_live_process_is_running_only_under_its_own_command_line() {
         let mut child = Command::new("sleep").arg("30").spawn().unwrap();
         let pid = child.id();
-        assert!(is_running(pid, "sleep"));
+        // Until the child has exec'd, /proc shows the parent's command line: poll for it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !is_running(pid, "sleep") {
+            assert!(
+                Instant::now() < deadline,
+                "sleep never showed up as running"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(!is_running(pid, "share-worker"), "a reused pid is not ours");
         let stopped = stop(
             &[Tracked {

@@ -1,0 +1,264 @@
+//! `amictl local` and `amictl demo` as an operator runs them: the real binary, a private state
+//! folder (AMIFLOW_STATE_DIR) per test, and AWS clients configured only from `amictl local env`.
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+
+fn amictl(state_dir: &Path, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_amictl"));
+    command
+        .args(args)
+        .env("AMIFLOW_STATE_DIR", state_dir)
+        // Under `cargo test` CARGO is set; the demo would then run a nested cargo build.
+        .env_remove("CARGO");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("AWS_") {
+            command.env_remove(name);
+        }
+    }
+    command.output().expect("amictl runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// `export NAME='value'` lines, as `eval "$(amictl local env)"` would read them.
+fn exports(shell: &str) -> HashMap<String, String> {
+    shell
+        .lines()
+        .filter_map(|l| l.strip_prefix("export "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
+        .collect()
+}
+
+async fn config_from(env: &HashMap<String, String>) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(&env["AWS_ENDPOINT_URL"])
+        .region(Region::new(env["AWS_REGION"].clone()))
+        .credentials_provider(aws_sdk_sts::config::Credentials::new(
+            &env["AWS_ACCESS_KEY_ID"],
+            &env["AWS_SECRET_ACCESS_KEY"],
+            env.get("AWS_SESSION_TOKEN").cloned(),
+            None,
+            "amictl-local-env",
+        ))
+        .load()
+        .await
+}
+
+fn running(pid: u64) -> bool {
+    // A zombie (exited, not yet reaped by its new parent) is not running.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn port_open(port: u64) -> bool {
+    TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port as u16)),
+        Duration::from_millis(300),
+    )
+    .is_ok()
+}
+
+#[tokio::test]
+async fn local_world_serves_any_client_and_down_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = ok(&amictl(dir.path(), &["local", "up"]), "local up");
+    assert!(up.contains("11 started"), "every worker started:\n{up}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("state.json")).unwrap())
+            .unwrap();
+    let port = state["emulator"]["port"].as_u64().unwrap();
+    let mut pids = vec![state["emulator"]["pid"].as_u64().unwrap()];
+    pids.extend(
+        state["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w["pid"].as_u64().unwrap()),
+    );
+    assert_eq!(pids.len(), 12);
+    assert!(pids.iter().all(|p| running(*p)));
+
+    for stage in ["qa", "uat", "prod"] {
+        let env = exports(&ok(
+            &amictl(dir.path(), &["local", "env", "--account", stage]),
+            "local env",
+        ));
+        let config = config_from(&env).await;
+        let groups = aws_sdk_autoscaling::Client::new(&config)
+            .describe_auto_scaling_groups()
+            .send()
+            .await
+            .unwrap();
+        let names: Vec<&str> = groups
+            .auto_scaling_groups()
+            .iter()
+            .filter_map(|g| g.auto_scaling_group_name())
+            .collect();
+        assert!(
+            names.len() >= 10 && names.iter().all(|n| n.starts_with(stage)),
+            "{stage}: {names:?}"
+        );
+        let parameter = aws_sdk_ssm::Client::new(&config)
+            .get_parameter()
+            .name("/golden/al2023/ami-id")
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            parameter
+                .parameter()
+                .and_then(|p| p.value())
+                .is_some_and(|v| v.starts_with("ami-")),
+            "{stage}: {parameter:?}"
+        );
+    }
+    let hub = config_from(&exports(&ok(
+        &amictl(dir.path(), &["local", "env", "--account", "qa"]),
+        "local env",
+    )))
+    .await;
+    let sent = aws_sdk_eventbridge::Client::new(&hub)
+        .put_events()
+        .entries(
+            aws_sdk_eventbridge::types::PutEventsRequestEntry::builder()
+                .source("e2e.outside-client")
+                .detail_type("Hello")
+                .detail("{}")
+                .event_bus_name("amiflow")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sent.failed_entry_count(), 0);
+
+    let down = ok(&amictl(dir.path(), &["local", "down"]), "local down");
+    assert!(down.contains("stopped 11 workers"), "{down}");
+    // A process in its last moments of exit has no command line yet is not a zombie: allow it
+    // a moment, polling.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    for pid in &pids {
+        while running(*pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} still runs after local down"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert!(!port_open(port), "port {port} still open after local down");
+    assert!(!dir.path().join("state.json").exists());
+    let again = ok(&amictl(dir.path(), &["local", "down"]), "second local down");
+    assert!(again.contains("nothing to stop"), "{again}");
+    let env = amictl(dir.path(), &["local", "env"]);
+    assert!(!env.status.success());
+    assert!(
+        text(&env.stderr).contains("amictl local up"),
+        "{}",
+        text(&env.stderr)
+    );
+}
+
+#[test]
+fn local_up_on_a_port_in_use_says_so_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = amictl(
+        dir.path(),
+        &["local", "up", "--no-workers", "--port", &port],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains(&format!("port {port} is already in use")) && err.contains("--port"),
+        "{err}"
+    );
+    assert!(!dir.path().join("state.json").exists());
+}
+
+#[test]
+fn a_stale_state_file_from_a_killed_run_is_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = ok(
+        &amictl(dir.path(), &["local", "up", "--no-workers"]),
+        "local up",
+    );
+    assert!(up.contains("none (--no-workers)"), "{up}");
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("state.json")).unwrap())
+            .unwrap();
+    let pid = state["emulator"]["pid"].as_u64().unwrap();
+    // A killed run: the emulator dies, the state file stays.
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while running(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pid {pid} survived SIGKILL"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let env = amictl(dir.path(), &["local", "env"]);
+    assert!(!env.status.success());
+    assert!(
+        text(&env.stderr).contains("amictl local down"),
+        "{}",
+        text(&env.stderr)
+    );
+    let down = ok(&amictl(dir.path(), &["local", "down"]), "local down");
+    assert!(down.contains("no longer running"), "{down}");
+    assert!(!dir.path().join("state.json").exists());
+}
+
+#[test]
+fn demo_rolls_out_every_stage_and_prints_the_compliance_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&amictl(dir.path(), &["demo"]), "amictl demo");
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| {
+            ["qa", "uat", "prod"]
+                .iter()
+                .any(|s| l.starts_with(&format!("│ {s} ")))
+        })
+        .collect();
+    assert!(out.contains("golden parameter"), "{out}");
+    // One summary row per stage, and the uat group whose refresh the emulator fails.
+    for stage in ["qa ", "uat ", "prod "] {
+        assert!(
+            rows.iter().any(|r| r.starts_with(&format!("│ {stage}"))),
+            "no row for {stage}:\n{out}"
+        );
+    }
+    assert!(out.contains("rolled-back"), "{out}");
+    assert!(out.contains("launch configuration"), "{out}");
+    assert!(
+        !dir.path().join("state.json").exists(),
+        "the demo tears its world down"
+    );
+}

@@ -1,0 +1,245 @@
+//! Benchmark: a whole rollout in the local world at the seed story's size (about 1,000 / 1,500 /
+//! 2,000 instances in qa / uat / prod), every worker binary a process of its own. Reports the
+//! world's provisioning time, the rollout's wall time next to the time the emulator itself spent
+//! serving the rollout's API calls (counted by the shim's call counter, `amiflow_shim.calls`), and
+//! the API calls per refreshed group, by worker. Writes its section of BENCHMARKS.md.
+//!
+//! `just bench-rollout` = `cargo build -p rollout --bins && cargo run -p e2e --bin bench-rollout
+//! [-- --scale seed|small --concurrency N]`. Debug builds on purpose: the emulator, not the
+//! workers, is the bottleneck, and a release build of aws-sdk-ec2 alone takes longer than the run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use chrono::{TimeZone, Utc};
+use e2e::world::World;
+use events::{AmiBuilt, Detail, RolloutWindowOpened};
+
+const PARAMETER: &str = "/golden/al2023/ami-id";
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| default.to_owned())
+}
+
+/// Drain the hub's audit queue: (ParamUpdated accounts, outcomes by (account, group)).
+async fn drain_audit(
+    world: &World,
+    params: &mut BTreeSet<String>,
+    outcomes: &mut BTreeMap<(String, String), String>,
+) {
+    let hub = world.hub();
+    for body in world.drain(&hub, &world.queue_url(&hub, "audit")).await {
+        let d = &body["detail"];
+        let text = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
+        match body["detail-type"].as_str() {
+            Some("ParamUpdated") => {
+                params.insert(text("account"));
+            }
+            Some("AsgRefreshFinished") => {
+                outcomes
+                    .entry((text("account"), text("asg_name")))
+                    .or_insert(text("outcome"));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let scale = arg("--scale", "seed");
+    let concurrency: u32 = arg("--concurrency", "10").parse().expect("--concurrency N");
+    // The local policy with a production-like concurrency: seed-scale stages have 100-200 groups.
+    let policy_text = std::fs::read_to_string(emulator::project_root().join("local/amiflow.toml"))
+        .expect("local/amiflow.toml");
+    let policy_text: String = policy_text
+        .lines()
+        .map(|l| {
+            if l.starts_with("max_concurrent_refreshes") {
+                format!("max_concurrent_refreshes = {concurrency}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("amiflow.toml");
+    std::fs::write(&policy, policy_text).unwrap();
+
+    let started = Instant::now();
+    let world = World::start(&scale, &[("AMIFLOW_CONFIG", policy.to_str().unwrap())]).await;
+    let up_seconds = started.elapsed().as_secs_f64();
+    let provision_seconds = world.state["timings"]["provision_seconds"]
+        .as_f64()
+        .unwrap_or_default();
+    let accounts = world.accounts();
+    let groups: usize = accounts.iter().map(|a| world.groups(a).len()).sum();
+    let instances: u64 = accounts
+        .iter()
+        .flat_map(|a| world.groups(a))
+        .map(|g| g["instances"].as_u64().unwrap_or(0))
+        .sum();
+    println!("world up in {up_seconds:.1} s ({groups} groups, {instances} instances)");
+
+    // Count only the rollout.
+    let port = world.local.emulator.port();
+    e2e::http_json(port, "POST", "/amiflow-emulator/calls", None);
+    let hub = world.hub();
+    let candidate = world.state["amis"]["candidate"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rollout_started = Instant::now();
+    let built = AmiBuilt::new(
+        &candidate,
+        "us-east-1",
+        "golden-al2023-2026-11",
+        Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
+        PARAMETER,
+    );
+    world.put(&hub, &Detail::from(built)).await;
+    let mut params = BTreeSet::new();
+    let mut outcomes = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while params.len() < accounts.len() {
+        drain_audit(&world, &mut params, &mut outcomes).await;
+        assert!(
+            Instant::now() < deadline,
+            "parameters not all published: {params:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let published = rollout_started.elapsed().as_secs_f64();
+    let mut stage_seconds = Vec::new();
+    for account in &accounts {
+        let stage = world.stage(account);
+        let expected = world
+            .groups(account)
+            .iter()
+            .filter(|g| {
+                matches!(
+                    g["expected"].as_str(),
+                    Some("refresh" | "skip" | "rolled-back")
+                )
+            })
+            .count();
+        let opened = Instant::now();
+        let opens = Utc::now();
+        let window =
+            RolloutWindowOpened::new(account, &stage, opens, opens + chrono::Duration::hours(4));
+        world.put(account, &Detail::from(window)).await;
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        loop {
+            drain_audit(&world, &mut params, &mut outcomes).await;
+            let done = outcomes.keys().filter(|(a, _)| a == account).count();
+            if done >= expected {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "stage {stage}: {done} of {expected} groups finished\n{}",
+                world.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let took = opened.elapsed().as_secs_f64();
+        println!("{stage}: {expected} groups finished in {took:.1} s");
+        stage_seconds.push((stage, expected, took));
+    }
+    let wall = rollout_started.elapsed().as_secs_f64();
+    let calls = e2e::http_json(port, "GET", "/amiflow-emulator/calls", None);
+    let rows = calls["calls"].as_array().cloned().unwrap_or_default();
+    let refreshed = outcomes.values().filter(|o| *o == "succeeded").count();
+    let rolled_back = outcomes.values().filter(|o| *o == "rolled-back").count();
+
+    // Calls by worker (caller key), split into messaging (SQS, EventBridge) and AWS work.
+    let messaging = |s: &str| s == "sqs" || s == "events";
+    let mut by_worker: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new(); // (describe, change, messaging)
+    let mut by_action: BTreeMap<(String, String), u64> = BTreeMap::new();
+    let (mut total, mut server_seconds) = (0u64, 0.0f64);
+    for row in &rows {
+        let count = row["count"].as_u64().unwrap_or(0);
+        let service = row["service"].as_str().unwrap_or_default();
+        let action = row["action"].as_str().unwrap_or_default();
+        total += count;
+        server_seconds += row["seconds"].as_f64().unwrap_or(0.0);
+        let worker = world
+            .worker_of_key(row["key"].as_str().unwrap_or_default())
+            .unwrap_or_else(|| "harness".into());
+        let entry = by_worker.entry(worker.clone()).or_default();
+        if messaging(service) {
+            entry.2 += count;
+        } else if action.starts_with("Describe")
+            || action.starts_with("Get")
+            || action.starts_with("List")
+        {
+            entry.0 += count;
+        } else {
+            entry.1 += count;
+        }
+        if worker == "refresh-worker" && !messaging(service) {
+            *by_action
+                .entry((service.to_owned(), action.to_owned()))
+                .or_default() += count;
+        }
+    }
+    let per_group = |n: u64| n as f64 / refreshed.max(1) as f64;
+    let mut body = format!(
+        "## Rollout at {scale} scale (`just bench-rollout`)\n\n\
+         {groups} groups, {instances} instances in qa / uat / prod; every worker its own process (debug\n\
+         build); `max_concurrent_refreshes = {concurrency}`; emulated refresh phase 0.3 s; measured {date}.\n\n\
+         | phase | seconds |\n|---|---|\n\
+         | provision the world (`local/world.py`, also what `amictl local up --scale {scale}` runs) | {provision_seconds:.1} |\n\
+         | AmiBuilt to every golden parameter published | {published:.1} |\n",
+        date = Utc::now().format("%Y-%m-%d"),
+    );
+    for (stage, n, took) in &stage_seconds {
+        body.push_str(&format!(
+            "| {stage} window: {n} groups refreshed or reported | {took:.1} |\n"
+        ));
+    }
+    body.push_str(&format!(
+        "| **whole rollout, wall time** | **{wall:.1}** |\n\
+         | emulator time serving the rollout's {total} API calls (sum over calls) | {server_seconds:.1} |\n\
+         | **ratio wall / emulator time** | **{ratio:.2}** (target ≤ 1.5) |\n\n\
+         The wall time also contains the emulated refreshes themselves (each phase lasts 0.3 s) and the\n\
+         waits of deferred refreshes, which no API call accounts for.\n\n\
+         {refreshed} groups refreshed, {rolled_back} rolled back. API calls by worker (counted by the\n\
+         emulator, per caller key; messaging = SQS and EventBridge):\n\n\
+         | worker | describe / get | change | messaging | AWS calls per refreshed group |\n|---|---|---|---|---|\n",
+        ratio = wall / server_seconds.max(f64::EPSILON),
+    ));
+    for (worker, (describe, change, msg)) in &by_worker {
+        body.push_str(&format!(
+            "| {worker} | {describe} | {change} | {msg} | {:.2} |\n",
+            per_group(describe + change)
+        ));
+    }
+    body.push_str("\nrefresh-worker AWS calls by action:\n\n| action | calls | per refreshed group |\n|---|---|---|\n");
+    for ((service, action), n) in &by_action {
+        body.push_str(&format!(
+            "| {service}:{action} | {n} | {:.2} |\n",
+            per_group(*n)
+        ));
+    }
+    let changes: u64 = by_action
+        .iter()
+        .filter(|((_, a), _)| {
+            !(a.starts_with("Describe") || a.starts_with("Get") || a.starts_with("List"))
+        })
+        .map(|(_, n)| n)
+        .sum();
+    body.push_str(&format!(
+        "\nChanges per refreshed group beyond discovery (target ≤ 3): **{:.2}**. Describe calls include\n\
+         the re-checks of requests deferred by the concurrency limit.\n",
+        per_group(changes)
+    ));
+    println!("{body}");
+    e2e::write_benchmark_section(&format!("bench-rollout-{scale}"), &body);
+}
