@@ -23,8 +23,8 @@ pub struct AmiStateChange {
     pub error_message: String,
 }
 
-/// EC2 Image Builder "Image State Change". It carries no AMI id: the image ARN must be resolved
-/// with `imagebuilder:GetImage` to find the AMI it produced.
+/// EC2 Image Builder "Image State Change". It carries no AMI id: the image ARN is resolved to
+/// the AMI it produced through the `Ec2ImageBuilderArn` tag Image Builder puts on its AMIs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageBuilderStateChange {
     pub account: String,

@@ -45,6 +45,11 @@ pub struct Image {
 pub trait Images: Send + Sync {
     /// `None` when the AMI does not exist or is not visible to this account.
     fn describe(&self, ami: &str) -> impl Future<Output = Result<Option<Image>, StepError>> + Send;
+    /// The AMI of this account that Image Builder made in the image build `image_builder_arn`.
+    fn built_by(
+        &self,
+        image_builder_arn: &str,
+    ) -> impl Future<Output = Result<Option<Image>, StepError>> + Send;
     fn launch_permissions(
         &self,
         ami: &str,
@@ -68,6 +73,38 @@ pub trait Images: Send + Sync {
 #[derive(Clone)]
 pub struct Ec2Images(pub aws_sdk_ec2::Client);
 
+fn to_image(i: &aws_sdk_ec2::types::Image) -> Image {
+    Image {
+        id: i.image_id().unwrap_or_default().to_owned(),
+        name: i.name().unwrap_or_default().to_owned(),
+        owner: i.owner_id().unwrap_or_default().to_owned(),
+        created_at: i
+            .creation_date()
+            .and_then(|d| DateTime::parse_from_rfc3339(d).ok())
+            .map(|d| d.to_utc()),
+        family_tag: i
+            .tags()
+            .iter()
+            .find(|t| t.key() == Some("amiflow:family"))
+            .and_then(|t| t.value())
+            .map(str::to_owned),
+        state: i.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        snapshots: i
+            .block_device_mappings()
+            .iter()
+            .filter_map(|m| m.ebs())
+            .filter_map(|ebs| {
+                let id = ebs.snapshot_id()?.to_owned();
+                Some((id, ebs.kms_key_id().map(str::to_owned)))
+            })
+            .collect(),
+    }
+}
+
+/// The tag Image Builder puts on every AMI it outputs: the ARN of the image build that made it
+/// (Image Builder user guide, "Tag Image Builder output resources").
+pub const IMAGE_BUILDER_TAG: &str = "Ec2ImageBuilderArn";
+
 impl Images for Ec2Images {
     async fn describe(&self, ami: &str) -> Result<Option<Image>, StepError> {
         let out = match self.0.describe_images().image_ids(ami).send().await {
@@ -83,31 +120,24 @@ impl Images for Ec2Images {
             }
             Err(e) => return Err(StepError::from_sdk("ec2:DescribeImages", &e)),
         };
-        Ok(out.images().first().map(|i| Image {
-            id: i.image_id().unwrap_or_default().to_owned(),
-            name: i.name().unwrap_or_default().to_owned(),
-            owner: i.owner_id().unwrap_or_default().to_owned(),
-            created_at: i
-                .creation_date()
-                .and_then(|d| DateTime::parse_from_rfc3339(d).ok())
-                .map(|d| d.to_utc()),
-            family_tag: i
-                .tags()
-                .iter()
-                .find(|t| t.key() == Some("amiflow:family"))
-                .and_then(|t| t.value())
-                .map(str::to_owned),
-            state: i.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
-            snapshots: i
-                .block_device_mappings()
-                .iter()
-                .filter_map(|m| m.ebs())
-                .filter_map(|ebs| {
-                    let id = ebs.snapshot_id()?.to_owned();
-                    Some((id, ebs.kms_key_id().map(str::to_owned)))
-                })
-                .collect(),
-        }))
+        Ok(out.images().first().map(to_image))
+    }
+
+    async fn built_by(&self, image_builder_arn: &str) -> Result<Option<Image>, StepError> {
+        let out = self
+            .0
+            .describe_images()
+            .owners("self")
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{IMAGE_BUILDER_TAG}"))
+                    .values(image_builder_arn)
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("ec2:DescribeImages", &e))?;
+        Ok(out.images().first().map(to_image))
     }
 
     async fn launch_permissions(&self, ami: &str) -> Result<Vec<String>, StepError> {
@@ -380,13 +410,17 @@ pub struct RefreshRequest {
 pub trait Groups: Send + Sync {
     fn list(&self) -> impl Future<Output = Result<Vec<Group>, StepError>> + Send;
     fn get(&self, name: &str) -> impl Future<Output = Result<Option<Group>, StepError>> + Send;
-    /// Groups carrying tag `key` (any value).
-    fn with_tag(&self, key: &str) -> impl Future<Output = Result<Vec<Group>, StepError>> + Send;
-    fn set_tag(
+    /// Groups whose tag `key` has exactly `value` (a server-side filter: cheap at any size).
+    fn with_tag_value(
         &self,
-        group: &str,
         key: &str,
         value: &str,
+    ) -> impl Future<Output = Result<Vec<Group>, StepError>> + Send;
+    /// Create or update several tags of one group in one call.
+    fn set_tags(
+        &self,
+        group: &str,
+        tags: &[(&str, &str)],
     ) -> impl Future<Output = Result<(), StepError>> + Send;
     /// A version by number, `$Latest` or `$Default`.
     fn template_version(
@@ -504,7 +538,7 @@ impl AwsGroups {
     async fn describe(
         &self,
         names: Option<&str>,
-        tag_key: Option<&str>,
+        filter: Option<AsgFilter>,
     ) -> Result<Vec<Group>, StepError> {
         let mut request = self
             .autoscaling
@@ -513,8 +547,8 @@ impl AwsGroups {
         if let Some(name) = names {
             request = request.auto_scaling_group_names(name);
         }
-        if let Some(key) = tag_key {
-            request = request.filters(AsgFilter::builder().name("tag-key").values(key).build());
+        if let Some(filter) = filter {
+            request = request.filters(filter);
         }
         let mut pages = request.into_paginator().send();
         let mut groups = Vec::new();
@@ -544,21 +578,30 @@ impl Groups for AwsGroups {
         Ok(self.describe(Some(name), None).await?.into_iter().next())
     }
 
-    async fn with_tag(&self, key: &str) -> Result<Vec<Group>, StepError> {
-        self.describe(None, Some(key)).await
+    async fn with_tag_value(&self, key: &str, value: &str) -> Result<Vec<Group>, StepError> {
+        let filter = AsgFilter::builder()
+            .name(format!("tag:{key}"))
+            .values(value)
+            .build();
+        self.describe(None, Some(filter)).await
     }
 
-    async fn set_tag(&self, group: &str, key: &str, value: &str) -> Result<(), StepError> {
-        let tag = Tag::builder()
-            .resource_id(group)
-            .resource_type("auto-scaling-group")
-            .key(key)
-            .value(value)
-            .propagate_at_launch(false)
-            .build();
+    async fn set_tags(&self, group: &str, tags: &[(&str, &str)]) -> Result<(), StepError> {
+        let tags: Vec<Tag> = tags
+            .iter()
+            .map(|(key, value)| {
+                Tag::builder()
+                    .resource_id(group)
+                    .resource_type("auto-scaling-group")
+                    .key(*key)
+                    .value(*value)
+                    .propagate_at_launch(false)
+                    .build()
+            })
+            .collect();
         self.autoscaling
             .create_or_update_tags()
-            .tags(tag)
+            .set_tags(Some(tags))
             .send()
             .await
             .map_err(|e| StepError::from_sdk("autoscaling:CreateOrUpdateTags", &e))?;

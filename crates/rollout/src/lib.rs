@@ -9,6 +9,8 @@
 
 pub mod aws;
 pub mod discovery;
+#[cfg(test)]
+mod fake;
 pub mod ingest;
 pub mod param;
 pub mod plan;

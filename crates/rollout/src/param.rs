@@ -8,7 +8,7 @@ use backon::{ConstantBuilder, Retryable};
 use events::{AmiShared, Detail, ParamUpdated};
 use runtime::StepError;
 
-use crate::aws::{Images, Parameters};
+use crate::aws::{Images, Keys, Parameters};
 
 /// Reading back after a write: AWS validates `aws:ec2:image` asynchronously.
 pub const READ_BACK_ATTEMPTS: usize = 10;
@@ -17,6 +17,7 @@ pub async fn update_parameter(
     shared: &AmiShared,
     account: &str,
     images: &impl Images,
+    keys: &impl Keys,
     params: &impl Parameters,
     read_back_interval: Duration,
 ) -> Result<Vec<Detail>, StepError> {
@@ -28,6 +29,22 @@ pub async fn update_parameter(
             shared.ami_id
         ))
     })?;
+    // Snapshots under a customer managed key: Auto Scaling launches here need a grant for this
+    // account's Auto Scaling service-linked role, else they fail with Client.InternalError.
+    let autoscaling_role = format!(
+        "arn:aws:iam::{account}:role/aws-service-role/autoscaling.amazonaws.com/AWSServiceRoleForAutoScaling"
+    );
+    for key in new.snapshots.iter().filter_map(|(_, key)| key.as_deref()) {
+        keys.ensure_grant(key, &autoscaling_role, &format!("amiflow-autoscaling-{account}"))
+            .await
+            .map_err(|e| match e {
+                StepError::Permanent(why) => StepError::Permanent(format!(
+                    "AMI {} is encrypted with {key}, and this account cannot grant its Auto Scaling role the use of it ({why}); the key's policy (or the hub's grant) must allow kms:CreateGrant for account {account}",
+                    shared.ami_id
+                )),
+                transient => transient,
+            })?;
+    }
     let current = params.get(name).await?;
     if let Some(current) = &current {
         if current.data_type != "aws:ec2:image" {
@@ -104,4 +121,161 @@ fn updated(
         version,
     )
     .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aws::{Image, ParamValue};
+    use crate::fake::FakeAws;
+    use chrono::{TimeZone, Utc};
+    use events::AmiBuilt;
+
+    const NAME: &str = "/golden/al2023/ami-id";
+
+    fn image(id: &str, month: u32) -> Image {
+        Image {
+            id: id.into(),
+            name: format!("golden-al2023-2026-{month:02}"),
+            owner: "111111111111".into(),
+            created_at: Some(Utc.with_ymd_and_hms(2026, month, 1, 0, 0, 0).unwrap()),
+            family_tag: None,
+            state: "available".into(),
+            snapshots: vec![],
+        }
+    }
+
+    fn shared(ami: &str, month: u32) -> AmiShared {
+        let built = AmiBuilt::new(
+            ami,
+            "us-east-1",
+            &format!("golden-al2023-2026-{month:02}"),
+            Utc.with_ymd_and_hms(2026, month, 1, 0, 0, 0).unwrap(),
+            NAME,
+        );
+        AmiShared::new(&built, "111111111111", "222222222222", "uat")
+    }
+
+    fn world(current: &str, data_type: &str) -> FakeAws {
+        let aws = FakeAws::default();
+        aws.images.lock().unwrap().insert(
+            "ami-0000000000000000a".into(),
+            image("ami-0000000000000000a", 10),
+        );
+        aws.images.lock().unwrap().insert(
+            "ami-0000000000000000b".into(),
+            image("ami-0000000000000000b", 11),
+        );
+        aws.params.lock().unwrap().insert(
+            NAME.into(),
+            ParamValue {
+                value: current.into(),
+                version: 3,
+                data_type: data_type.into(),
+            },
+        );
+        aws
+    }
+
+    async fn run(aws: &FakeAws, s: &AmiShared) -> Result<Vec<Detail>, StepError> {
+        update_parameter(s, "222222222222", aws, aws, aws, Duration::from_millis(1)).await
+    }
+
+    fn param_updated(details: &[Detail]) -> &ParamUpdated {
+        match details {
+            [Detail::ParamUpdated(p)] => p,
+            other => panic!("expected one ParamUpdated, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_newer_ami_is_written_and_read_back() {
+        let aws = world("ami-0000000000000000a", "aws:ec2:image");
+        let out = run(&aws, &shared("ami-0000000000000000b", 11))
+            .await
+            .unwrap();
+        let p = param_updated(&out);
+        assert_eq!(p.ami_id, "ami-0000000000000000b");
+        assert_eq!(p.previous_ami_id.as_deref(), Some("ami-0000000000000000a"));
+        assert_eq!(p.parameter_version, 4);
+    }
+
+    #[tokio::test]
+    async fn an_older_or_the_same_ami_never_writes() {
+        for (ami, month) in [("ami-0000000000000000a", 10), ("ami-0000000000000000b", 11)] {
+            let aws = world("ami-0000000000000000b", "aws:ec2:image");
+            let out = run(&aws, &shared(ami, month)).await.unwrap();
+            let p = param_updated(&out);
+            assert_eq!(
+                p.ami_id, "ami-0000000000000000b",
+                "the current truth is re-emitted"
+            );
+            assert_eq!(p.parameter_version, 3);
+            assert!(aws.changes().is_empty(), "{:?}", aws.changes());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ami_not_visible_here_is_transient_and_named() {
+        let aws = world("ami-0000000000000000a", "aws:ec2:image");
+        let err = run(&aws, &shared("ami-00000000000000ccc", 11))
+            .await
+            .unwrap_err();
+        assert!(err.is_retryable());
+        assert!(
+            err.to_string()
+                .contains("not visible from account 222222222222"),
+            "{err}"
+        );
+        assert!(aws.changes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_ami_under_a_customer_managed_key_gets_a_grant_for_auto_scaling() {
+        let aws = world("ami-0000000000000000a", "aws:ec2:image");
+        let key = "arn:aws:kms:us-east-1:111111111111:key/1234abcd-12ab-34cd-56ef-1234567890ab";
+        aws.images
+            .lock()
+            .unwrap()
+            .get_mut("ami-0000000000000000b")
+            .unwrap()
+            .snapshots = vec![("snap-1".into(), Some(key.into()))];
+        run(&aws, &shared("ami-0000000000000000b", 11))
+            .await
+            .unwrap();
+        let changes = aws.changes();
+        assert!(
+            changes[0].starts_with(&format!("grant {key} arn:aws:iam::222222222222:role/aws-service-role/autoscaling.amazonaws.com/AWSServiceRoleForAutoScaling")),
+            "{changes:?}"
+        );
+        // A key this account may not grant on: permanent, naming the key and the fix.
+        let aws = world("ami-0000000000000000a", "aws:ec2:image");
+        aws.images
+            .lock()
+            .unwrap()
+            .get_mut("ami-0000000000000000b")
+            .unwrap()
+            .snapshots = vec![("snap-1".into(), Some(key.into()))];
+        *aws.refuse_grants.lock().unwrap() = true;
+        let err = run(&aws, &shared("ami-0000000000000000b", 11))
+            .await
+            .unwrap_err();
+        assert!(!err.is_retryable());
+        assert!(
+            err.to_string().contains(key) && err.to_string().contains("kms:CreateGrant"),
+            "{err}"
+        );
+        assert!(!aws.changes().iter().any(|c| c.starts_with("put_parameter")));
+    }
+
+    #[tokio::test]
+    async fn a_parameter_of_another_data_type_is_refused_permanently() {
+        let aws = world("ami-0000000000000000a", "text");
+        let err = run(&aws, &shared("ami-0000000000000000b", 11))
+            .await
+            .unwrap_err();
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("DataType \"text\""), "{err}");
+        assert!(aws.changes().is_empty());
+    }
 }

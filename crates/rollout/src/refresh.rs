@@ -22,6 +22,9 @@ use crate::policy::{CloudFormationMode, Stage};
 
 /// Tag marking a group's refresh: `<ami>|<state>|<refresh id>|<deadline or ->|<parameter>`.
 pub const REFRESH_TAG: &str = "amiflow:refresh";
+/// Tag holding just the mark's state, so the refreshes in flight are found with a server-side
+/// tag filter instead of listing every group ever refreshed.
+pub const STATE_TAG: &str = "amiflow:refresh-state";
 /// Tag CloudFormation puts on the groups it owns.
 pub const STACK_TAG: &str = "aws:cloudformation:stack-name";
 
@@ -169,7 +172,7 @@ pub async fn request_refresh(
     // this process never exceeds the limit. (Run one refresh worker per account.)
     let _admitted = admission.lock().await;
     let in_flight = groups
-        .with_tag(REFRESH_TAG)
+        .with_tag_value(STATE_TAG, "in-progress")
         .await?
         .iter()
         .filter(|g| mark_of(g).is_some_and(|m| m.state == "in-progress"))
@@ -218,7 +221,10 @@ pub async fn request_refresh(
         parameter: req.parameter_name.clone(),
     };
     groups
-        .set_tag(&req.asg_name, REFRESH_TAG, &mark.render())
+        .set_tags(
+            &req.asg_name,
+            &[(REFRESH_TAG, &mark.render()), (STATE_TAG, &mark.state)],
+        )
         .await?;
     tracing::info!(group = %req.asg_name, refresh = %id, how = %plan.how, "instance refresh started");
     Ok(StepOutput::Emit(Vec::new()))
@@ -507,7 +513,10 @@ async fn close(
         ..mark.clone()
     };
     groups
-        .set_tag(&req.asg_name, REFRESH_TAG, &done.render())
+        .set_tags(
+            &req.asg_name,
+            &[(REFRESH_TAG, &done.render()), (STATE_TAG, &done.state)],
+        )
         .await?;
     let mut finished = AsgRefreshFinished::new(req, outcome, reason);
     finished.instance_refresh_id = Some(mark.refresh_id.clone());
@@ -558,4 +567,252 @@ pub async fn refresh_event(
         deadline,
     );
     close(&req, &mark, outcome, &reason, groups).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aws::Stack;
+    use crate::fake::FakeAws;
+    use crate::policy::Policy;
+
+    const NEW: &str = "ami-0000000000000000b";
+    const OLD: &str = "ami-0000000000000000a";
+
+    fn stage() -> Stage {
+        let policy = Policy::parse(include_str!("../../../local/amiflow.toml")).unwrap();
+        policy.stage_named("qa").unwrap().clone()
+    }
+
+    fn settings() -> RefreshSettings {
+        RefreshSettings {
+            defer: Duration::from_secs(7),
+        }
+    }
+
+    fn request(group: &str, strategy: Strategy) -> AsgRefreshRequested {
+        AsgRefreshRequested::new(
+            "param:111111111111:/golden/al2023/ami-id:ami-0000000000000000b",
+            "111111111111",
+            group,
+            "/golden/al2023/ami-id",
+            NEW,
+            strategy,
+            Some(Utc::now() + chrono::Duration::hours(4)),
+        )
+    }
+
+    async fn run(aws: &FakeAws, req: &AsgRefreshRequested) -> StepOutput {
+        request_refresh(
+            req,
+            Utc::now(),
+            aws,
+            aws,
+            &stage(),
+            &settings(),
+            &tokio::sync::Mutex::new(()),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn outcome(out: &StepOutput) -> (Outcome, String) {
+        match out {
+            StepOutput::Emit(details) => match details.as_slice() {
+                [Detail::AsgRefreshFinished(f)] => (f.outcome, f.reason.clone()),
+                other => panic!("expected one AsgRefreshFinished, got {other:?}"),
+            },
+            StepOutput::Defer { reason, .. } => panic!("deferred: {reason}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn pinned_group_gets_one_new_version_and_one_refresh_however_often_asked() {
+        let aws = FakeAws::default();
+        aws.template("lt-1", &[OLD, OLD], 1);
+        aws.group("web", "lt-1", "2", OLD, 2);
+        let req = request("web", Strategy::LaunchTemplate);
+        assert!(matches!(run(&aws, &req).await, StepOutput::Emit(d) if d.is_empty()));
+        // Delivered twice more while the refresh runs: nothing new is created or started.
+        run(&aws, &req).await;
+        run(&aws, &req).await;
+        let changes = aws.changes();
+        assert_eq!(
+            changes
+                .iter()
+                .filter(|c| c.starts_with("create_version"))
+                .count(),
+            1,
+            "{changes:?}"
+        );
+        assert_eq!(
+            changes
+                .iter()
+                .filter(|c| c.starts_with("start_refresh"))
+                .count(),
+            1
+        );
+        let (_, started) = &aws.started.lock().unwrap()[0];
+        assert!(started.desired.is_some() && started.auto_rollback && started.skip_matching);
+        assert_eq!(
+            started.min_healthy_percentage,
+            stage().min_healthy_percentage
+        );
+    }
+
+    #[tokio::test]
+    async fn an_existing_version_with_the_ami_is_reused() {
+        let aws = FakeAws::default();
+        aws.template("lt-1", &[OLD, NEW], 1);
+        aws.group("web", "lt-1", "1", OLD, 2);
+        run(&aws, &request("web", Strategy::LaunchTemplate)).await;
+        assert!(
+            !aws.changes()
+                .iter()
+                .any(|c| c.starts_with("create_version")),
+            "{:?}",
+            aws.changes()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_group_whose_launch_template_was_deleted_fails_with_the_fix() {
+        let aws = FakeAws::default();
+        aws.group("web", "lt-gone", "3", OLD, 2);
+        let (o, reason) = outcome(&run(&aws, &request("web", Strategy::LaunchTemplate)).await);
+        assert_eq!(o, Outcome::Failed);
+        assert!(
+            reason.contains("lt-gone") && reason.contains("no longer exists"),
+            "{reason}"
+        );
+        assert!(aws.changes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_deleted_group_is_skipped() {
+        let aws = FakeAws::default();
+        let (o, reason) = outcome(&run(&aws, &request("gone", Strategy::LaunchTemplate)).await);
+        assert_eq!(o, Outcome::Skipped);
+        assert!(reason.contains("no longer exists"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn a_request_after_the_window_closed_is_skipped_without_changes() {
+        let aws = FakeAws::default();
+        aws.template("lt-1", &[OLD], 1);
+        aws.group("web", "lt-1", "1", OLD, 2);
+        let mut req = request("web", Strategy::LaunchTemplate);
+        req.deadline = Some(Utc::now() - chrono::Duration::minutes(1));
+        let (o, reason) = outcome(&run(&aws, &req).await);
+        assert_eq!(o, Outcome::Skipped);
+        assert!(reason.contains("window closed"), "{reason}");
+        assert!(aws.changes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn over_the_concurrency_limit_the_request_is_deferred() {
+        let aws = FakeAws::default();
+        let limit = stage().max_concurrent_refreshes as usize;
+        for i in 0..=limit {
+            let name = format!("g{i}");
+            aws.template(&format!("lt-{i}"), &[OLD], 1);
+            aws.group(&name, &format!("lt-{i}"), "1", OLD, 1);
+        }
+        for i in 0..limit {
+            run(&aws, &request(&format!("g{i}"), Strategy::LaunchTemplate)).await;
+        }
+        match run(
+            &aws,
+            &request(&format!("g{limit}"), Strategy::LaunchTemplate),
+        )
+        .await
+        {
+            StepOutput::Defer { delay, reason } => {
+                assert_eq!(delay, Duration::from_secs(7));
+                assert!(
+                    reason.contains(&format!("the limit is {limit}")),
+                    "{reason}"
+                );
+            }
+            other => panic!("not deferred: {other:?}"),
+        }
+        assert_eq!(aws.started.lock().unwrap().len(), limit);
+    }
+
+    #[tokio::test]
+    async fn a_resolve_ssm_group_is_refreshed_without_skip_matching_or_rollback() {
+        let aws = FakeAws::default();
+        aws.template("lt-1", &["resolve:ssm:/golden/al2023/ami-id"], 1);
+        aws.group("web", "lt-1", "$Default", OLD, 2);
+        run(&aws, &request("web", Strategy::LaunchTemplate)).await;
+        let (_, started) = &aws.started.lock().unwrap()[0];
+        assert!(started.desired.is_none() && !started.auto_rollback && !started.skip_matching);
+        assert!(
+            !aws.changes()
+                .iter()
+                .any(|c| c.starts_with("create_version"))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stack_being_updated_is_waited_for_not_touched() {
+        let aws = FakeAws::default();
+        aws.template("lt-1", &[OLD], 1);
+        aws.group("web", "lt-1", "1", OLD, 2);
+        aws.groups
+            .lock()
+            .unwrap()
+            .get_mut("web")
+            .unwrap()
+            .tags
+            .insert(STACK_TAG.into(), "app".into());
+        aws.stacks.lock().unwrap().insert(
+            "app".into(),
+            Stack {
+                name: "app".into(),
+                status: "UPDATE_IN_PROGRESS".into(),
+                parameters: vec![(
+                    "ImageId".into(),
+                    "/golden/al2023/ami-id".into(),
+                    Some(OLD.into()),
+                )],
+            },
+        );
+        match run(&aws, &request("web", Strategy::Cloudformation)).await {
+            StepOutput::Defer { reason, .. } => {
+                assert!(reason.contains("app is UPDATE_IN_PROGRESS"), "{reason}")
+            }
+            other => panic!("not deferred: {other:?}"),
+        }
+        assert!(aws.changes().is_empty(), "{:?}", aws.changes());
+    }
+
+    #[tokio::test]
+    async fn a_stack_without_an_ssm_typed_parameter_is_skipped_with_the_fix() {
+        let aws = FakeAws::default();
+        aws.template("lt-1", &[OLD], 1);
+        aws.group("web", "lt-1", "1", OLD, 2);
+        aws.groups
+            .lock()
+            .unwrap()
+            .get_mut("web")
+            .unwrap()
+            .tags
+            .insert(STACK_TAG.into(), "app".into());
+        aws.stacks.lock().unwrap().insert(
+            "app".into(),
+            Stack {
+                name: "app".into(),
+                status: "CREATE_COMPLETE".into(),
+                parameters: vec![],
+            },
+        );
+        let (o, reason) = outcome(&run(&aws, &request("web", Strategy::Cloudformation)).await);
+        assert_eq!(o, Outcome::Skipped);
+        assert!(
+            reason.contains("AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"),
+            "{reason}"
+        );
+        assert!(aws.changes().is_empty());
+    }
 }

@@ -49,13 +49,9 @@ impl runtime::Step for IngestStep {
             Inbound::Aws(AwsEvent::AmiStateChange(change)) => Ok(StepOutput::Emit(
                 crate::ingest::ingest_ami(change, &images, &self.0.policy).await?,
             )),
-            Inbound::Aws(AwsEvent::ImageBuilderStateChange(change)) => {
-                Err(StepError::Permanent(format!(
-                    "Image Builder image {} ({}) is not resolved to its AMI by this version of amiflow; \
-                 inject the AmiBuilt with `amictl rerun ami <ami-id>`",
-                    change.image_arn, change.status
-                )))
-            }
+            Inbound::Aws(AwsEvent::ImageBuilderStateChange(change)) => Ok(StepOutput::Emit(
+                crate::ingest::ingest_image_builder(change, &images, &self.0.policy).await?,
+            )),
             other => Err(refuse("ingest-worker", other)),
         }
     }
@@ -113,11 +109,13 @@ impl runtime::Step for ParamStep {
         }
         let images = Ec2Images(aws_sdk_ec2::Client::new(&self.ctx.config));
         let params = SsmParameters(aws_sdk_ssm::Client::new(&self.ctx.config));
+        let keys = KmsKeys(aws_sdk_kms::Client::new(&self.ctx.config));
         Ok(StepOutput::Emit(
             crate::param::update_parameter(
                 shared,
                 &self.ctx.account,
                 &images,
+                &keys,
                 &params,
                 self.read_back_interval,
             )

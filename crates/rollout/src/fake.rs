@@ -1,0 +1,311 @@
+//! In-memory AWS for the steps' unit tests: groups, launch template versions, refreshes, stacks,
+//! images and parameters, with a record of every change a step made. Only behaviour the steps
+//! rely on is modelled; the real APIs are covered end to end against the emulator.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use runtime::StepError;
+
+use crate::aws::{
+    Group, Groups, Image, Images, Keys, LaunchSource, ParamValue, Parameters, Refresh,
+    RefreshRequest, Stack, Stacks, TemplateVersion,
+};
+
+#[derive(Default)]
+pub struct FakeAws {
+    pub groups: Mutex<HashMap<String, Group>>,
+    /// Template id -> versions (number, image, default).
+    pub templates: Mutex<HashMap<String, Vec<TemplateVersion>>>,
+    pub refreshes: Mutex<HashMap<String, Vec<Refresh>>>,
+    pub instance_amis: Mutex<HashMap<String, String>>,
+    pub stacks: Mutex<HashMap<String, Stack>>,
+    pub images: Mutex<HashMap<String, Image>>,
+    /// Image Builder image ARN -> the AMI tagged with it.
+    pub built_by: Mutex<HashMap<String, String>>,
+    pub params: Mutex<HashMap<String, ParamValue>>,
+    /// Every change a step asked for, in order (`create_version lt-1 2 ami-..`, ...).
+    pub changes: Mutex<Vec<String>>,
+    pub started: Mutex<Vec<(String, RefreshRequest)>>,
+    /// Make `ensure_grant` answer AccessDenied.
+    pub refuse_grants: Mutex<bool>,
+}
+
+impl FakeAws {
+    pub fn group(&self, name: &str, template: &str, version: &str, ami: &str, instances: usize) {
+        let ids: Vec<String> = (0..instances).map(|i| format!("i-{name}-{i}")).collect();
+        for id in &ids {
+            self.instance_amis
+                .lock()
+                .unwrap()
+                .insert(id.clone(), ami.to_owned());
+        }
+        self.groups.lock().unwrap().insert(
+            name.to_owned(),
+            Group {
+                name: name.to_owned(),
+                source: LaunchSource::Template {
+                    id: template.to_owned(),
+                    version: version.to_owned(),
+                    mixed: None,
+                },
+                tags: HashMap::new(),
+                instance_ids: ids,
+            },
+        );
+    }
+
+    pub fn template(&self, id: &str, images: &[&str], default: i64) {
+        let versions = images
+            .iter()
+            .enumerate()
+            .map(|(i, image)| TemplateVersion {
+                number: i as i64 + 1,
+                image_id: (*image).to_owned(),
+                is_default: i as i64 + 1 == default,
+            })
+            .collect();
+        self.templates
+            .lock()
+            .unwrap()
+            .insert(id.to_owned(), versions);
+    }
+
+    pub fn changes(&self) -> Vec<String> {
+        self.changes.lock().unwrap().clone()
+    }
+
+    fn record(&self, change: String) {
+        self.changes.lock().unwrap().push(change);
+    }
+}
+
+impl Groups for FakeAws {
+    async fn list(&self) -> Result<Vec<Group>, StepError> {
+        let mut groups: Vec<Group> = self.groups.lock().unwrap().values().cloned().collect();
+        groups.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(groups)
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Group>, StepError> {
+        Ok(self.groups.lock().unwrap().get(name).cloned())
+    }
+
+    async fn with_tag_value(&self, key: &str, value: &str) -> Result<Vec<Group>, StepError> {
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|g| g.tags.get(key).is_some_and(|v| v == value))
+            .collect())
+    }
+
+    async fn set_tags(&self, group: &str, tags: &[(&str, &str)]) -> Result<(), StepError> {
+        for (key, value) in tags {
+            self.record(format!("set_tag {group} {key}={value}"));
+            if let Some(g) = self.groups.lock().unwrap().get_mut(group) {
+                g.tags.insert((*key).to_owned(), (*value).to_owned());
+            }
+        }
+        Ok(())
+    }
+
+    async fn template_version(
+        &self,
+        template: &str,
+        version: &str,
+    ) -> Result<Option<TemplateVersion>, StepError> {
+        let templates = self.templates.lock().unwrap();
+        let Some(versions) = templates.get(template) else {
+            return Ok(None);
+        };
+        Ok(match version {
+            "$Latest" => versions.last().cloned(),
+            "$Default" => versions.iter().find(|v| v.is_default).cloned(),
+            n => versions
+                .iter()
+                .find(|v| n.parse::<i64>() == Ok(v.number))
+                .cloned(),
+        })
+    }
+
+    async fn version_with_image(
+        &self,
+        template: &str,
+        ami: &str,
+    ) -> Result<Option<i64>, StepError> {
+        Ok(self.templates.lock().unwrap().get(template).and_then(|vs| {
+            vs.iter()
+                .filter(|v| v.image_id == ami)
+                .map(|v| v.number)
+                .max()
+        }))
+    }
+
+    async fn create_version(
+        &self,
+        template: &str,
+        source: i64,
+        ami: &str,
+    ) -> Result<i64, StepError> {
+        self.record(format!("create_version {template} from {source} {ami}"));
+        let mut templates = self.templates.lock().unwrap();
+        let versions = templates
+            .get_mut(template)
+            .ok_or_else(|| StepError::Permanent(format!("no template {template}")))?;
+        let number = versions.len() as i64 + 1;
+        versions.push(TemplateVersion {
+            number,
+            image_id: ami.to_owned(),
+            is_default: false,
+        });
+        Ok(number)
+    }
+
+    async fn set_default_version(&self, template: &str, version: i64) -> Result<(), StepError> {
+        self.record(format!("set_default_version {template} {version}"));
+        if let Some(vs) = self.templates.lock().unwrap().get_mut(template) {
+            for v in vs {
+                v.is_default = v.number == version;
+            }
+        }
+        Ok(())
+    }
+
+    async fn launch_configuration_image(&self, _name: &str) -> Result<Option<String>, StepError> {
+        Ok(None)
+    }
+
+    async fn refreshes(&self, group: &str) -> Result<Vec<Refresh>, StepError> {
+        Ok(self
+            .refreshes
+            .lock()
+            .unwrap()
+            .get(group)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    async fn start_refresh(
+        &self,
+        group: &str,
+        request: &RefreshRequest,
+    ) -> Result<String, StepError> {
+        let mut refreshes = self.refreshes.lock().unwrap();
+        let list = refreshes.entry(group.to_owned()).or_default();
+        let id = format!("ir-{group}-{}", list.len() + 1);
+        list.insert(
+            0,
+            Refresh {
+                id: id.clone(),
+                status: "Pending".into(),
+                reason: String::new(),
+            },
+        );
+        self.record(format!("start_refresh {group}"));
+        self.started
+            .lock()
+            .unwrap()
+            .push((group.to_owned(), request.clone()));
+        Ok(id)
+    }
+
+    async fn instance_images(&self, ids: &[String]) -> Result<HashMap<String, String>, StepError> {
+        let amis = self.instance_amis.lock().unwrap();
+        Ok(ids
+            .iter()
+            .filter_map(|id| amis.get(id).map(|a| (id.clone(), a.clone())))
+            .collect())
+    }
+}
+
+impl Stacks for FakeAws {
+    async fn describe(&self, name: &str) -> Result<Option<Stack>, StepError> {
+        Ok(self.stacks.lock().unwrap().get(name).cloned())
+    }
+
+    async fn update_with_previous(&self, stack: &Stack) -> Result<bool, StepError> {
+        self.record(format!("update_stack {}", stack.name));
+        Ok(true)
+    }
+}
+
+impl Images for FakeAws {
+    async fn describe(&self, ami: &str) -> Result<Option<Image>, StepError> {
+        Ok(self.images.lock().unwrap().get(ami).cloned())
+    }
+
+    async fn built_by(&self, image_builder_arn: &str) -> Result<Option<Image>, StepError> {
+        Ok(self
+            .built_by
+            .lock()
+            .unwrap()
+            .get(image_builder_arn)
+            .and_then(|ami| self.images.lock().unwrap().get(ami).cloned()))
+    }
+
+    async fn launch_permissions(&self, _ami: &str) -> Result<Vec<String>, StepError> {
+        Ok(Vec::new())
+    }
+
+    async fn add_launch_permission(&self, ami: &str, account: &str) -> Result<(), StepError> {
+        self.record(format!("add_launch_permission {ami} {account}"));
+        Ok(())
+    }
+
+    async fn snapshot_permissions(&self, _snapshot: &str) -> Result<Vec<String>, StepError> {
+        Ok(Vec::new())
+    }
+
+    async fn add_snapshot_permission(
+        &self,
+        snapshot: &str,
+        account: &str,
+    ) -> Result<(), StepError> {
+        self.record(format!("add_snapshot_permission {snapshot} {account}"));
+        Ok(())
+    }
+}
+
+impl Parameters for FakeAws {
+    async fn get(&self, name: &str) -> Result<Option<ParamValue>, StepError> {
+        Ok(self.params.lock().unwrap().get(name).cloned())
+    }
+
+    async fn put_image(&self, name: &str, ami: &str) -> Result<i64, StepError> {
+        self.record(format!("put_parameter {name} {ami}"));
+        let mut params = self.params.lock().unwrap();
+        let version = params.get(name).map_or(1, |p| p.version + 1);
+        params.insert(
+            name.to_owned(),
+            ParamValue {
+                value: ami.to_owned(),
+                version,
+                data_type: "aws:ec2:image".into(),
+            },
+        );
+        Ok(version)
+    }
+
+    async fn history(&self, name: &str) -> Result<Vec<String>, StepError> {
+        Ok(self
+            .params
+            .lock()
+            .unwrap()
+            .get(name)
+            .map(|p| vec![p.value.clone()])
+            .unwrap_or_default())
+    }
+}
+
+impl Keys for FakeAws {
+    async fn ensure_grant(&self, key: &str, grantee: &str, name: &str) -> Result<(), StepError> {
+        if *self.refuse_grants.lock().unwrap() {
+            return Err(StepError::Permanent(format!(
+                "kms:CreateGrant: AccessDeniedException on {key}"
+            )));
+        }
+        self.record(format!("grant {key} {grantee} {name}"));
+        Ok(())
+    }
+}
