@@ -3,7 +3,7 @@
 //! emulator with the [`Local`] it owns).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
@@ -34,10 +34,16 @@ pub struct World {
     keys: BTreeMap<String, String>,
 }
 
-/// Where cargo put the workspace's binaries (next to this test executable's `deps/`).
+/// Where cargo put the workspace's binaries: beside this executable, or beside the `deps/`
+/// folder that holds a test executable.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+    let dir = exe.parent().unwrap();
+    if dir.ends_with("deps") {
+        dir.parent().unwrap().to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 impl World {
