@@ -7,7 +7,10 @@ tell workers apart); the service comes from the same credential scope; the actio
 ``X-Amz-Target`` (JSON protocols) or the ``Action`` parameter (query protocols).
 
 ``GET /amiflow-emulator/calls`` returns ``{"calls": [{"key", "service", "action", "count",
-"seconds"}...]}``; ``POST /amiflow-emulator/calls`` returns the same and starts counting afresh.
+"seconds", "cpu_seconds"}...]}``; ``POST /amiflow-emulator/calls`` returns the same and starts
+counting afresh. ``seconds`` is the wall time a call spent in the server (a long poll's wait
+included); ``cpu_seconds`` the CPU time of the thread serving it, which is what the server
+actually spent on the call (werkzeug serves each request on a thread of its own).
 """
 
 import io
@@ -58,8 +61,8 @@ def _action(environ):
 def _snapshot(reset):
     with _lock:
         rows = [
-            {"key": k, "service": s, "action": a, "count": c, "seconds": round(t, 6)}
-            for (k, s, a), (c, t) in sorted(_counts.items())
+            {"key": k, "service": s, "action": a, "count": c, "seconds": round(t, 6), "cpu_seconds": round(cpu, 6)}
+            for (k, s, a), (c, t, cpu) in sorted(_counts.items())
         ]
         if reset:
             _counts.clear()
@@ -78,13 +81,13 @@ def wrap_app(app):
             return app(environ, start_response)
         key, service = _credential(environ)
         action = _action(environ)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         try:
             return app(environ, start_response)
         finally:
-            spent = time.perf_counter() - started
+            spent, cpu = time.perf_counter() - started, time.thread_time() - cpu_started
             with _lock:
-                count, seconds = _counts.get((key, service, action), (0, 0.0))
-                _counts[(key, service, action)] = (count + 1, seconds + spent)
+                count, seconds, cpu_seconds = _counts.get((key, service, action), (0, 0.0, 0.0))
+                _counts[(key, service, action)] = (count + 1, seconds + spent, cpu_seconds + cpu)
 
     return middleware

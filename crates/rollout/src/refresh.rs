@@ -142,6 +142,15 @@ pub async fn request_refresh(
             format!("tagged {}", stage.skip_tag),
         ));
     }
+    // Most requests wait for a slot (a window opens with every stale group at once): say so
+    // before the launch template work, which would only be repeated on the next delivery. The
+    // authoritative check is the one under the lock below.
+    if req.strategy == Strategy::LaunchTemplate
+        && matches!(group.source, LaunchSource::Template { .. })
+        && let Some(full) = over_limit(groups, stage, settings).await?
+    {
+        return Ok(full);
+    }
     let plan = match req.strategy {
         Strategy::Cloudformation => {
             match cloudformation(req, &group, stacks, stage, settings).await? {
@@ -171,20 +180,8 @@ pub async fn request_refresh(
     // Admission: count refreshes in flight in this account and start ours under one lock, so
     // this process never exceeds the limit. (Run one refresh worker per account.)
     let _admitted = admission.lock().await;
-    let in_flight = groups
-        .with_tag_value(STATE_TAG, "in-progress")
-        .await?
-        .iter()
-        .filter(|g| mark_of(g).is_some_and(|m| m.state == "in-progress"))
-        .count();
-    if in_flight >= stage.max_concurrent_refreshes as usize {
-        return Ok(defer(
-            settings,
-            format!(
-                "{in_flight} refreshes in flight; the limit is {}",
-                stage.max_concurrent_refreshes
-            ),
-        ));
+    if let Some(full) = over_limit(groups, stage, settings).await? {
+        return Ok(full);
     }
     if let Some(active) = groups
         .refreshes(&req.asg_name)
@@ -228,6 +225,31 @@ pub async fn request_refresh(
         .await?;
     tracing::info!(group = %req.asg_name, refresh = %id, how = %plan.how, "instance refresh started");
     Ok(StepOutput::Emit(Vec::new()))
+}
+
+/// A deferral when the account already has `max_concurrent_refreshes` of ours in flight.
+async fn over_limit(
+    groups: &impl Groups,
+    stage: &Stage,
+    settings: &RefreshSettings,
+) -> Result<Option<StepOutput>, StepError> {
+    let in_flight = groups
+        .with_tag_value(STATE_TAG, "in-progress")
+        .await?
+        .iter()
+        .filter(|g| mark_of(g).is_some_and(|m| m.state == "in-progress"))
+        .count();
+    Ok(
+        (in_flight >= stage.max_concurrent_refreshes as usize).then(|| {
+            defer(
+                settings,
+                format!(
+                    "{in_flight} refreshes in flight; the limit is {}",
+                    stage.max_concurrent_refreshes
+                ),
+            )
+        }),
+    )
 }
 
 /// What a refresh will be started with.
