@@ -6,6 +6,7 @@ mod compliance;
 mod demo;
 mod local;
 mod procs;
+mod status;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,9 @@ enum Command {
     Demo(demo::DemoArgs),
     #[command(subcommand)]
     Local(local::Local),
+    /// Compliance per stage, read from AWS: golden parameters, groups current / stale /
+    /// refreshing / failed / skipped, instances not on the golden AMI.
+    Status(status::StatusArgs),
 }
 
 #[tokio::main]
@@ -38,6 +42,7 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(args).await,
         Command::Local(command) => local::run(command).await,
+        Command::Status(args) => status::run(args).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -125,14 +125,59 @@ async fn local_world_serves_any_client_and_down_leaves_nothing_behind() {
             .send()
             .await
             .unwrap();
+        let value = parameter
+            .parameter()
+            .and_then(|p| p.value())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(value.starts_with("ami-"), "{stage}: {parameter:?}");
+
+        // `status --json` agrees with what the test reads from AWS itself.
+        let status: serde_json::Value = serde_json::from_str(&ok(
+            &amictl(dir.path(), &["status", "--stage", stage, "--json"]),
+            "status --json",
+        ))
+        .unwrap();
+        let report = &status[0];
+        assert_eq!(report["stage"], stage);
+        assert_eq!(report["groups"].as_array().unwrap().len(), names.len());
+        let golden = report["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "/golden/al2023/ami-id")
+            .unwrap();
+        assert_eq!(golden["ami"], value.as_str());
+        let by_state = |s: &str| {
+            report["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|g| g["state"] == s)
+                .count()
+        };
+        // Before any rollout every golden group is on the parameter's AMI or an older one.
+        assert_eq!(
+            by_state("refreshing") + by_state("failed") + by_state("rolled-back"),
+            0
+        );
         assert!(
-            parameter
-                .parameter()
-                .and_then(|p| p.value())
-                .is_some_and(|v| v.starts_with("ami-")),
-            "{stage}: {parameter:?}"
+            by_state("current") >= 1 && by_state("stale") >= 1,
+            "{report:#}"
         );
     }
+    let table = ok(&amictl(dir.path(), &["status"]), "status");
+    assert!(
+        table.contains("instances off golden") && table.contains("uat"),
+        "{table}"
+    );
+    let wrong = amictl(dir.path(), &["status", "--stage", "staging"]);
+    assert!(!wrong.status.success());
+    assert!(
+        text(&wrong.stderr).contains("no stage `staging`") && text(&wrong.stderr).contains("prod"),
+        "{}",
+        text(&wrong.stderr)
+    );
     let hub = config_from(&exports(&ok(
         &amictl(dir.path(), &["local", "env", "--account", "qa"]),
         "local env",
