@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
-use aws_sdk_sqs::types::QueueAttributeName;
 use serde_json::Value;
 
 use crate::Local;
@@ -315,28 +314,7 @@ impl World {
 
     /// Messages in `queue_url` of `account`: visible + in flight + delayed.
     pub async fn depth(&self, account: &str, queue_url: &str) -> u64 {
-        let sqs = aws_sdk_sqs::Client::new(self.config(account));
-        let out = sqs
-            .get_queue_attributes()
-            .queue_url(queue_url)
-            .attribute_names(QueueAttributeName::All)
-            .send()
-            .await
-            .unwrap();
-        let attrs = out.attributes().cloned().unwrap_or_default();
-        [
-            QueueAttributeName::ApproximateNumberOfMessages,
-            QueueAttributeName::ApproximateNumberOfMessagesNotVisible,
-            QueueAttributeName::ApproximateNumberOfMessagesDelayed,
-        ]
-        .iter()
-        .map(|k| {
-            attrs
-                .get(k)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        })
-        .sum()
+        crate::queue_depth(&aws_sdk_sqs::Client::new(self.config(account)), queue_url).await
     }
 
     /// Total messages in every worker queue of every account.

@@ -776,8 +776,8 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn a_stack_being_updated_is_waited_for_not_touched() {
+    /// Group `web` owned by stack `app` in `status` with `parameters`.
+    fn stack_owned(status: &str, parameters: Vec<(String, String, Option<String>)>) -> FakeAws {
         let aws = FakeAws::default();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
@@ -792,14 +792,21 @@ mod tests {
             "app".into(),
             Stack {
                 name: "app".into(),
-                status: "UPDATE_IN_PROGRESS".into(),
-                parameters: vec![(
-                    "ImageId".into(),
-                    "/golden/al2023/ami-id".into(),
-                    Some(OLD.into()),
-                )],
+                status: status.into(),
+                parameters,
             },
         );
+        aws
+    }
+
+    #[tokio::test]
+    async fn a_stack_being_updated_is_waited_for_not_touched() {
+        let parameter = (
+            "ImageId".into(),
+            "/golden/al2023/ami-id".into(),
+            Some(OLD.into()),
+        );
+        let aws = stack_owned("UPDATE_IN_PROGRESS", vec![parameter]);
         match run(&aws, &request("web", Strategy::Cloudformation)).await {
             StepOutput::Defer { reason, .. } => {
                 assert!(reason.contains("app is UPDATE_IN_PROGRESS"), "{reason}")
@@ -811,24 +818,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stack_without_an_ssm_typed_parameter_is_skipped_with_the_fix() {
-        let aws = FakeAws::default();
-        aws.template("lt-1", &[OLD], 1);
-        aws.group("web", "lt-1", "1", OLD, 2);
-        aws.groups
-            .lock()
-            .unwrap()
-            .get_mut("web")
-            .unwrap()
-            .tags
-            .insert(STACK_TAG.into(), "app".into());
-        aws.stacks.lock().unwrap().insert(
-            "app".into(),
-            Stack {
-                name: "app".into(),
-                status: "CREATE_COMPLETE".into(),
-                parameters: vec![],
-            },
-        );
+        let aws = stack_owned("CREATE_COMPLETE", vec![]);
         let (o, reason) = outcome(&run(&aws, &request("web", Strategy::Cloudformation)).await);
         assert_eq!(o, Outcome::Skipped);
         assert!(
