@@ -1,0 +1,139 @@
+//! AWS's own "an AMI is ready" events, through the real ingest-worker and the rest of the world:
+//! an EC2 AMI State Change and an Image Builder Image State Change (which carries no AMI id; the
+//! AMI is found by the `Ec2ImageBuilderArn` tag Image Builder puts on its output) each end with
+//! the golden parameter of every stage on the new AMI. An AMI of no golden family changes nothing.
+//!
+//! The events are delivered to the hub's ingest queue as EventBridge would deliver them from the
+//! default-bus rules (the emulator does not let a client put `aws.*` events on a bus).
+
+use std::time::Duration;
+
+use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+use e2e::world::World;
+use serde_json::json;
+
+const PARAMETER: &str = "/golden/al2023/ami-id";
+
+async fn new_ami(world: &World, name: &str, tags: &[(&str, &str)]) -> String {
+    let ec2 = aws_sdk_ec2::Client::new(world.config(&world.hub()));
+    let mut spec = TagSpecification::builder().resource_type(ResourceType::Image);
+    for (k, v) in tags {
+        spec = spec.tags(Tag::builder().key(*k).value(*v).build());
+    }
+    ec2.register_image()
+        .name(name)
+        .root_device_name("/dev/xvda")
+        .tag_specifications(spec.build())
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_owned()
+}
+
+async fn parameter(world: &World, account: &str) -> String {
+    aws_sdk_ssm::Client::new(world.config(account))
+        .get_parameter()
+        .name(PARAMETER)
+        .send()
+        .await
+        .unwrap()
+        .parameter()
+        .and_then(|p| p.value())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn deliver(world: &World, event: serde_json::Value) {
+    let hub = world.hub();
+    let sqs = aws_sdk_sqs::Client::new(world.config(&hub));
+    sqs.send_message()
+        .queue_url(world.queue_url(&hub, "ingest"))
+        .message_body(event.to_string())
+        .send()
+        .await
+        .unwrap();
+}
+
+async fn everywhere(world: &World, ami: &str) {
+    for account in world.accounts() {
+        e2e::eventually(
+            &format!("{account}'s golden parameter to hold {ami}"),
+            Duration::from_secs(90),
+            || async { (parameter(world, &account).await == ami).then_some(()) },
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn ami_state_change_and_image_builder_events_publish_the_new_golden_ami() {
+    let world = World::start("small", &[]).await;
+    let hub = world.hub();
+
+    // 1. EC2 AMI State Change: a golden AMI by name.
+    let by_name = new_ami(&world, "golden-al2023-2026-12", &[]).await;
+    deliver(
+        &world,
+        json!({"version": "0", "id": "7f0b2b1e-1111-2222-3333-444455556666",
+               "detail-type": "EC2 AMI State Change", "source": "aws.ec2", "account": hub,
+               "time": "2026-12-01T10:00:00Z", "region": "us-east-1",
+               "resources": [format!("arn:aws:ec2:us-east-1::image/{by_name}")],
+               "detail": {"RequestId": "5e3a1c7d-aaaa-bbbb-cccc-ddddeeeeffff", "ImageId": by_name,
+                          "State": "available", "ErrorMessage": ""}}),
+    )
+    .await;
+    everywhere(&world, &by_name).await;
+
+    // 2. An AMI of no golden family: ignored, nothing moves, nothing dead-lettered.
+    let other = new_ami(&world, "team-experiment-42", &[]).await;
+    deliver(
+        &world,
+        json!({"version": "0", "id": "7f0b2b1e-1111-2222-3333-444455556667",
+               "detail-type": "EC2 AMI State Change", "source": "aws.ec2", "account": hub,
+               "time": "2026-12-01T10:05:00Z", "region": "us-east-1", "resources": [],
+               "detail": {"RequestId": "5e3a1c7d-aaaa-bbbb-cccc-ddddeeeefff0", "ImageId": other,
+                          "State": "available", "ErrorMessage": ""}}),
+    )
+    .await;
+
+    // 3. Image Builder: the event names the image build; the AMI is found by its tag.
+    let arn = format!("arn:aws:imagebuilder:us-east-1:{hub}:image/golden-al2023/2026.12.2/1");
+    let built = new_ami(
+        &world,
+        "golden-al2023-2026-12-b",
+        &[
+            ("Ec2ImageBuilderArn", &arn),
+            ("CreatedBy", "EC2 Image Builder"),
+        ],
+    )
+    .await;
+    deliver(
+        &world,
+        json!({"version": "0", "id": "a1b2c3d4-5678-90ab-cdef-000000000001",
+               "detail-type": "EC2 Image Builder Image State Change", "source": "aws.imagebuilder",
+               "account": hub, "time": "2026-12-01T11:00:00Z", "region": "us-east-1",
+               "resources": [arn],
+               "detail": {"previous-state": {"status": "TESTING"}, "state": {"status": "AVAILABLE"}}}),
+    )
+    .await;
+    everywhere(&world, &built).await;
+
+    world
+        .settle(Duration::from_secs(2), Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        world.dead_letters().await,
+        std::collections::BTreeMap::new(),
+        "{}",
+        world.logs()
+    );
+    for account in world.accounts() {
+        assert_eq!(
+            parameter(&world, &account).await,
+            built,
+            "the experiment AMI never got in"
+        );
+    }
+}
