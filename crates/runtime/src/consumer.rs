@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent, SqsMessage};
 use aws_sdk_sqs::types::{
     DeleteMessageBatchRequestEntry, Message, MessageAttributeValue, MessageSystemAttributeName,
     QueueAttributeName,
@@ -635,6 +636,93 @@ async fn flush(inner: &Inner, stats: &WorkerStats, pending: &mut Vec<String>) {
         }
         Err(e) => {
             tracing::warn!(worker = %inner.config.worker, error = %describe(&e), "DeleteMessageBatch failed; the messages will be delivered again")
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lambda mode: the same worker behind an SQS event source mapping (deploy/).
+
+/// A Lambda SQS record as the SDK's message type, so both modes share [`process`].
+fn from_lambda(record: &SqsMessage) -> Message {
+    let mut message = Message::builder()
+        .set_message_id(record.message_id.clone())
+        .set_receipt_handle(record.receipt_handle.clone())
+        .set_body(record.body.clone());
+    for (name, value) in &record.attributes {
+        message = message.attributes(MessageSystemAttributeName::from(name.as_str()), value);
+    }
+    for (name, attr) in &record.message_attributes {
+        let mut value = MessageAttributeValue::builder()
+            .data_type(attr.data_type.clone().unwrap_or_else(|| "String".into()))
+            .set_string_value(attr.string_value.clone());
+        if let Some(binary) = &attr.binary_value {
+            value = value.binary_value(aws_smithy_types::Blob::new(binary.to_vec()));
+        }
+        if let Ok(value) = value.build() {
+            message = message.message_attributes(name, value);
+        }
+    }
+    message.build()
+}
+
+impl Worker {
+    /// Handle one batch from an SQS event source mapping with `ReportBatchItemFailures`: every
+    /// record goes through exactly what the long-polling loop does (poison to the DLQ with its
+    /// reason, transient failures retried, deferrals re-sent with a delay), and a record is
+    /// reported as failed only when it must come back (what the loop would leave undeleted).
+    /// The event source mapping deletes the others.
+    pub async fn handle_batch<S: Step>(&self, step: &S, event: SqsEvent) -> SqsBatchResponse {
+        // Lambda ends the invocation itself; nothing ever asks for a release.
+        let (_keep_open, release) = watch::channel(false);
+        let outcomes = futures::future::join_all(event.records.iter().map(|record| {
+            let release = release.clone();
+            async move {
+                let message = from_lambda(record);
+                WorkerStats::bump(&self.stats.received, 1);
+                let disposition = process(&self.inner, step, &self.stats, message, release).await;
+                (record.message_id.clone().unwrap_or_default(), disposition)
+            }
+        }))
+        .await;
+        let mut response = SqsBatchResponse::default();
+        for (id, disposition) in outcomes {
+            if let Disposition::Keep = disposition {
+                let mut failure = BatchItemFailure::default();
+                failure.item_identifier = id;
+                response.batch_item_failures.push(failure);
+            }
+        }
+        response
+    }
+
+    /// Serve the Lambda runtime API until the execution environment is shut down.
+    pub async fn run_lambda<S: Step>(self, step: Arc<S>) -> anyhow::Result<()> {
+        let worker = Arc::new(self);
+        tracing::info!(worker = %worker.inner.config.worker, queue = %worker.inner.config.queue_url, "worker started in Lambda mode");
+        lambda_runtime::run(lambda_runtime::service_fn(
+            move |event: lambda_runtime::LambdaEvent<SqsEvent>| {
+                let (worker, step) = (worker.clone(), step.clone());
+                async move {
+                    Ok::<_, lambda_runtime::Error>(worker.handle_batch(&*step, event.payload).await)
+                }
+            },
+        ))
+        .await
+        .map_err(|e| anyhow::anyhow!("the Lambda runtime stopped: {e}"))
+    }
+
+    /// Long-polling service or Lambda function, as the environment says: the Lambda runtime sets
+    /// `AWS_LAMBDA_RUNTIME_API` in every execution environment.
+    pub async fn serve<S: Step>(
+        self,
+        step: Arc<S>,
+        shutdown: impl Future<Output = ()>,
+    ) -> anyhow::Result<()> {
+        if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
+            self.run_lambda(step).await
+        } else {
+            self.run(step, shutdown).await
         }
     }
 }

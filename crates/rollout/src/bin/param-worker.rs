@@ -11,6 +11,6 @@ async fn main() -> anyhow::Result<()> {
         read_back_interval: Duration::from_secs_f64(interval),
     };
     worker
-        .run(Arc::new(step), runtime::shutdown::signal())
+        .serve(Arc::new(step), runtime::shutdown::signal())
         .await
 }

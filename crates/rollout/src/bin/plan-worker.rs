@@ -5,7 +5,7 @@ use std::sync::Arc;
 async fn main() -> anyhow::Result<()> {
     let (_, ctx, worker) = rollout::workers::start("plan-worker").await?;
     worker
-        .run(
+        .serve(
             Arc::new(rollout::workers::PlanStep(ctx)),
             runtime::shutdown::signal(),
         )

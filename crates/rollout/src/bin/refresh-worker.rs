@@ -14,6 +14,6 @@ async fn main() -> anyhow::Result<()> {
         admission: tokio::sync::Mutex::new(()),
     };
     worker
-        .run(Arc::new(step), runtime::shutdown::signal())
+        .serve(Arc::new(step), runtime::shutdown::signal())
         .await
 }
