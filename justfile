@@ -33,3 +33,7 @@ bench-runtime:
 bench-rollout:
     cargo build -p rollout --bins
     cargo run -p e2e --bin bench-rollout -- --scale seed
+
+# Lambda zips of every worker for provided.al2023 (see deploy/README.md).
+package:
+    bash deploy/package
