@@ -53,21 +53,18 @@ pub async fn update_parameter(
                 current.data_type
             )));
         }
-        if current.value == shared.ami_id {
-            return Ok(vec![updated(
-                shared,
-                account,
-                current.value.clone(),
-                None,
-                current.version,
-            )]);
-        }
-        // Never regress: an AMI created later than this one stays.
-        if let Some(existing) = images.describe(&current.value).await?
-            && let (Some(theirs), Some(ours)) = (existing.created_at, new.created_at)
-            && theirs > ours
-        {
+        // Already there, or holding an AMI created later (never regress): re-emit the truth.
+        let newer = current.value != shared.ami_id
+            && images
+                .describe(&current.value)
+                .await?
+                .and_then(|existing| existing.created_at)
+                .zip(new.created_at)
+                .is_some_and(|(theirs, ours)| theirs > ours);
+        if newer {
             tracing::info!(parameter = name, current = %current.value, offered = %shared.ami_id, "parameter holds a newer AMI; not regressing");
+        }
+        if newer || current.value == shared.ami_id {
             return Ok(vec![updated(
                 shared,
                 account,
