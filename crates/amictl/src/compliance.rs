@@ -138,6 +138,15 @@ pub async fn account(
                     GroupState::Failed,
                     "the last refresh to this AMI failed".into(),
                 ),
+                (_, Some("skipped")) => (
+                    GroupState::Skipped,
+                    j.group
+                        .group
+                        .tags
+                        .get(rollout::refresh::REASON_TAG)
+                        .cloned()
+                        .unwrap_or_else(|| "the refresh-worker skipped it".into()),
+                ),
                 (LaunchSource::LaunchConfiguration(name), _) => (
                     GroupState::Skipped,
                     format!(

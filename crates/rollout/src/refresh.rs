@@ -25,6 +25,9 @@ pub const REFRESH_TAG: &str = "amiflow:refresh";
 /// Tag holding just the mark's state, so the refreshes in flight are found with a server-side
 /// tag filter instead of listing every group ever refreshed.
 pub const STATE_TAG: &str = "amiflow:refresh-state";
+/// Tag holding why the last request for the mark's AMI was skipped (Auto Scaling tag values hold
+/// 256 characters), so `amictl status` can say it without the event.
+pub const REASON_TAG: &str = "amiflow:refresh-reason";
 /// Tag CloudFormation puts on the groups it owns.
 pub const STACK_TAG: &str = "aws:cloudformation:stack-name";
 
@@ -114,14 +117,14 @@ pub async fn request_refresh(
         if mark.deadline == window {
             // This window already tried and ended: say so again, start nothing new.
             let outcome = outcome_named(&mark.state);
-            return Ok(finished(
-                req,
-                outcome,
-                format!(
+            let reason = match group.tags.get(REASON_TAG) {
+                Some(why) if outcome == Outcome::Skipped => why.clone(),
+                _ => format!(
                     "already ended {} in this window (refresh {})",
                     mark.state, mark.refresh_id
                 ),
-            ));
+            };
+            return Ok(finished(req, outcome, reason));
         }
     }
     if req.deadline.is_some_and(|d| now >= d) {
@@ -155,7 +158,7 @@ pub async fn request_refresh(
         Strategy::Cloudformation => {
             match cloudformation(req, &group, stacks, stage, settings).await? {
                 Ok(plan) => plan,
-                Err(done) => return Ok(done),
+                Err(done) => return remember_skip(req, &window, done, groups).await,
             }
         }
         Strategy::LaunchTemplate => match launch_template(req, &group, groups, stage).await? {
@@ -225,6 +228,44 @@ pub async fn request_refresh(
         .await?;
     tracing::info!(group = %req.asg_name, refresh = %id, how = %plan.how, "instance refresh started");
     Ok(StepOutput::Emit(Vec::new()))
+}
+
+/// A stack-owned group is skipped for as long as its stack stays as it is: mark the group, with
+/// the reason, so compliance reports it skipped (and why) rather than stale.
+async fn remember_skip(
+    req: &AsgRefreshRequested,
+    window: &str,
+    done: StepOutput,
+    groups: &impl Groups,
+) -> Result<StepOutput, StepError> {
+    let StepOutput::Emit(details) = &done else {
+        return Ok(done);
+    };
+    let Some(Detail::AsgRefreshFinished(f)) = details.first() else {
+        return Ok(done);
+    };
+    if f.outcome != Outcome::Skipped {
+        return Ok(done);
+    }
+    let mark = Mark {
+        ami: req.ami_id.clone(),
+        state: Outcome::Skipped.as_str().into(),
+        refresh_id: "-".into(),
+        deadline: window.to_owned(),
+        parameter: req.parameter_name.clone(),
+    };
+    let reason: String = f.reason.chars().take(256).collect();
+    groups
+        .set_tags(
+            &req.asg_name,
+            &[
+                (REFRESH_TAG, &mark.render()),
+                (STATE_TAG, &mark.state),
+                (REASON_TAG, &reason),
+            ],
+        )
+        .await?;
+    Ok(done)
 }
 
 /// A deferral when the account already has `max_concurrent_refreshes` of ours in flight.
@@ -825,6 +866,23 @@ mod tests {
             reason.contains("AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>"),
             "{reason}"
         );
-        assert!(aws.changes().is_empty());
+        // Nothing of the stack's changes; the group is marked skipped, with the reason.
+        let changes = aws.changes();
+        assert!(
+            changes
+                .iter()
+                .all(|c| c.starts_with("set_tag web amiflow:refresh")),
+            "{changes:?}"
+        );
+        let group = aws.groups.lock().unwrap()["web"].clone();
+        let mark = mark_of(&group).unwrap();
+        assert_eq!((mark.ami.as_str(), mark.state.as_str()), (NEW, "skipped"));
+        assert!(group.tags[REASON_TAG].starts_with("stack app does not take the AMI"));
+        // Asked again in the same window: the same reason, nothing new.
+        let (o, again) = outcome(&run(&aws, &request("web", Strategy::Cloudformation)).await);
+        assert_eq!(
+            (o, again.as_str()),
+            (Outcome::Skipped, &group.tags[REASON_TAG][..])
+        );
     }
 }
