@@ -34,6 +34,10 @@ SPOKE_WORKERS = ["param", "plan", "refresh"]
 HUB_WORKERS = ["share", "ingest", "audit"]
 MAX_RECEIVE_COUNT = 5
 VISIBILITY_TIMEOUT = 60
+# The hub's audit trail (amictl trace): every AmiBuilt, AmiShared, ParamUpdated and
+# AsgRefreshFinished the hub bus sees, its own and those the spokes forward.
+AUDIT_LOG_GROUP = "/amiflow/audit"
+AUDIT_DETAIL_TYPES = ["AmiBuilt", "AmiShared", "ParamUpdated", "AsgRefreshFinished"]
 
 AL2023_PARAMETER = "/golden/al2023/ami-id"
 WIN2022_PARAMETER = "/golden/win2022/ami-id"
@@ -141,6 +145,7 @@ class Account:
         self.ssm = make("ssm")
         self.autoscaling = make("autoscaling")
         self.cloudformation = make("cloudformation")
+        self.logs = make("logs")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +234,8 @@ def provision_messaging(acct, all_accounts):
                 EventBusName=BUS_NAME, Action="events:PutEvents", Principal=other, StatementId=f"amiflow-{other}",
             )
     queues = {w: create_worker_queue(acct, w) for w in workers_for(acct.id)}
+    if acct.hub:
+        acct.logs.create_log_group(logGroupName=AUDIT_LOG_GROUP)
     for rule in rules_for(acct, queues):
         put_rule(events, **rule)
     return arn, queues
@@ -292,6 +299,9 @@ def rules_for(acct, queues):
             dict(name="amiflow-share", bus=BUS_NAME, target=q("share"), pattern=ours(["AmiBuilt"])),
             dict(name="amiflow-audit", bus=BUS_NAME, target=q("audit"),
                  pattern=ours(["ParamUpdated", "AsgRefreshFinished"])),
+            dict(name="amiflow-audit-log", bus=BUS_NAME,
+                 target=f"arn:aws:logs:{region}:{me}:log-group:{AUDIT_LOG_GROUP}",
+                 pattern=ours(AUDIT_DETAIL_TYPES)),
         ]
         # Bus to bus, not straight into the spoke's queue: a cross-account SQS target is not how
         # AWS is meant to be wired, and in moto it fails the whole PutEvents.
@@ -307,7 +317,7 @@ def rules_for(acct, queues):
 
 def put_rule(events, name, bus, target, pattern):
     events.put_rule(Name=name, EventBusName=bus, EventPattern=json.dumps(pattern), State="ENABLED")
-    target_id = "bus" if ":event-bus/" in target else "queue"
+    target_id = "bus" if ":event-bus/" in target else "log" if ":log-group:" in target else "queue"
     events.put_targets(Rule=name, EventBusName=bus, Targets=[{"Id": target_id, "Arn": target}])
 
 

@@ -16,6 +16,7 @@ MODULES = [
     "amiflow_shim.autoscaling",
     "amiflow_shim.cloudformation",
     "amiflow_shim.ssm",
+    "amiflow_shim.logs",
     # Last, so it wraps the app outermost and counts what every other module serves.
     "amiflow_shim.calls",
 ]

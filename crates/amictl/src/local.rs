@@ -120,6 +120,10 @@ pub struct UpArgs {
     /// Seconds each phase of an emulated instance refresh lasts.
     #[arg(long, value_name = "SECONDS", default_value_t = 2.0)]
     refresh_step: f64,
+    /// First redelivery delay of a step that failed transiently (doubling on each receive, as
+    /// in production); a message that fails this way five times is dead-lettered.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
+    retry_base_seconds: f64,
 }
 
 impl UpArgs {
@@ -130,6 +134,7 @@ impl UpArgs {
             port: None,
             no_workers: false,
             refresh_step,
+            retry_base_seconds: 5.0,
         }
     }
 }
@@ -391,6 +396,9 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
     if !(args.refresh_step > 0.0 && args.refresh_step.is_finite()) {
         bail!("--refresh-step must be a positive number of seconds");
     }
+    if !(args.retry_base_seconds > 0.0 && args.retry_base_seconds <= 3600.0) {
+        bail!("--retry-base-seconds must be more than 0 and at most 3600");
+    }
     let paths = Paths::resolve()?;
     for dir in [&paths.dir, &paths.logs] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -579,7 +587,7 @@ async fn bring_up(paths: &Paths, args: &UpArgs, launch: &mut Launch) -> Result<S
         // A deferred refresh (concurrency limit reached) retries after about two refresh phases,
         // not the production minute: the emulated refreshes are that much faster.
         let defer = (2.0 * args.refresh_step).clamp(1.0, 60.0);
-        start_workers(paths, &mut state, launch, defer).await?;
+        start_workers(paths, &mut state, launch, defer, args.retry_base_seconds).await?;
     }
 
     Ok(summary(paths, &state, started.elapsed(), args.no_workers))
@@ -767,6 +775,7 @@ async fn start_workers(
     state: &mut State,
     launch: &mut Launch,
     defer_seconds: f64,
+    retry_base_seconds: f64,
 ) -> Result<()> {
     let exe = std::env::current_exe().context("locating the amictl executable")?;
     let bin_dir = exe
@@ -830,6 +839,10 @@ async fn start_workers(
                 .env("AMIFLOW_CONFIG", &state.config_file)
                 .env("AMIFLOW_WAIT_SECONDS", "5")
                 .env("AMIFLOW_DEFER_SECONDS", format!("{defer_seconds}"))
+                .env(
+                    "AMIFLOW_RETRY_BASE_SECONDS",
+                    format!("{retry_base_seconds}"),
+                )
                 .env(
                     "RUST_LOG",
                     std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -4,20 +4,27 @@
 
 mod compliance;
 mod demo;
+mod dlq;
+mod inject;
 mod local;
 mod procs;
+mod queues;
+mod rerun;
+mod scope;
 mod status;
+mod trace;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
     name = "amictl",
     version,
     about = "Operate amiflow: run it locally against an emulated AWS, inspect and drive rollouts",
-    after_help = "Example:\n  amictl demo                                   # a whole rollout, locally\n  amictl local up && eval \"$(amictl local env)\"\n  amictl local down"
+    long_about = "Operate amiflow: run it locally against an emulated AWS, inspect and drive rollouts.\n\nEvery command that reads or changes AWS acts on the local world (amictl local up) unless --config names the rollout policy; then it uses the standard AWS credential chain (AWS_PROFILE, SSO, environment) and assumes the policy's role_name in the other accounts.",
+    after_help = "Examples:\n  amictl demo                                   # a whole rollout, locally\n  amictl local up && eval \"$(amictl local env)\"\n  amictl status --stage prod\n  amictl dlq list\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0\n  amictl completions bash > /etc/bash_completion.d/amictl"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -31,9 +38,27 @@ enum Command {
     Demo(demo::DemoArgs),
     #[command(subcommand)]
     Local(local::Local),
+    /// Validate an event against its schema and put it on an amiflow bus (manual reruns).
+    Inject(inject::InjectArgs),
+    /// Inspect and replay the dead-letter queues.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCommand),
+    /// Emit RolloutWindowOpened or AmiBuilt again (safe: every step is idempotent).
+    #[command(subcommand)]
+    Rerun(rerun::Rerun),
     /// Compliance per stage, read from AWS: golden parameters, groups current / stale /
     /// refreshing / failed / skipped, instances not on the golden AMI.
     Status(status::StatusArgs),
+    /// The story of one rollout: which step happened when, in which account, with which result.
+    Trace(trace::TraceArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Examples:\n  amictl completions bash > ~/.local/share/bash-completion/completions/amictl\n  amictl completions zsh > \"${fpath[1]}/_amictl\""
+    )]
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[tokio::main]
@@ -42,13 +67,78 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(args).await,
         Command::Local(command) => local::run(command).await,
+        Command::Inject(args) => inject::run(args).await,
+        Command::Dlq(command) => dlq::run(command).await,
+        Command::Rerun(command) => rerun::run(command).await,
         Command::Status(args) => status::run(args).await,
+        Command::Trace(args) => trace::run(args).await,
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "amictl", &mut std::io::stdout());
+            Ok(())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("amictl: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// Every command's help, as an operator reads it: a change to any of them shows up in review.
+    #[test]
+    fn help_texts() {
+        let mut root = Cli::command().term_width(100);
+        root.build();
+        let mut pages = vec![("amictl".to_owned(), root.clone())];
+        let mut stack: Vec<(String, clap::Command)> = vec![("amictl".to_owned(), root)];
+        while let Some((path, command)) = stack.pop() {
+            for sub in command.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                pages.push((name.clone(), sub.clone()));
+                stack.push((name, sub.clone()));
+            }
+        }
+        pages.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut text = String::new();
+        for (path, mut command) in pages {
+            if path.split(' ').any(|word| word == "help") {
+                continue;
+            }
+            text.push_str(&format!("===== {path} --help\n"));
+            text.push_str(&command.render_long_help().to_string());
+            text.push('\n');
+        }
+        insta::assert_snapshot!("help", text);
+    }
+
+    #[test]
+    fn completions_name_every_command() {
+        let mut out = Vec::new();
+        clap_complete::generate(
+            clap_complete::Shell::Bash,
+            &mut Cli::command(),
+            "amictl",
+            &mut out,
+        );
+        let script = String::from_utf8(out).unwrap();
+        for command in [
+            "inject", "dlq", "replay", "rerun", "trace", "status", "local",
+        ] {
+            assert!(
+                script.contains(command),
+                "{command} missing from the bash completion"
+            );
         }
     }
 }

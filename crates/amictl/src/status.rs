@@ -4,13 +4,12 @@
 //! running; against AWS with `--config` (the rollout policy) and the standard credential chain,
 //! assuming the policy's role in each stage account.
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
-use rollout::policy::Policy;
 
 use crate::compliance::{self, AccountCompliance, GroupState};
-use crate::local;
+use crate::scope::{Scope, ScopeArgs};
 
 /// Show each stage's compliance with its golden parameters.
 #[derive(Debug, Args)]
@@ -19,24 +18,33 @@ use crate::local;
 )]
 pub struct StatusArgs {
     /// Only this stage (a stage name from the policy, or an account id).
-    #[arg(long, value_name = "STAGE|ACCOUNT")]
+    #[arg(long, visible_alias = "account", value_name = "STAGE|ACCOUNT")]
     stage: Option<String>,
     /// Print JSON (one object per account) instead of tables.
     #[arg(long)]
     json: bool,
-    /// The rollout policy TOML. Without it, the running local world is used.
-    #[arg(long, value_name = "FILE", env = "AMIFLOW_CONFIG")]
-    config: Option<std::path::PathBuf>,
     /// List every group, not only those that are not current.
     #[arg(long)]
     all: bool,
+    #[command(flatten)]
+    scope: ScopeArgs,
 }
 
 pub async fn run(args: StatusArgs) -> Result<()> {
-    let reports = match &args.config {
-        Some(path) => from_aws(path, args.stage.as_deref()).await?,
-        None => from_local(args.stage.as_deref()).await?,
-    };
+    let scope = Scope::open(&args.scope).await?;
+    let mut reports = Vec::new();
+    for account in scope.select(args.stage.as_deref())? {
+        let Some(stage) = scope.stage_policy(account) else {
+            if args.stage.is_some() {
+                bail!(
+                    "{} is the hub, not a stage: it has no golden parameters to comply with",
+                    account.label()
+                );
+            }
+            continue;
+        };
+        reports.push(compliance::account(&account.config, &scope.policy, stage).await?);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reports)?);
         return Ok(());
@@ -47,55 +55,6 @@ pub async fn run(args: StatusArgs) -> Result<()> {
         println!("\n{details}");
     }
     Ok(())
-}
-
-fn chosen<'p>(policy: &'p Policy, stage: Option<&str>) -> Result<Vec<&'p rollout::policy::Stage>> {
-    let stages: Vec<_> = policy
-        .stages
-        .iter()
-        .filter(|s| stage.is_none_or(|w| w == s.name || w == s.account))
-        .collect();
-    if stages.is_empty() {
-        let known: Vec<String> = policy
-            .stages
-            .iter()
-            .map(|s| format!("{} ({})", s.name, s.account))
-            .collect();
-        bail!(
-            "no stage `{}` in the rollout policy; use one of {}",
-            stage.unwrap_or_default(),
-            known.join(", ")
-        );
-    }
-    Ok(stages)
-}
-
-async fn from_local(stage: Option<&str>) -> Result<Vec<AccountCompliance>> {
-    let state = local::current_state()?.ok_or_else(|| {
-        anyhow!("no local world is running; start one with `amictl local up`, or give the rollout policy with --config to read AWS")
-    })?;
-    let policy = Policy::load(&state.config_file)
-        .with_context(|| format!("reading {}", state.config_file.display()))?;
-    let mut out = Vec::new();
-    for s in chosen(&policy, stage)? {
-        let config = local::account_config(&state, &s.account).await?;
-        out.push(compliance::account(&config, &policy, s).await?);
-    }
-    Ok(out)
-}
-
-async fn from_aws(path: &std::path::Path, stage: Option<&str>) -> Result<Vec<AccountCompliance>> {
-    let policy = Policy::load(path).with_context(|| format!("reading {}", path.display()))?;
-    let clients = runtime::Clients::from_env(policy.role_name.clone()).await?;
-    let mut out = Vec::new();
-    for s in chosen(&policy, stage)? {
-        let config = clients
-            .for_account(&s.account)
-            .await
-            .with_context(|| format!("acting in {} ({})", s.name, s.account))?;
-        out.push(compliance::account(&config, &policy, s).await?);
-    }
-    Ok(out)
 }
 
 fn summary(reports: &[AccountCompliance]) -> Table {

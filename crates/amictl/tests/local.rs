@@ -1,68 +1,13 @@
 //! `amictl local` and `amictl demo` as an operator runs them: the real binary, a private state
 //! folder (AMIFLOW_STATE_DIR) per test, and AWS clients configured only from `amictl local env`.
 
-use std::collections::HashMap;
+mod common;
+
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
-
-fn amictl(state_dir: &Path, args: &[&str]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_amictl"));
-    command
-        .args(args)
-        .env("AMIFLOW_STATE_DIR", state_dir)
-        // Under `cargo test` CARGO is set; the demo would then run a nested cargo build.
-        .env_remove("CARGO");
-    for (name, _) in std::env::vars() {
-        if name.starts_with("AWS_") {
-            command.env_remove(name);
-        }
-    }
-    command.output().expect("amictl runs")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn ok(out: &Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-/// `export NAME='value'` lines, as `eval "$(amictl local env)"` would read them.
-fn exports(shell: &str) -> HashMap<String, String> {
-    shell
-        .lines()
-        .filter_map(|l| l.strip_prefix("export "))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_owned(), v.trim_matches('\'').to_owned()))
-        .collect()
-}
-
-async fn config_from(env: &HashMap<String, String>) -> SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(&env["AWS_ENDPOINT_URL"])
-        .region(Region::new(env["AWS_REGION"].clone()))
-        .credentials_provider(aws_sdk_sts::config::Credentials::new(
-            &env["AWS_ACCESS_KEY_ID"],
-            &env["AWS_SECRET_ACCESS_KEY"],
-            env.get("AWS_SESSION_TOKEN").cloned(),
-            None,
-            "amictl-local-env",
-        ))
-        .load()
-        .await
-}
+use common::{amictl, config_from, exports, ok, text};
 
 fn running(pid: u64) -> bool {
     // A zombie (exited, not yet reaped by its new parent) is not running.
@@ -174,7 +119,8 @@ async fn local_world_serves_any_client_and_down_leaves_nothing_behind() {
     let wrong = amictl(dir.path(), &["status", "--stage", "staging"]);
     assert!(!wrong.status.success());
     assert!(
-        text(&wrong.stderr).contains("no stage `staging`") && text(&wrong.stderr).contains("prod"),
+        text(&wrong.stderr).contains("no account or stage `staging`")
+            && text(&wrong.stderr).contains("prod"),
         "{}",
         text(&wrong.stderr)
     );

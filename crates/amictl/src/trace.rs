@@ -1,0 +1,344 @@
+//! `amictl trace <rollout-id>`: the story of one rollout. The hub's bus sends every AmiBuilt,
+//! AmiShared, ParamUpdated and AsgRefreshFinished it sees (its own and those the spokes forward)
+//! to the audit log group; the trace reads that group's events of the rollout, adds the
+//! rollout's messages still sitting in any DLQ (the steps that did not happen), and prints them
+//! in order: when, in which account, which step, on what, with which result.
+
+use std::collections::HashSet;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::queues::{self, DeadLetter};
+use crate::scope::{Scope, ScopeArgs};
+
+/// The hub's audit log group (local/world.py and deploy/hub.yaml create it).
+pub const AUDIT_LOG_GROUP: &str = "/amiflow/audit";
+/// DLQ messages read per queue when looking for the rollout's failures.
+const DLQ_SCAN_LIMIT: usize = 1000;
+
+/// Show which step of one rollout happened when, in which account, with which result.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Examples:\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0 --json --config amiflow.toml"
+)]
+pub struct TraceArgs {
+    /// The rollout: `<parameter name>@<ami id>`, as `amictl inject` and the workers' logs print it.
+    #[arg(value_name = "ROLLOUT-ID")]
+    rollout_id: String,
+    /// The hub's audit log group.
+    #[arg(long, value_name = "NAME", default_value = AUDIT_LOG_GROUP)]
+    log_group: String,
+    /// Do not look for the rollout's messages in the DLQs.
+    #[arg(long)]
+    no_dlq: bool,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    scope: ScopeArgs,
+}
+
+/// One thing that happened (or failed) in a rollout.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TraceStep {
+    /// When the producer emitted it, or when it was dead-lettered.
+    pub at: String,
+    pub account: String,
+    pub stage: String,
+    pub step: String,
+    pub subject: String,
+    pub result: String,
+    pub key: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Trace {
+    pub rollout_id: String,
+    pub steps: Vec<TraceStep>,
+}
+
+pub async fn run(args: TraceArgs) -> Result<()> {
+    let Some((parameter, ami)) = args.rollout_id.rsplit_once('@') else {
+        bail!(
+            "{:?} is not a rollout id: expected <parameter name>@<ami id>, e.g. /golden/al2023/ami-id@ami-0123456789abcdef0",
+            args.rollout_id
+        );
+    };
+    if parameter.is_empty() || !ami.starts_with("ami-") {
+        bail!(
+            "{:?} is not a rollout id: expected <parameter name>@<ami id>",
+            args.rollout_id
+        );
+    }
+    let scope = Scope::open(&args.scope).await?;
+    let stage_of = |id: &str| {
+        scope
+            .accounts
+            .iter()
+            .find(|a| a.id == id)
+            .map_or_else(|| "?".to_owned(), |a| a.stage.clone())
+    };
+    let mut steps: Vec<TraceStep> = audit_events(&scope, &args.log_group, &args.rollout_id)
+        .await?
+        .iter()
+        .filter_map(|event| step_of(event, &scope.hub().id))
+        .map(|mut s| {
+            s.stage = stage_of(&s.account);
+            s
+        })
+        .collect();
+    if !args.no_dlq {
+        for account in &scope.accounts {
+            let sqs = aws_sdk_sqs::Client::new(&account.config);
+            for dlq in queues::dlqs(account, None).await? {
+                if dlq.approximate_messages == 0 {
+                    continue;
+                }
+                for dl in peek_rollout(&sqs, &dlq.url, &args.rollout_id).await? {
+                    steps.push(TraceStep {
+                        at: dl.sent_at.clone(),
+                        account: account.id.clone(),
+                        stage: account.stage.clone(),
+                        step: dl.detail_type.clone().unwrap_or_default(),
+                        subject: dlq.name.clone(),
+                        result: format!("dead-lettered ({}): {}", dl.kind, dl.reason),
+                        key: dl.key.clone().unwrap_or_default(),
+                    });
+                }
+            }
+        }
+    }
+    // At-least-once: the same outcome may have been emitted twice.
+    let mut unique = HashSet::new();
+    steps.retain(|s| unique.insert((s.key.clone(), s.step.clone(), s.result.clone())));
+    steps.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.key.cmp(&b.key)));
+    if steps.is_empty() {
+        bail!(
+            "nothing recorded for rollout {} in the audit log group {} of the hub {}, nor in any DLQ; check the id (amictl status shows the current AMIs)",
+            args.rollout_id,
+            args.log_group,
+            scope.hub().label()
+        );
+    }
+    let trace = Trace {
+        rollout_id: args.rollout_id.clone(),
+        steps,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&trace)?);
+    } else {
+        println!("rollout {}\n", trace.rollout_id);
+        println!("{}", table(&trace.steps));
+        println!("\n{}", summary(&trace.steps));
+    }
+    Ok(())
+}
+
+/// Every audit event of the rollout, as EventBridge wrote it to the log group.
+async fn audit_events(scope: &Scope, group: &str, rollout_id: &str) -> Result<Vec<Value>> {
+    let hub = scope.hub();
+    let logs = aws_sdk_cloudwatchlogs::Client::new(&hub.config);
+    let mut out = Vec::new();
+    let mut pages = logs
+        .filter_log_events()
+        .log_group_name(group)
+        // A quoted term matches the exact text; the detail is checked again below.
+        .filter_pattern(format!("\"{rollout_id}\""))
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        let page = page
+            .map_err(|e| {
+                let code = aws_sdk_cloudwatchlogs::error::ProvideErrorMetadata::code(&e);
+                if code == Some("ResourceNotFoundException") {
+                    anyhow!(
+                        "the hub {} has no audit log group {group}: deploy/hub.yaml creates it (and `amictl local up` in the local world)",
+                        hub.label()
+                    )
+                } else {
+                    crate::scope::aws_error(&e)
+                }
+            })
+            .with_context(|| format!("reading {group} in {} (logs:FilterLogEvents)", hub.label()))?;
+        for event in page.events() {
+            let Some(message) = event.message() else {
+                continue;
+            };
+            if let Ok(value) = serde_json::from_str::<Value>(message)
+                && value["detail"]["rollout_id"].as_str() == Some(rollout_id)
+            {
+                out.push(value);
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn peek_rollout(
+    sqs: &aws_sdk_sqs::Client,
+    url: &str,
+    rollout_id: &str,
+) -> Result<Vec<DeadLetter>> {
+    let hold = std::time::Duration::from_secs(120);
+    let scanned = queues::scan(sqs, url, DLQ_SCAN_LIMIT, hold).await;
+    if let Ok(messages) = &scanned {
+        let receipts: Vec<String> = messages
+            .iter()
+            .filter_map(|m| m.receipt_handle().map(str::to_owned))
+            .collect();
+        queues::release(sqs, url, &receipts).await;
+    }
+    let now = queues::now_ms();
+    Ok(scanned?
+        .iter()
+        .map(|m| DeadLetter::from_message(m, now))
+        .filter(|d| d.rollout_id.as_deref() == Some(rollout_id))
+        .collect())
+}
+
+/// A trace step from an audit event (`None` for a detail-type the trace does not know).
+pub fn step_of(event: &Value, hub: &str) -> Option<TraceStep> {
+    let detail_type = event["detail-type"].as_str()?;
+    let d = &event["detail"];
+    let s = |name: &str| d[name].as_str().unwrap_or_default().to_owned();
+    let (account, subject, result) = match detail_type {
+        "AmiBuilt" => (
+            hub.to_owned(),
+            format!("{} ({})", s("ami_id"), s("image_name")),
+            format!("built {}", s("created_at")),
+        ),
+        "AmiShared" => (
+            s("target_account"),
+            s("ami_id"),
+            format!("shared from {}", s("source_account")),
+        ),
+        "ParamUpdated" => (
+            s("account"),
+            s("parameter_name"),
+            format!(
+                "= {} (version {}, was {})",
+                s("ami_id"),
+                d["parameter_version"],
+                d["previous_ami_id"].as_str().unwrap_or("nothing")
+            ),
+        ),
+        "AsgRefreshRequested" => (
+            s("account"),
+            s("asg_name"),
+            format!("requested ({})", s("strategy")),
+        ),
+        "AsgRefreshFinished" => (
+            s("account"),
+            s("asg_name"),
+            match s("reason") {
+                r if r.is_empty() => s("outcome"),
+                r => format!("{}: {r}", s("outcome")),
+            },
+        ),
+        _ => return None,
+    };
+    Some(TraceStep {
+        at: s("emitted_at"),
+        account,
+        stage: String::new(),
+        step: detail_type.to_owned(),
+        subject,
+        result,
+        key: s("key"),
+    })
+}
+
+pub fn table(steps: &[TraceStep]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(["time", "stage", "account", "step", "on", "result"]);
+    if t.width().is_none() {
+        t.set_width(160);
+    }
+    for s in steps {
+        t.add_row([
+            short_time(&s.at),
+            s.stage.clone(),
+            s.account.clone(),
+            s.step.clone(),
+            s.subject.clone(),
+            s.result.clone(),
+        ]);
+    }
+    t
+}
+
+/// `2026-12-01 10:00:01.234`: RFC 3339 to the millisecond, for reading.
+fn short_time(at: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(at).map_or_else(
+        |_| at.to_owned(),
+        |t| t.to_utc().format("%Y-%m-%d %H:%M:%S%.3f").to_string(),
+    )
+}
+
+pub fn summary(steps: &[TraceStep]) -> String {
+    let count = |step: &str| steps.iter().filter(|s| s.step == step).count();
+    let outcome = |o: &str| {
+        steps
+            .iter()
+            .filter(|s| s.step == "AsgRefreshFinished" && s.result.starts_with(o))
+            .count()
+    };
+    let dead = steps
+        .iter()
+        .filter(|s| s.result.starts_with("dead-lettered"))
+        .count();
+    format!(
+        "built {}, shared with {} account(s), parameter updated in {}, groups: {} succeeded, {} failed, {} rolled back, {} skipped; {} message(s) dead-lettered",
+        if count("AmiBuilt") > 0 {
+            "yes"
+        } else {
+            "not recorded"
+        },
+        count("AmiShared"),
+        count("ParamUpdated"),
+        outcome("succeeded"),
+        outcome("failed"),
+        outcome("rolled-back"),
+        outcome("skipped"),
+        dead
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn audit_events_become_steps() {
+        let events = [
+            json!({"detail-type": "AmiBuilt", "detail": {"ami_id": "ami-0123456789abcdef0", "image_name": "golden-al2023-2026-12", "created_at": "2026-12-01T00:00:00Z", "emitted_at": "2026-12-01T10:00:00.000Z", "key": "built:ami-0123456789abcdef0"}}),
+            json!({"detail-type": "AmiShared", "detail": {"ami_id": "ami-0123456789abcdef0", "source_account": "111111111111", "target_account": "333333333333", "emitted_at": "2026-12-01T10:00:01.000Z", "key": "shared:ami-0123456789abcdef0:333333333333"}}),
+            json!({"detail-type": "ParamUpdated", "detail": {"account": "333333333333", "parameter_name": "/golden/al2023/ami-id", "ami_id": "ami-0123456789abcdef0", "previous_ami_id": "ami-0fedcba9876543210", "parameter_version": 4, "emitted_at": "2026-12-01T10:00:02.000Z", "key": "param:333333333333:/golden/al2023/ami-id:ami-0123456789abcdef0"}}),
+            json!({"detail-type": "AsgRefreshFinished", "detail": {"account": "333333333333", "asg_name": "prod-web", "outcome": "skipped", "reason": "the stack hard-codes ImageId", "emitted_at": "2026-12-01T10:05:00.000Z", "key": "finished:333333333333:prod-web:ami-0123456789abcdef0"}}),
+            json!({"detail-type": "Something Else", "detail": {}}),
+        ];
+        let steps: Vec<TraceStep> = events
+            .iter()
+            .filter_map(|e| step_of(e, "111111111111"))
+            .map(|mut s| {
+                s.stage = if s.account == "111111111111" {
+                    "qa"
+                } else {
+                    "prod"
+                }
+                .into();
+                s
+            })
+            .collect();
+        assert_eq!(steps.len(), 4);
+        insta::assert_snapshot!("trace_table", table(&steps).to_string());
+        insta::assert_snapshot!("trace_summary", summary(&steps));
+    }
+}
