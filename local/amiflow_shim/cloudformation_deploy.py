@@ -3,6 +3,10 @@ and EventBridge Scheduler schedules that can be fired.
 
 What moto 5.2.5 does with those templates and what this module changes:
 
+* Parameter constraints (``AllowedPattern``, ``AllowedValues``, ``Min``/``MaxLength``, ``Min``/``MaxValue``,
+  per item for ``CommaDelimitedList``) and the template's ``Rules`` were never checked: moto created
+  a stack with any values. Here ``CreateStack`` refuses them with CloudFormation's
+  ``ValidationError`` (the ``ConstraintDescription`` or ``AssertDescription`` as the message).
 * ``Transform: AWS::LanguageExtensions`` was ignored, so the hub's ``Fn::ForEach::Spokes`` reached
   the resource parser as a list (HTTP 500). Here ``Fn::ForEach`` in Resources, Outputs and
   Conditions is expanded before the stack is built, as CloudFormation does: the collection is a
@@ -37,6 +41,7 @@ uses the templates' ``WorkerRuntime=service`` (no functions) and runs the worker
 from __future__ import annotations
 
 import json
+import re
 import threading
 import uuid
 from typing import Any
@@ -129,7 +134,89 @@ def _condition_refs(node: Any) -> Any:
     return node
 
 
+# --------------------------------------------------------------------------------------------
+# Parameter constraints and Rules, checked at CreateStack as CloudFormation does
+# --------------------------------------------------------------------------------------------
+
+
+def _violation(name: str, slot: dict[str, Any], value: str) -> str | None:
+    """Why `value` breaks the constraints of parameter `name`, in CloudFormation's words."""
+    ptype = str(slot.get("Type", "String"))
+    described = slot.get("ConstraintDescription")
+
+    def failed(default: str) -> str:
+        return f"Parameter '{name}' {default}" if not described else f"Parameter {name} failed to satisfy constraint: {described}"
+
+    items = [v.strip() for v in value.split(",")] if ptype in ("CommaDelimitedList", "List<Number>") else [value]
+    for item in items:
+        if "AllowedValues" in slot and item not in [str(v) for v in slot["AllowedValues"]]:
+            return failed(f"must be one of {', '.join(str(v) for v in slot['AllowedValues'])}")
+        pattern = slot.get("AllowedPattern")
+        # CloudFormation matches the whole value (Java regex semantics; ours use no Java-only syntax).
+        if pattern is not None and re.fullmatch(str(pattern), item) is None:
+            return failed(f"must match pattern {pattern}")
+        if "MinLength" in slot and len(item) < int(slot["MinLength"]):
+            return failed(f"must contain at least {slot['MinLength']} characters")
+        if "MaxLength" in slot and len(item) > int(slot["MaxLength"]):
+            return failed(f"must contain at most {slot['MaxLength']} characters")
+        if ptype in ("Number", "List<Number>"):
+            try:
+                number = float(item)
+            except ValueError:
+                return f"Parameter '{name}' must be a number"
+            if "MinValue" in slot and number < float(slot["MinValue"]):
+                return failed(f"must be a number not less than {slot['MinValue']}")
+            if "MaxValue" in slot and number > float(slot["MaxValue"]):
+                return failed(f"must be a number not greater than {slot['MaxValue']}")
+    return None
+
+
+def _rule_value(node: Any, values: dict[str, str]) -> Any:
+    """Evaluate the rule functions the templates use (Equals, Not, And, Or, Contains, Ref)."""
+    if isinstance(node, dict) and len(node) == 1:
+        (fn, arg), = node.items()
+        if fn == "Ref":
+            return values.get(arg, "")
+        if fn == "Fn::Equals":
+            a, b = (_rule_value(x, values) for x in arg)
+            return str(a) == str(b)
+        if fn == "Fn::Not":
+            return not _rule_value(arg[0], values)
+        if fn == "Fn::And":
+            return all(_rule_value(x, values) for x in arg)
+        if fn == "Fn::Or":
+            return any(_rule_value(x, values) for x in arg)
+        if fn == "Fn::Contains":
+            return str(_rule_value(arg[1], values)) in [str(_rule_value(x, values)) for x in arg[0]]
+    if isinstance(node, list):
+        return [_rule_value(x, values) for x in node]
+    return node
+
+
+def check_parameters(template: dict[str, Any], parameters: dict[str, Any]) -> None:
+    from moto.cloudformation.exceptions import ValidationError
+
+    slots = template.get("Parameters") or {}
+    values: dict[str, str] = {}
+    for name, slot in slots.items():
+        value = parameters.get(name, slot.get("Default"))
+        if value is None:
+            continue  # moto itself reports a missing parameter
+        value = ",".join(value) if isinstance(value, list) else str(value)
+        values[name] = value
+        problem = _violation(name, slot, value)
+        if problem:
+            raise ValidationError(message=problem)
+    for rule_name, rule in (template.get("Rules") or {}).items():
+        if "RuleCondition" in rule and not _rule_value(rule["RuleCondition"], values):
+            continue
+        for assertion in rule.get("Assertions") or []:
+            if not _rule_value(assertion["Assert"], values):
+                raise ValidationError(message=assertion.get("AssertDescription") or f"Rule {rule_name} failed")
+
+
 def _create_resource_map(self):
+    check_parameters(self.template_dict, self.parameters)
     template = expand_language_extensions(self.template_dict, self.parameters)
     self.template_dict = _condition_refs(template)
     return _orig["create_resource_map"](self)

@@ -9,6 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from botocore.exceptions import ClientError
 
 DEPLOY = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "deploy")
 CAPABILITIES = ["CAPABILITY_NAMED_IAM", "CAPABILITY_AUTO_EXPAND"]
@@ -129,3 +130,33 @@ def test_a_fired_window_puts_the_scheduler_input_on_the_spoke_bus(world, endpoin
     assert status == 409 and "DISABLED" in reply["error"]
     status, reply = fire(endpoint, account=spoke, name="no-such-window", scheduled_time="2026-12-12T02:00:00Z")
     assert status == 404, reply
+
+
+@pytest.mark.parametrize("template_name,parameters,says", [
+    ("spoke.yaml", {"HubAccountId": "12345"}, "12-digit AWS account id"),
+    ("spoke.yaml", {"HubAccountId": "11111111111a"}, "12-digit AWS account id"),
+    ("spoke.yaml", {"WindowCron": "cron(0 2 * * *)"}, "six fields"),
+    ("spoke.yaml", {"WindowCron": "rate(7 days)"}, "six fields"),
+    ("spoke.yaml", {"WindowCron": "cron(0 2 ? * SAT#1 *); rm"}, "six fields"),
+    ("spoke.yaml", {"WindowDurationHours": "0"}, "not less than 1"),
+    ("spoke.yaml", {"WindowDurationHours": "25"}, "not greater than 24"),
+    ("spoke.yaml", {"Stage": "staging"}, "must be one of qa, uat, prod"),
+    ("spoke.yaml", {"WorkerRuntime": "lambda"}, "needs ArtifactBucket"),
+    ("spoke.yaml", {"ArtifactBucket": "Not_A_Bucket"}, "S3 bucket name"),
+    ("hub.yaml", {"SpokeAccountIds": "222222222222,33333333333"}, "12-digit AWS account id"),
+    ("hub.yaml", {"OrganizationId": "org-1"}, "must match pattern"),
+    ("hub.yaml", {"WorkerRuntime": "lambda"}, "needs ArtifactBucket"),
+])
+def test_bad_parameters_are_refused_at_create(session_for, endpoint, template_name, parameters, says):
+    account = new_account()
+    cfn = session_for(account).client("cloudformation", endpoint_url=endpoint)
+    good = (spoke_parameters(account) if template_name == "spoke.yaml"
+            else {"SpokeAccountIds": new_account(), "WorkerRuntime": "service"})
+    good.update(parameters)
+    with pytest.raises(ClientError) as err:
+        cfn.create_stack(StackName="bad", TemplateBody=template(template_name), Capabilities=CAPABILITIES,
+                         Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in good.items()])
+    assert err.value.response["Error"]["Code"] == "ValidationError"
+    assert says in err.value.response["Error"]["Message"], err.value.response["Error"]["Message"]
+    # Nothing was created.
+    assert cfn.list_stacks()["StackSummaries"] == []
