@@ -74,6 +74,15 @@ pub async fn provision(local: &Local, dir: &Path, scale: &str, args: &[&str]) ->
     serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
 }
 
+/// Whether world.py expects a rollout to end `group` with an `AsgRefreshFinished` (refreshed,
+/// skipped with a reason, or rolled back), rather than leave it alone.
+pub fn expects_outcome(group: &Value) -> bool {
+    matches!(
+        group["expected"].as_str(),
+        Some("refresh" | "skip" | "rolled-back")
+    )
+}
+
 /// A worker process started by [`spawn_worker`].
 pub struct WorkerProcess {
     pub child: tokio::process::Child,

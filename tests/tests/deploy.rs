@@ -33,7 +33,7 @@ use aws_config::SdkConfig;
 use aws_sdk_cloudformation::types::{Capability, Parameter, StackStatus};
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use chrono::{SecondsFormat, TimeZone, Utc};
-use e2e::world::{WorkerProcess, log_tails, provision, spawn_worker};
+use e2e::world::{WorkerProcess, expects_outcome, log_tails, provision, spawn_worker};
 use e2e::{Local, attr, eventually, http_json, queue_depth, sdk_config_in};
 use events::{AmiBuilt, Detail};
 use serde_json::Value;
@@ -97,7 +97,7 @@ async fn create_stack(
         .collect()
 }
 
-/// Outputs of every stack, by account: the hub's under "hub", each spoke's under its account.
+/// The outputs of the hub stack, and of each spoke stack by its account.
 struct Stacks {
     hub: BTreeMap<String, String>,
     spokes: BTreeMap<String, BTreeMap<String, String>>,
@@ -223,13 +223,6 @@ fn open_window(local: &Local, account: &str, schedule: &str) -> Value {
         "the window event was put on the bus: {reply}"
     );
     reply["detail"].clone()
-}
-
-fn expects_outcome(group: &Value) -> bool {
-    matches!(
-        group["expected"].as_str(),
-        Some("refresh" | "skip" | "rolled-back")
-    )
 }
 
 #[tokio::test]
