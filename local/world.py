@@ -7,7 +7,10 @@ parameters with their history, and a mix of Auto Scaling groups that covers ever
 and refresh workers must tell apart. Each group records what a rollout of the candidate AMI is
 expected to do to it, so end-to-end tests can compare outcomes with intent.
 
-    python local/world.py provision --endpoint URL --scale small|seed --out STATE.json
+    python local/world.py provision --endpoint URL --scale small|seed --out STATE.json [--no-messaging]
+
+``--no-messaging`` builds only the AMIs, parameters and groups: the buses, queues and rules then
+come from deploy/hub.yaml and deploy/spoke.yaml through CloudFormation (tests/tests/deploy.rs).
 
 The state file is the contract with the Rust side (crates/emulator, tests/): keep its names.
 """
@@ -577,7 +580,7 @@ def ensure_empty(hub):
     raise RuntimeError("the emulator already holds an amiflow world; start a fresh one or POST /moto-api/reset")
 
 
-def provision(endpoint, scale="small", region="us-east-1"):
+def provision(endpoint, scale="small", region="us-east-1", messaging=True):
     """Build the world in the moto server at `endpoint` and return its state (see module doc)."""
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {sorted(SCALES)}, not {scale!r}")
@@ -600,7 +603,7 @@ def provision(endpoint, scale="small", region="us-east-1"):
 
     def account_job(acct):
         t = time.monotonic()
-        arn, queues = provision_messaging(acct, all_ids)
+        arn, queues = provision_messaging(acct, all_ids) if messaging else (None, {})
         amis_ready.wait()
         if "amis" not in amis_box:
             raise RuntimeError("building the golden AMIs failed")
@@ -639,12 +642,14 @@ def main(argv=None):
     p.add_argument("--scale", choices=sorted(SCALES), default="small")
     p.add_argument("--out", required=True, help="where to write the state JSON")
     p.add_argument("--region", default="us-east-1")
+    p.add_argument("--no-messaging", action="store_true",
+                   help="no buses, queues or rules (the deploy templates create them)")
     args = parser.parse_args(argv)
     if not args.endpoint:
         parser.error("--endpoint is required (or set AWS_ENDPOINT_URL)")
 
     try:
-        state = provision(args.endpoint, args.scale, args.region)
+        state = provision(args.endpoint, args.scale, args.region, messaging=not args.no_messaging)
     except (ClientError, BotoCoreError, RuntimeError) as err:
         print(f"provisioning failed: {err}", file=sys.stderr)
         return 1

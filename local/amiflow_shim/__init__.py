@@ -15,6 +15,7 @@ MODULES = [
     "amiflow_shim.events",
     "amiflow_shim.autoscaling",
     "amiflow_shim.cloudformation",
+    "amiflow_shim.cloudformation_deploy",
     "amiflow_shim.ssm",
     "amiflow_shim.logs",
     # Last, so it wraps the app outermost and counts what every other module serves.

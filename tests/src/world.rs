@@ -3,7 +3,7 @@
 //! emulator with the [`Local`] it owns).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
@@ -45,34 +45,127 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
+/// Run local/world.py against `local`: golden AMIs, parameters and groups (and, unless `args` says
+/// `--no-messaging`, buses, queues and rules); returns the state it wrote.
+pub async fn provision(local: &Local, dir: &Path, scale: &str, args: &[&str]) -> Value {
+    let out = dir.join("world.json");
+    let root = emulator::project_root();
+    let python = emulator::ensure_venv(&root).unwrap();
+    let output = tokio::process::Command::new(&python)
+        .arg(root.join("local/world.py"))
+        .args([
+            "provision",
+            "--endpoint",
+            &local.endpoint(),
+            "--scale",
+            scale,
+        ])
+        .args(args)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "world.py provision failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap()
+}
+
+/// Whether world.py expects a rollout to end `group` with an `AsgRefreshFinished` (refreshed,
+/// skipped with a reason, or rolled back), rather than leave it alone.
+pub fn expects_outcome(group: &Value) -> bool {
+    matches!(
+        group["expected"].as_str(),
+        Some("refresh" | "skip" | "rolled-back")
+    )
+}
+
+/// A worker process started by [`spawn_worker`].
+pub struct WorkerProcess {
+    pub child: tokio::process::Child,
+    /// Access key id of the worker's own role session.
+    pub access_key_id: String,
+}
+
+/// Start `binary` in `account` with a role session of its own (as in AWS, where each worker has
+/// its own role), the local rollout policy, short test timings, `env` (its queue at least) and
+/// `extra_env`; its log goes to `<log_dir>/<binary>-<account>.log`. Killed when dropped.
+pub async fn spawn_worker(
+    endpoint: &str,
+    account: &str,
+    binary: &str,
+    env: &[(&str, &str)],
+    log_dir: &Path,
+    extra_env: &[(&str, &str)],
+) -> WorkerProcess {
+    let config = crate::sdk_config_in(endpoint, account).await;
+    let provider: SharedCredentialsProvider = config.credentials_provider().unwrap();
+    let creds = provider.provide_credentials().await.unwrap();
+    let exe = bin_dir().join(binary);
+    assert!(
+        exe.exists(),
+        "{} is missing: `cargo test --workspace` builds it (or `cargo build -p rollout`)",
+        exe.display()
+    );
+    let policy = emulator::project_root().join("local/amiflow.toml");
+    let log = std::fs::File::create(log_dir.join(format!("{binary}-{account}.log"))).unwrap();
+    let child = tokio::process::Command::new(exe)
+        .env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ACCESS_KEY_ID", creds.access_key_id())
+        .env("AWS_SECRET_ACCESS_KEY", creds.secret_access_key())
+        .env(
+            "AWS_SESSION_TOKEN",
+            creds.session_token().unwrap_or_default(),
+        )
+        .env("AMIFLOW_BUS", "amiflow")
+        .env("AMIFLOW_CONFIG", &policy)
+        .env("AMIFLOW_WAIT_SECONDS", "1")
+        .env("AMIFLOW_DEFER_SECONDS", "1")
+        .env("AMIFLOW_READ_BACK_SECONDS", "0.2")
+        .env("AMIFLOW_RETRY_BASE_SECONDS", "0.5")
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .envs(extra_env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    WorkerProcess {
+        child,
+        access_key_id: creds.access_key_id().to_owned(),
+    }
+}
+
+/// The last `lines` lines of every `*.log` in `dir`, for failure messages.
+pub fn log_tails(dir: &Path, lines: usize) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            out.push_str(&format!("== {}\n", path.display()));
+            for line in tail.into_iter().rev() {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 impl World {
     /// Provision the world at `scale` and start every worker with `extra_env`.
     pub async fn start(scale: &str, extra_env: &[(&str, &str)]) -> World {
         let local = Local::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let out = dir.path().join("world.json");
-        let root = emulator::project_root();
-        let python = emulator::ensure_venv(&root).unwrap();
-        let output = tokio::process::Command::new(&python)
-            .arg(root.join("local/world.py"))
-            .args([
-                "provision",
-                "--endpoint",
-                &local.endpoint(),
-                "--scale",
-                scale,
-            ])
-            .arg("--out")
-            .arg(&out)
-            .output()
-            .await
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "world.py provision failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let state: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        let state = provision(&local, dir.path(), scale, &[]).await;
         let mut world = World {
             local,
             state,
@@ -166,53 +259,24 @@ impl World {
     }
 
     async fn start_workers(&mut self, extra_env: &[(&str, &str)]) {
-        let dir = bin_dir();
-        let policy = emulator::project_root().join("local/amiflow.toml");
         let hub = self.hub();
         for account in self.accounts() {
             for (binary, queue, hub_only) in WORKERS {
                 if hub_only && account != hub {
                     continue;
                 }
-                // A role session of its own, as in AWS where each worker has its own role.
-                let config = crate::sdk_config_in(&self.local.endpoint(), &account).await;
-                let provider: SharedCredentialsProvider = config.credentials_provider().unwrap();
-                let creds = provider.provide_credentials().await.unwrap();
-                self.keys
-                    .insert(creds.access_key_id().to_owned(), binary.to_owned());
-                let exe = dir.join(binary);
-                assert!(
-                    exe.exists(),
-                    "{} is missing: `cargo test --workspace` builds it (or `cargo build -p rollout`)",
-                    exe.display()
-                );
-                let log_path = self.dir.path().join(format!("{binary}-{account}.log"));
-                let log = std::fs::File::create(log_path).unwrap();
-                let child = tokio::process::Command::new(exe)
-                    .env("AWS_ENDPOINT_URL", self.local.endpoint())
-                    .env("AWS_REGION", "us-east-1")
-                    .env("AWS_ACCESS_KEY_ID", creds.access_key_id())
-                    .env("AWS_SECRET_ACCESS_KEY", creds.secret_access_key())
-                    .env(
-                        "AWS_SESSION_TOKEN",
-                        creds.session_token().unwrap_or_default(),
-                    )
-                    .env("AMIFLOW_QUEUE_URL", self.queue_url(&account, queue))
-                    .env("AMIFLOW_BUS", "amiflow")
-                    .env("AMIFLOW_CONFIG", &policy)
-                    .env("AMIFLOW_WAIT_SECONDS", "1")
-                    .env("AMIFLOW_DEFER_SECONDS", "1")
-                    .env("AMIFLOW_READ_BACK_SECONDS", "0.2")
-                    .env("AMIFLOW_RETRY_BASE_SECONDS", "0.5")
-                    .env("RUST_LOG", "info")
-                    .envs(extra_env.iter().copied())
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(log)
-                    .kill_on_drop(true)
-                    .spawn()
-                    .unwrap();
-                self.workers.push(child);
+                let queue_url = self.queue_url(&account, queue);
+                let worker = spawn_worker(
+                    &self.local.endpoint(),
+                    &account,
+                    binary,
+                    &[("AMIFLOW_QUEUE_URL", &queue_url)],
+                    self.dir.path(),
+                    extra_env,
+                )
+                .await;
+                self.keys.insert(worker.access_key_id, binary.to_owned());
+                self.workers.push(worker.child);
             }
         }
     }
@@ -362,19 +426,6 @@ impl World {
 
     /// Every worker's log so far, for failure messages.
     pub fn logs(&self) -> String {
-        let mut out = String::new();
-        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(20).collect();
-                out.push_str(&format!("== {}\n", path.display()));
-                for line in tail.into_iter().rev() {
-                    out.push_str(line);
-                    out.push('\n');
-                }
-            }
-        }
-        out
+        log_tails(self.dir.path(), 20)
     }
 }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use e2e::world::World;
+use e2e::world::{World, expects_outcome};
 use events::{AmiBuilt, Detail, RolloutWindowOpened};
 use serde_json::Value;
 
@@ -178,13 +178,6 @@ async fn collect_audit(world: &World, outcomes: &mut Outcomes, params: &mut Vec<
             _ => {}
         }
     }
-}
-
-fn expects_outcome(group: &Value) -> bool {
-    matches!(
-        group["expected"].as_str(),
-        Some("refresh" | "skip" | "rolled-back")
-    )
 }
 
 #[tokio::test]

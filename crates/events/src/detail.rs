@@ -175,15 +175,152 @@ impl ParamUpdated {
 }
 
 /// A stage's maintenance window opened: reconcile every stale group of the account.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+///
+/// Two producers, two shapes on the wire, one value after parsing. `amictl rerun` (and
+/// [`RolloutWindowOpened::new`]) sends `closes_at`. EventBridge Scheduler cannot compute: its
+/// target input can only insert the `<aws.scheduler.scheduled-time>` context attribute (an
+/// RFC 3339 UTC timestamp such as `2026-11-14T02:00:00Z`), so the spoke template's schedule sends
+/// `opens_at` = that time and `window_hours`, with the key `window:<account>:<stage>:<that time>`.
+/// Parsing derives `closes_at = opens_at + window_hours` and shortens such a key to its UTC date,
+/// so every consumer sees `closes_at` and the key `window:<account>:<stage>:<YYYY-MM-DD>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "WindowWire")]
 pub struct RolloutWindowOpened {
     #[serde(flatten)]
     pub meta: Meta,
-    #[schemars(regex(pattern = ACCOUNT_ID))]
     pub account: String,
-    #[schemars(regex(pattern = STAGE))]
     pub stage: String,
+    /// When the window opened, if the producer said so (the Scheduler always does).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opens_at: Option<DateTime<Utc>>,
     pub closes_at: DateTime<Utc>,
+}
+
+/// Longest window a producer may declare: the policy's and the spoke template's limit.
+pub const MAX_WINDOW_HOURS: i64 = 24;
+
+/// A stage's maintenance window opened: reconcile every stale group of the account. Carries
+/// `closes_at`, or `opens_at` and `window_hours` (what EventBridge Scheduler can send).
+//
+// `RolloutWindowOpened` as either producer writes it; its schema is the contract's.
+#[derive(Deserialize, JsonSchema)]
+#[schemars(
+    rename = "RolloutWindowOpened",
+    extend("anyOf" = [{"required": ["closes_at"]}, {"required": ["opens_at", "window_hours"]}]),
+    transform = absent_is_not_null
+)]
+struct WindowWire {
+    #[serde(flatten)]
+    meta: Meta,
+    #[schemars(regex(pattern = ACCOUNT_ID))]
+    account: String,
+    #[schemars(regex(pattern = STAGE))]
+    stage: String,
+    /// When the window opened (the Scheduler's `<aws.scheduler.scheduled-time>`).
+    #[serde(default)]
+    #[schemars(with = "DateTime<Utc>")]
+    opens_at: Option<DateTime<Utc>>,
+    /// When the window closes; refreshes not started by then are skipped.
+    #[serde(default)]
+    #[schemars(with = "DateTime<Utc>")]
+    closes_at: Option<DateTime<Utc>>,
+    /// How long the window stays open, counted from `opens_at`.
+    #[serde(default)]
+    #[schemars(with = "i64", range(min = 1, max = 24))]
+    window_hours: Option<i64>,
+}
+
+/// The optional times and hours may be left out, never sent as `null`: drop the `null` defaults
+/// that `serde(default)` puts in the schema.
+fn absent_is_not_null(schema: &mut schemars::Schema) {
+    if let Some(properties) = schema
+        .get_mut("properties")
+        .and_then(serde_json::Value::as_object_mut)
+    {
+        for name in ["opens_at", "closes_at", "window_hours"] {
+            if let Some(property) = properties.get_mut(name).and_then(|p| p.as_object_mut()) {
+                property.remove("default");
+            }
+        }
+    }
+}
+
+impl TryFrom<WindowWire> for RolloutWindowOpened {
+    type Error = String;
+
+    fn try_from(w: WindowWire) -> Result<Self, String> {
+        let derived = match (w.opens_at, w.window_hours) {
+            (Some(opens), Some(hours)) => {
+                if !(1..=MAX_WINDOW_HOURS).contains(&hours) {
+                    return Err(format!(
+                        "window_hours {hours} is out of range: a window lasts 1 to {MAX_WINDOW_HOURS} hours"
+                    ));
+                }
+                Some(opens + chrono::Duration::hours(hours))
+            }
+            (None, Some(_)) => {
+                return Err("window_hours needs opens_at, the time the window opened".into());
+            }
+            _ => None,
+        };
+        let closes_at = match (w.closes_at, derived) {
+            (Some(given), Some(computed)) if given != computed => {
+                return Err(format!(
+                    "closes_at {} disagrees with opens_at + window_hours ({})",
+                    given.to_rfc3339(),
+                    computed.to_rfc3339()
+                ));
+            }
+            (Some(given), _) => given,
+            (None, Some(computed)) => computed,
+            (None, None) => {
+                return Err(
+                    "a window needs closes_at, or opens_at and window_hours (what EventBridge Scheduler sends)"
+                        .into(),
+                );
+            }
+        };
+        if let Some(opens) = w.opens_at
+            && closes_at <= opens
+        {
+            return Err(format!(
+                "closes_at {} is not after opens_at {}",
+                closes_at.to_rfc3339(),
+                opens.to_rfc3339()
+            ));
+        }
+        let mut meta = w.meta;
+        // The Scheduler's key ends in the full scheduled time: keep only its UTC date, the
+        // window's identity (one window per stage and day).
+        let prefix = format!("window:{}:{}:", w.account, w.stage);
+        if let Some(stamp) = meta.key.strip_prefix(&prefix)
+            && let Ok(at) = DateTime::parse_from_rfc3339(stamp)
+        {
+            meta.key = keys::window(&w.account, &w.stage, &window_date(at.with_timezone(&Utc)));
+        }
+        Ok(Self {
+            meta,
+            account: w.account,
+            stage: w.stage,
+            opens_at: w.opens_at,
+            closes_at,
+        })
+    }
+}
+
+impl JsonSchema for RolloutWindowOpened {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "RolloutWindowOpened".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        WindowWire::json_schema(generator)
+    }
+}
+
+/// The date in a window key: the UTC date the window opened.
+fn window_date(opens_at: DateTime<Utc>) -> String {
+    opens_at.format("%Y-%m-%d").to_string()
 }
 
 impl RolloutWindowOpened {
@@ -193,11 +330,15 @@ impl RolloutWindowOpened {
         opens_at: DateTime<Utc>,
         closes_at: DateTime<Utc>,
     ) -> Self {
-        let date = opens_at.format("%Y-%m-%d").to_string();
         Self {
-            meta: Meta::new(String::new(), keys::window(account, stage, &date), ""),
+            meta: Meta::new(
+                String::new(),
+                keys::window(account, stage, &window_date(opens_at)),
+                "",
+            ),
             account: account.to_owned(),
             stage: stage.to_owned(),
+            opens_at: Some(opens_at),
             closes_at,
         }
     }
@@ -390,6 +531,15 @@ impl Detail {
             let date = meta.key.strip_prefix(&prefix).unwrap_or("");
             if chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_err() {
                 return Some(format!("key {:?} is not {prefix}<YYYY-MM-DD>", meta.key));
+            }
+            if let Some(opens) = d.opens_at
+                && date != window_date(opens)
+            {
+                return Some(format!(
+                    "key {:?} names another day than opens_at {}",
+                    meta.key,
+                    opens.to_rfc3339()
+                ));
             }
         }
         if let Some(expected) = self.expected_key()

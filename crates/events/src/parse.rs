@@ -160,7 +160,27 @@ pub fn parse_message(body: &str) -> Result<Inbound, Rejection> {
     }
     let violations = schema::validate(&detail_type, &detail).unwrap_or_default();
     if !violations.is_empty() {
-        let listed: Vec<String> = violations.iter().take(5).map(ToString::to_string).collect();
+        let mut listed: Vec<String> = violations
+            .iter()
+            .filter(|v| !v.path.is_empty())
+            .take(5)
+            .map(ToString::to_string)
+            .collect();
+        if violations.iter().any(|v| v.path.is_empty()) {
+            // A rule over the whole detail (a required field, or `anyOf` for the two window
+            // shapes) is reported by the validator with the whole detail quoted; the type's own
+            // checks say in words what is missing or inconsistent.
+            match Detail::from_value(&detail_type, detail.clone()) {
+                Err(e) => listed.push(format!("/: {e}")),
+                Ok(_) => listed.extend(
+                    violations
+                        .iter()
+                        .filter(|v| v.path.is_empty())
+                        .take(2)
+                        .map(ToString::to_string),
+                ),
+            }
+        }
         return Err(Rejection::new(
             InvalidDetail,
             format!(

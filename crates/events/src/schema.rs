@@ -78,7 +78,11 @@ static VALIDATORS: LazyLock<BTreeMap<&'static str, jsonschema::Validator>> = Laz
         .into_iter()
         .filter_map(|(name, schema)| {
             // Generated from our own types: a failure here is a bug caught by this crate's tests.
-            jsonschema::validator_for(schema.as_value())
+            // Formats are checked too (draft 2020-12 makes them annotations by default), so a
+            // bad timestamp is reported with its field's path rather than by serde without one.
+            jsonschema::options()
+                .should_validate_formats(true)
+                .build(schema.as_value())
                 .ok()
                 .map(|v| (name, v))
         })

@@ -174,3 +174,140 @@ fn constructors_build_valid_consistent_chains() {
         assert_eq!(detail.identity_problem(), None, "{}", detail.detail_type());
     }
 }
+
+fn window_of(body: &str) -> Result<RolloutWindowOpened, events::Rejection> {
+    match parse_message(body)? {
+        Inbound::Amiflow(e) => match e.detail {
+            Detail::RolloutWindowOpened(w) => Ok(w),
+            other => panic!("not a window: {other:?}"),
+        },
+        other => panic!("not ours: {other:?}"),
+    }
+}
+
+fn scheduler_window(change: impl FnOnce(&mut serde_json::Value)) -> String {
+    let body = std::fs::read_to_string(
+        root().join("fixtures/valid/rollout-window-opened-by-scheduler.json"),
+    )
+    .unwrap();
+    let mut event: serde_json::Value = serde_json::from_str(&body).unwrap();
+    change(&mut event["detail"]);
+    event.to_string()
+}
+
+#[test]
+fn a_scheduler_window_gets_its_end_and_a_dated_key() {
+    let window = window_of(&scheduler_window(|_| {})).unwrap();
+    let opens = Utc.with_ymd_and_hms(2026, 11, 14, 2, 0, 0).unwrap();
+    assert_eq!(window.opens_at, Some(opens));
+    assert_eq!(window.closes_at, opens + chrono::Duration::hours(4));
+    // The Scheduler's key ends in the full scheduled time; consumers see the window's day.
+    assert_eq!(window.meta.key, "window:222222222222:uat:2026-11-14");
+    // Serialized again, it is the closes_at shape and parses back to the same window.
+    let again = Detail::from_value(
+        "RolloutWindowOpened",
+        Detail::from(window.clone()).to_value(),
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(again, Detail::from(window));
+}
+
+#[test]
+fn a_closes_at_window_is_taken_as_given() {
+    let opens = Utc.with_ymd_and_hms(2026, 11, 21, 2, 0, 0).unwrap();
+    let closes = opens + chrono::Duration::hours(6);
+    let built = RolloutWindowOpened::new("333333333333", "prod", opens, closes);
+    assert_eq!(built.meta.key, "window:333333333333:prod:2026-11-21");
+    let body =
+        std::fs::read_to_string(root().join("fixtures/valid/rollout-window-opened.json")).unwrap();
+    let window = window_of(&body).unwrap();
+    assert_eq!(
+        window.closes_at,
+        Utc.with_ymd_and_hms(2026, 11, 21, 6, 0, 0).unwrap()
+    );
+    assert_eq!(window.opens_at, None);
+    // Both shapes at once must agree.
+    let both = scheduler_window(|d| d["closes_at"] = "2026-11-14T06:00:00Z".into());
+    assert_eq!(
+        window_of(&both).unwrap().closes_at,
+        Utc.with_ymd_and_hms(2026, 11, 14, 6, 0, 0).unwrap()
+    );
+}
+
+#[test]
+fn bad_windows_are_rejected_with_a_reason() {
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "no end",
+            scheduler_window(|d| {
+                d.as_object_mut().unwrap().remove("window_hours");
+            }),
+            "closes_at, or opens_at and window_hours",
+        ),
+        (
+            "negative hours",
+            scheduler_window(|d| d["window_hours"] = (-4).into()),
+            "/window_hours",
+        ),
+        (
+            "huge hours",
+            scheduler_window(|d| d["window_hours"] = 100_000.into()),
+            "/window_hours",
+        ),
+        (
+            "zero hours",
+            scheduler_window(|d| d["window_hours"] = 0.into()),
+            "/window_hours",
+        ),
+        (
+            "bad timestamp",
+            scheduler_window(|d| d["opens_at"] = "next saturday".into()),
+            "opens_at",
+        ),
+        (
+            "hours without a start",
+            scheduler_window(|d| {
+                d.as_object_mut().unwrap().remove("opens_at");
+                d["key"] = "window:222222222222:uat:2026-11-14".into();
+            }),
+            "window_hours needs opens_at",
+        ),
+        (
+            "ends before it opens",
+            scheduler_window(|d| {
+                d.as_object_mut().unwrap().remove("window_hours");
+                d["closes_at"] = "2026-11-14T01:00:00Z".into();
+            }),
+            "is not after opens_at",
+        ),
+        (
+            "two ends that disagree",
+            scheduler_window(|d| d["closes_at"] = "2026-11-14T09:00:00Z".into()),
+            "disagrees with opens_at + window_hours",
+        ),
+        (
+            "key of another day",
+            scheduler_window(|d| d["key"] = "window:222222222222:uat:2026-11-15".into()),
+            "another day than opens_at",
+        ),
+        (
+            "key without a date",
+            scheduler_window(|d| d["key"] = "window:222222222222:uat:soon".into()),
+            "<YYYY-MM-DD>",
+        ),
+    ];
+    for (case, body, says) in cases {
+        let rejection = window_of(&body).expect_err(case);
+        assert_eq!(
+            rejection.kind.as_str(),
+            "invalid-detail",
+            "{case}: {rejection}"
+        );
+        assert!(
+            rejection.message.contains(says),
+            "{case}: {:?} should say {says:?}",
+            rejection.message
+        );
+    }
+}

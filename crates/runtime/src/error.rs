@@ -49,12 +49,34 @@ impl StepError {
         E: ProvideErrorMetadata + std::error::Error + 'static,
     {
         let detail = describe(err);
+        let code = err
+            .as_service_error()
+            .and_then(ProvideErrorMetadata::code)
+            .unwrap_or_default();
         match classify(err) {
             ErrorClass::Transient => StepError::Transient(format!("{action}: {detail}")),
+            // Said first: EC2's message can end in a long encoded authorization message, and the
+            // DLQ attribute keeps only the first 4,000 characters.
+            ErrorClass::Permanent if ACCESS_DENIED_CODES.contains(&code) => {
+                StepError::Permanent(format!(
+                    "{action}: {code}: this worker's role may not call {action}; allow it in the role's policy (and check SCPs and resource policies), then replay the message from the DLQ. AWS said: {}",
+                    detail.strip_prefix(&format!("{code}: ")).unwrap_or(&detail)
+                ))
+            }
             ErrorClass::Permanent => StepError::Permanent(format!("{action}: {detail}")),
         }
     }
 }
+
+/// Codes with which AWS services refuse a caller that lacks a permission: EC2
+/// (`UnauthorizedOperation`), query services such as Auto Scaling, STS and CloudFormation
+/// (`AccessDenied`), JSON services such as SSM, KMS, EventBridge and SQS
+/// (`AccessDeniedException`). Permanent: retrying cannot grant the permission.
+const ACCESS_DENIED_CODES: &[&str] = &[
+    "UnauthorizedOperation",
+    "AccessDenied",
+    "AccessDeniedException",
+];
 
 /// Error codes AWS services use for throttling and server-side trouble. Matched by code, never
 /// by message text.
@@ -166,7 +188,11 @@ mod tests {
         let (class, text) = class_of(400, r#"{"__type":"AccessDeniedException","message":"not authorized to perform: events:PutEvents"}"#).await;
         assert_eq!(class, ErrorClass::Permanent);
         assert!(
-            text.starts_with("permanent: events:PutEvents: AccessDeniedException"),
+            text.starts_with("permanent: events:PutEvents: AccessDeniedException: this worker's role may not call events:PutEvents;"),
+            "{text}"
+        );
+        assert!(
+            text.ends_with("AWS said: not authorized to perform: events:PutEvents"),
             "{text}"
         );
         let (class, _) = class_of(400, r#"{"__type":"ResourceNotFoundException","message":"Event bus amiflow does not exist."}"#).await;
