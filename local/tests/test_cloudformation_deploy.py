@@ -70,9 +70,12 @@ def test_the_hub_template_expands_its_loop_and_keeps_its_policies(world):
     # Fn::ForEach::Spokes: one forwarding rule, forwarding policy and grant policy per spoke.
     for logical in (f"ForwardRule{spoke}", f"ForwardPolicy{spoke}", f"ShareGrantPolicy{spoke}"):
         assert found[logical]["ResourceStatus"] == "CREATE_COMPLETE", logical
-    # WorkerRuntime=service: no functions, no event source mappings, no function log groups.
+    # WorkerRuntime=service: no functions, no event source mappings, no function log groups; the
+    # one log group is the audit trail amictl trace reads.
     types = {r["ResourceType"] for r in found.values()}
-    assert not types & {"AWS::Lambda::Function", "AWS::Lambda::EventSourceMapping", "AWS::Logs::LogGroup"}
+    assert not types & {"AWS::Lambda::Function", "AWS::Lambda::EventSourceMapping"}
+    log_groups = {k for k, r in found.items() if r["ResourceType"] == "AWS::Logs::LogGroup"}
+    assert log_groups == {"AuditTrailLogGroup"}, log_groups
     events = client(hub, "events")
     policy = json.loads(events.describe_event_bus(Name="amiflow")["Policy"])
     assert [s["Sid"] for s in policy["Statement"]] == ["AcceptFromSpokes"]

@@ -220,7 +220,7 @@ def test_buses_policies_and_rules(state, aws):
         on_default = {r["Name"] for r in events.list_rules(EventBusName="default")["Rules"]}
         if acct == HUB:
             assert on_bus == {"amiflow-param", "amiflow-plan", "amiflow-refresh", "amiflow-share", "amiflow-audit",
-                              "amiflow-forward-uat", "amiflow-forward-prod"}
+                              "amiflow-audit-log", "amiflow-forward-uat", "amiflow-forward-prod"}
             assert on_default == {"amiflow-refresh-outcomes", "amiflow-ingest-ec2", "amiflow-ingest-imagebuilder"}
         else:
             assert on_bus == {"amiflow-param", "amiflow-plan", "amiflow-refresh", "amiflow-forward-hub"}
