@@ -160,6 +160,7 @@ impl Images for Ec2Images {
         let add = LaunchPermissionModifications::builder()
             .add(LaunchPermission::builder().user_id(account).build())
             .build();
+        runtime::limits::acquire(runtime::limits::Api::Ec2Mutating).await;
         match self
             .0
             .modify_image_attribute()
@@ -198,6 +199,7 @@ impl Images for Ec2Images {
         let add = CreateVolumePermissionModifications::builder()
             .add(CreateVolumePermission::builder().user_id(account).build())
             .build();
+        runtime::limits::acquire(runtime::limits::Api::Ec2Mutating).await;
         match self
             .0
             .modify_snapshot_attribute()
@@ -305,6 +307,7 @@ impl Parameters for SsmParameters {
     }
 
     async fn put_image(&self, name: &str, ami: &str) -> Result<i64, StepError> {
+        runtime::limits::acquire(runtime::limits::Api::SsmPutParameter).await;
         let out = self
             .0
             .put_parameter()
@@ -552,7 +555,12 @@ impl AwsGroups {
         }
         let mut pages = request.into_paginator().send();
         let mut groups = Vec::new();
-        while let Some(page) = pages.next().await {
+        loop {
+            // One token per page: each page is a call.
+            runtime::limits::acquire(runtime::limits::Api::AutoScaling).await;
+            let Some(page) = pages.next().await else {
+                break;
+            };
             let page =
                 page.map_err(|e| StepError::from_sdk("autoscaling:DescribeAutoScalingGroups", &e))?;
             groups.extend(page.auto_scaling_groups().iter().map(to_group));
@@ -599,6 +607,7 @@ impl Groups for AwsGroups {
                     .build()
             })
             .collect();
+        runtime::limits::acquire(runtime::limits::Api::AutoScaling).await;
         self.autoscaling
             .create_or_update_tags()
             .set_tags(Some(tags))
@@ -677,6 +686,7 @@ impl Groups for AwsGroups {
         ami: &str,
     ) -> Result<i64, StepError> {
         let (id, name) = template_filter(template);
+        runtime::limits::acquire(runtime::limits::Api::Ec2Mutating).await;
         let out = self
             .ec2
             .create_launch_template_version()
@@ -696,6 +706,7 @@ impl Groups for AwsGroups {
 
     async fn set_default_version(&self, template: &str, version: i64) -> Result<(), StepError> {
         let (id, name) = template_filter(template);
+        runtime::limits::acquire(runtime::limits::Api::Ec2Mutating).await;
         self.ec2
             .modify_launch_template()
             .set_launch_template_id(id)
@@ -708,6 +719,7 @@ impl Groups for AwsGroups {
     }
 
     async fn launch_configuration_image(&self, name: &str) -> Result<Option<String>, StepError> {
+        runtime::limits::acquire(runtime::limits::Api::AutoScaling).await;
         let out = self
             .autoscaling
             .describe_launch_configurations()
@@ -723,6 +735,7 @@ impl Groups for AwsGroups {
     }
 
     async fn refreshes(&self, group: &str) -> Result<Vec<Refresh>, StepError> {
+        runtime::limits::acquire(runtime::limits::Api::AutoScaling).await;
         let out = self
             .autoscaling
             .describe_instance_refreshes()
@@ -764,6 +777,7 @@ impl Groups for AwsGroups {
                     .build(),
             );
         }
+        runtime::limits::acquire(runtime::limits::Api::AutoScaling).await;
         let out = self
             .autoscaling
             .start_instance_refresh()

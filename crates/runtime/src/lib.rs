@@ -14,6 +14,7 @@ pub mod clients;
 pub mod config;
 mod consumer;
 pub mod error;
+pub mod limits;
 pub mod publish;
 pub mod shutdown;
 pub mod telemetry;

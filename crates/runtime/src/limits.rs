@@ -1,0 +1,102 @@
+//! Per-API rate limits, shared by every step of a worker process (DESIGN.md section 5.5): a
+//! worker waits for a token before each call of a throttled API, so a burst of work (a window
+//! opening on hundreds of groups) slows the worker down instead of making AWS throttle it and
+//! every other caller in the account. The SDK's own retry still handles what throttling remains.
+//!
+//! Sizes follow AWS's published request-token buckets where AWS publishes them:
+//! - EC2 mutating actions: bucket 100, refill 5 per second (the figures of issue 8; the EC2 API
+//!   reference, "Request throttling", publishes per-action buckets of that order).
+//! - SSM `PutParameter`: 3 transactions per second (the standard-throughput quota).
+//! - Auto Scaling: one bucket shared by every action of the account; AWS does not publish its
+//!   size, so 20 with a refill of 10 per second is a conservative choice to check against the
+//!   fault proxy's throttling (issue 8).
+//!
+//! `PutEvents` needs no bucket here: the publisher already sends at most 10 entries per call and
+//! the account quota is thousands of entries per second.
+
+use std::num::NonZeroU32;
+use std::sync::LazyLock;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+/// An API family with its own bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// EC2 actions that change something (`CreateLaunchTemplateVersion`, `ModifyImageAttribute`, ...).
+    Ec2Mutating,
+    /// SSM `PutParameter`.
+    SsmPutParameter,
+    /// Every Auto Scaling action (one shared bucket).
+    AutoScaling,
+}
+
+impl Api {
+    /// (bucket size, tokens per second).
+    pub const fn size(self) -> (u32, u32) {
+        match self {
+            Api::Ec2Mutating => (100, 5),
+            Api::SsmPutParameter => (3, 3),
+            Api::AutoScaling => (20, 10),
+        }
+    }
+
+    pub fn quota(self) -> Quota {
+        let (burst, per_second) = self.size();
+        let per_second = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        Quota::per_second(per_second).allow_burst(burst)
+    }
+}
+
+struct Limits {
+    ec2_mutating: DefaultDirectRateLimiter,
+    ssm_put_parameter: DefaultDirectRateLimiter,
+    autoscaling: DefaultDirectRateLimiter,
+}
+
+static LIMITS: LazyLock<Limits> = LazyLock::new(|| Limits {
+    ec2_mutating: RateLimiter::direct(Api::Ec2Mutating.quota()),
+    ssm_put_parameter: RateLimiter::direct(Api::SsmPutParameter.quota()),
+    autoscaling: RateLimiter::direct(Api::AutoScaling.quota()),
+});
+
+/// Wait until this process may make one more call of `api`.
+pub async fn acquire(api: Api) {
+    let limiter = match api {
+        Api::Ec2Mutating => &LIMITS.ec2_mutating,
+        Api::SsmPutParameter => &LIMITS.ssm_put_parameter,
+        Api::AutoScaling => &LIMITS.autoscaling,
+    };
+    limiter.until_ready().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+    use std::time::Duration;
+
+    /// How many calls a full bucket allows at once, and how many more after `later`.
+    fn allowed(api: Api, later: Duration) -> (usize, usize) {
+        let clock = FakeRelativeClock::default();
+        let limiter = RateLimiter::direct_with_clock(api.quota(), clock.clone());
+        let burst = std::iter::from_fn(|| limiter.check().ok())
+            .take(10_000)
+            .count();
+        clock.advance(later);
+        let refilled = std::iter::from_fn(|| limiter.check().ok())
+            .take(10_000)
+            .count();
+        (burst, refilled)
+    }
+
+    #[test]
+    fn buckets_have_aws_sizes_and_refill_rates() {
+        assert_eq!(allowed(Api::Ec2Mutating, Duration::from_secs(2)), (100, 10));
+        assert_eq!(
+            allowed(Api::SsmPutParameter, Duration::from_secs(1)),
+            (3, 3)
+        );
+        assert_eq!(allowed(Api::AutoScaling, Duration::from_secs(1)), (20, 10));
+    }
+}
