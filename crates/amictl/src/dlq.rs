@@ -819,6 +819,72 @@ mod tests {
         }
     }
 
+    /// `dlq replay` with no filter, where SQS has StartMessageMoveTask (the emulator does not):
+    /// one task from the DLQ to its source at the replay's rate, followed until it completes.
+    #[tokio::test]
+    async fn an_unfiltered_replay_asks_sqs_to_move_everything() {
+        use aws_sdk_sqs::operation::get_queue_attributes::GetQueueAttributesOutput;
+        use aws_sdk_sqs::operation::list_message_move_tasks::ListMessageMoveTasksOutput;
+        use aws_sdk_sqs::operation::start_message_move_task::StartMessageMoveTaskOutput;
+        use aws_sdk_sqs::types::ListMessageMoveTasksResultEntry;
+        use aws_smithy_mocks::{RuleMode, mock, mock_client};
+
+        let source_arn = "arn:aws:sqs:us-east-1:333333333333:amiflow-param";
+        let arn = mock!(aws_sdk_sqs::Client::get_queue_attributes).then_output(move || {
+            GetQueueAttributesOutput::builder()
+                .attributes(QueueAttributeName::QueueArn, source_arn)
+                .build()
+        });
+        let start = mock!(aws_sdk_sqs::Client::start_message_move_task)
+            .match_requests(move |r| {
+                r.source_arn() == Some("arn:aws:sqs:us-east-1:333333333333:amiflow-param-dlq")
+                    && r.destination_arn() == Some(source_arn)
+                    && r.max_number_of_messages_per_second() == Some(7)
+            })
+            .then_output(|| {
+                StartMessageMoveTaskOutput::builder()
+                    .task_handle("task-1")
+                    .build()
+            });
+        let done = mock!(aws_sdk_sqs::Client::list_message_move_tasks).then_output(|| {
+            ListMessageMoveTasksOutput::builder()
+                .results(
+                    ListMessageMoveTasksResultEntry::builder()
+                        .status("COMPLETED")
+                        .approximate_number_of_messages_moved(2)
+                        .build(),
+                )
+                .build()
+        });
+        let sqs = mock_client!(aws_sdk_sqs, RuleMode::MatchAny, [&arn, &start, &done]);
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: ReplayArgs,
+        }
+        let cli = <Cli as clap::Parser>::parse_from(["replay", "--rate", "7"]);
+        let q = dlq(&["http://localhost/333333333333/amiflow-param"]);
+        assert!(move_task_applies(&cli.args, &q));
+        let mut plan = Plan {
+            args: &cli.args,
+            limiter: RateLimiter::direct(Quota::per_second(NonZeroU32::MIN)),
+            interrupted: Arc::new(AtomicBool::new(false)),
+            moved: 0,
+            started_ms: 0,
+        };
+        let report = move_everything(&sqs, &q, &mut plan).await.unwrap();
+        assert_eq!(
+            (report.method.as_str(), report.moved),
+            ("StartMessageMoveTask", 2)
+        );
+        assert_eq!((start.num_calls(), plan.moved), (1, 2));
+        // Any filter, a dry run or --max needs the one-by-one path.
+        let filtered = <Cli as clap::Parser>::parse_from(["replay", "--detail-type", "AmiShared"]);
+        assert!(!move_task_applies(&filtered.args, &q));
+        let dry = <Cli as clap::Parser>::parse_from(["replay", "--dry-run"]);
+        assert!(!move_task_applies(&dry.args, &q));
+    }
+
     #[test]
     fn filters_combine() {
         let d = letter(Some("AmiShared"), Some("/p@ami-0123456789abcdef0"), 3600);
