@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use aws_config::SdkConfig;
-use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use chrono::Utc;
 use clap::Args;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
@@ -299,23 +298,9 @@ async fn parameter(config: &SdkConfig) -> Result<String> {
 }
 
 async fn put(config: &SdkConfig, bus: &str, detail: &Detail) -> Result<()> {
-    let out = aws_sdk_eventbridge::Client::new(config)
-        .put_events()
-        .entries(
-            PutEventsRequestEntry::builder()
-                .source("amiflow")
-                .detail_type(detail.detail_type())
-                .detail(detail.to_value().to_string())
-                .event_bus_name(bus)
-                .build(),
-        )
-        .send()
+    crate::inject::put_with(config, "the local world", bus, detail)
         .await
-        .with_context(|| format!("putting {} on bus {bus}", detail.detail_type()))?;
-    if out.failed_entry_count() > 0 {
-        bail!("EventBridge rejected the {} event", detail.detail_type());
-    }
-    Ok(())
+        .map(drop)
 }
 
 /// Read (and delete) the `AsgRefreshFinished` events the stages forwarded to the hub's audit queue.

@@ -197,7 +197,7 @@ async fn list(args: ListArgs) -> Result<()> {
         let messages = if dlq.approximate_messages == 0 {
             Vec::new()
         } else {
-            peek(&sqs, &dlq.url, args.limit).await?
+            queues::peek(&sqs, &dlq.url, args.limit).await?
         };
         listed.push(ListedQueue {
             shown: messages.len(),
@@ -224,33 +224,6 @@ async fn list(args: ListArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Read up to `limit` messages and make them all visible again, whatever happened.
-async fn peek(sqs: &Client, url: &str, limit: usize) -> Result<Vec<DeadLetter>> {
-    let hold = Duration::from_secs(60 + (limit as u64 / 10));
-    let scanned = queues::scan(sqs, url, limit, hold).await;
-    let messages = match &scanned {
-        Ok(messages) => messages.as_slice(),
-        Err(_) => &[],
-    };
-    let receipts: Vec<String> = messages
-        .iter()
-        .filter_map(|m| m.receipt_handle().map(str::to_owned))
-        .collect();
-    let unreleased = queues::release(sqs, url, &receipts).await;
-    if unreleased > 0 {
-        eprintln!(
-            "warning: {unreleased} message(s) of {} could not be made visible again; they reappear within {} s",
-            queue_name(url),
-            hold.as_secs()
-        );
-    }
-    let now = queues::now_ms();
-    Ok(scanned?
-        .iter()
-        .map(|m| DeadLetter::from_message(m, now))
-        .collect())
 }
 
 fn table() -> Table {

@@ -308,7 +308,17 @@ fn default_account<'s>(scope: &'s Scope, detail: &Detail) -> Result<&'s Account>
 
 /// Put one event on `bus` in `account`; the event id EventBridge gave it.
 pub async fn put_event(account: &Account, bus: &str, detail: &Detail) -> Result<String> {
-    let out = aws_sdk_eventbridge::Client::new(&account.config)
+    put_with(&account.config, &account.label(), bus, detail).await
+}
+
+/// [`put_event`] with any SDK configuration; `whose` names the account in errors.
+pub async fn put_with(
+    config: &aws_config::SdkConfig,
+    whose: &str,
+    bus: &str,
+    detail: &Detail,
+) -> Result<String> {
+    let out = aws_sdk_eventbridge::Client::new(config)
         .put_events()
         .entries(
             PutEventsRequestEntry::builder()
@@ -323,18 +333,16 @@ pub async fn put_event(account: &Account, bus: &str, detail: &Detail) -> Result<
         .map_err(|e| crate::scope::aws_error(&e))
         .with_context(|| {
             format!(
-                "putting {} on bus {bus} in {} (events:PutEvents)",
-                detail.detail_type(),
-                account.label()
+                "putting {} on bus {bus} in {whose} (events:PutEvents)",
+                detail.detail_type()
             )
         })?;
     let entry = out.entries().first();
     match entry.and_then(|e| e.event_id()) {
         Some(id) if out.failed_entry_count() == 0 => Ok(id.to_owned()),
         _ => bail!(
-            "EventBridge rejected the {} event on bus {bus} in {}: {} {}",
+            "EventBridge rejected the {} event on bus {bus} in {whose}: {} {}",
             detail.detail_type(),
-            account.label(),
             entry
                 .and_then(|e| e.error_code())
                 .unwrap_or("(no error code)"),

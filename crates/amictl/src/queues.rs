@@ -208,6 +208,33 @@ pub async fn scan(sqs: &Client, url: &str, limit: usize, hold: Duration) -> Resu
     Ok(out)
 }
 
+/// Read up to `limit` messages and make them all visible again, whatever happened.
+pub async fn peek(sqs: &Client, url: &str, limit: usize) -> Result<Vec<DeadLetter>> {
+    let hold = Duration::from_secs(60 + (limit as u64 / 10));
+    let scanned = scan(sqs, url, limit, hold).await;
+    let messages = match &scanned {
+        Ok(messages) => messages.as_slice(),
+        Err(_) => &[],
+    };
+    let receipts: Vec<String> = messages
+        .iter()
+        .filter_map(|m| m.receipt_handle().map(str::to_owned))
+        .collect();
+    let unreleased = release(sqs, url, &receipts).await;
+    if unreleased > 0 {
+        eprintln!(
+            "warning: {unreleased} message(s) of {} could not be made visible again; they reappear within {} s",
+            queue_name(url),
+            hold.as_secs()
+        );
+    }
+    let now = now_ms();
+    Ok(scanned?
+        .iter()
+        .map(|m| DeadLetter::from_message(m, now))
+        .collect())
+}
+
 /// What `dlq list` shows of one dead-lettered message.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadLetter {

@@ -12,7 +12,7 @@ use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::queues::{self, DeadLetter};
+use crate::queues;
 use crate::scope::{Scope, ScopeArgs};
 
 /// The hub's audit log group (local/world.py and deploy/hub.yaml create it).
@@ -98,7 +98,11 @@ pub async fn run(args: TraceArgs) -> Result<()> {
                 if dlq.approximate_messages == 0 {
                     continue;
                 }
-                for dl in peek_rollout(&sqs, &dlq.url, &args.rollout_id).await? {
+                for dl in queues::peek(&sqs, &dlq.url, DLQ_SCAN_LIMIT)
+                    .await?
+                    .into_iter()
+                    .filter(|d| d.rollout_id.as_deref() == Some(args.rollout_id.as_str()))
+                {
                     steps.push(TraceStep {
                         at: dl.sent_at.clone(),
                         account: account.id.clone(),
@@ -176,28 +180,6 @@ async fn audit_events(scope: &Scope, group: &str, rollout_id: &str) -> Result<Ve
         }
     }
     Ok(out)
-}
-
-async fn peek_rollout(
-    sqs: &aws_sdk_sqs::Client,
-    url: &str,
-    rollout_id: &str,
-) -> Result<Vec<DeadLetter>> {
-    let hold = std::time::Duration::from_secs(120);
-    let scanned = queues::scan(sqs, url, DLQ_SCAN_LIMIT, hold).await;
-    if let Ok(messages) = &scanned {
-        let receipts: Vec<String> = messages
-            .iter()
-            .filter_map(|m| m.receipt_handle().map(str::to_owned))
-            .collect();
-        queues::release(sqs, url, &receipts).await;
-    }
-    let now = queues::now_ms();
-    Ok(scanned?
-        .iter()
-        .map(|m| DeadLetter::from_message(m, now))
-        .filter(|d| d.rollout_id.as_deref() == Some(rollout_id))
-        .collect())
 }
 
 /// A trace step from an audit event (`None` for a detail-type the trace does not know).
