@@ -10,6 +10,7 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
 use emulator::Emulator;
 
+pub mod proxy;
 pub mod world;
 
 /// A private emulator and clients acting in its default account.
