@@ -34,6 +34,13 @@ bench-rollout:
     cargo build -p rollout --bins
     cargo run -p e2e --bin bench-rollout -- --scale seed
 
+# How close a worker runs to AWS's request rates, and how often it is throttled; writes BENCHMARKS.md.
+bench-throttle:
+    cargo run -p bench --bin bench-throttle
+
+# Every benchmark, one after the other; each rewrites its own section of BENCHMARKS.md.
+bench: bench-runtime bench-throttle bench-rollout
+
 # Lambda zips of every worker for provided.al2023 (see deploy/README.md).
 package:
     bash deploy/package

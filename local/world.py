@@ -634,6 +634,7 @@ def provision(endpoint, scale="small", region="us-east-1", messaging=True):
 
 
 def main(argv=None):
+    global VISIBILITY_TIMEOUT
     parser = argparse.ArgumentParser(description="amiflow's local world in a moto server")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("provision", help="build the world and write its state file")
@@ -644,7 +645,13 @@ def main(argv=None):
     p.add_argument("--region", default="us-east-1")
     p.add_argument("--no-messaging", action="store_true",
                    help="no buses, queues or rules (the deploy templates create them)")
+    p.add_argument("--visibility-timeout", type=int, default=VISIBILITY_TIMEOUT, metavar="SECONDS",
+                   help=f"worker queues' visibility timeout (default {VISIBILITY_TIMEOUT}; the chaos "
+                        "tests use less, so a killed worker's messages return sooner)")
     args = parser.parse_args(argv)
+    if not 1 <= args.visibility_timeout <= 43200:
+        parser.error("--visibility-timeout must be 1 to 43200 seconds (SQS's range)")
+    VISIBILITY_TIMEOUT = args.visibility_timeout
     if not args.endpoint:
         parser.error("--endpoint is required (or set AWS_ENDPOINT_URL)")
 

@@ -26,11 +26,11 @@ pub struct World {
     /// The state written by world.py.
     pub state: Value,
     pub dir: tempfile::TempDir,
-    workers: Vec<tokio::process::Child>,
+    workers: tokio::sync::Mutex<Vec<Running>>,
     configs: BTreeMap<String, SdkConfig>,
     /// Access key id of each worker's own role session -> worker binary, so the emulator's call
     /// counter can tell workers apart.
-    keys: BTreeMap<String, String>,
+    keys: std::sync::Mutex<BTreeMap<String, String>>,
 }
 
 /// Where cargo put the workspace's binaries: beside this executable, or beside the `deps/`
@@ -83,6 +83,15 @@ pub fn expects_outcome(group: &Value) -> bool {
     )
 }
 
+/// A worker of the world, with what it takes to start it again.
+struct Running {
+    account: String,
+    binary: &'static str,
+    queue_url: String,
+    extra_env: Vec<(String, String)>,
+    child: tokio::process::Child,
+}
+
 /// A worker process started by [`spawn_worker`].
 pub struct WorkerProcess {
     pub child: tokio::process::Child,
@@ -111,7 +120,12 @@ pub async fn spawn_worker(
         exe.display()
     );
     let policy = emulator::project_root().join("local/amiflow.toml");
-    let log = std::fs::File::create(log_dir.join(format!("{binary}-{account}.log"))).unwrap();
+    // Appended to, so a restarted worker's log follows its predecessor's.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_dir.join(format!("{binary}-{account}.log")))
+        .unwrap();
     let child = tokio::process::Command::new(exe)
         .env("AWS_ENDPOINT_URL", endpoint)
         .env("AWS_REGION", "us-east-1")
@@ -163,22 +177,29 @@ pub fn log_tails(dir: &Path, lines: usize) -> String {
 impl World {
     /// Provision the world at `scale` and start every worker with `extra_env`.
     pub async fn start(scale: &str, extra_env: &[(&str, &str)]) -> World {
+        let world = World::provisioned(scale, &[]).await;
+        world.start_workers(extra_env).await;
+        world
+    }
+
+    /// Provision the world at `scale` (with world.py's extra `args`) without starting any worker
+    /// (see [`World::start_workers`]).
+    pub async fn provisioned(scale: &str, args: &[&str]) -> World {
         let local = Local::start().await;
         let dir = tempfile::tempdir().unwrap();
-        let state = provision(&local, dir.path(), scale, &[]).await;
+        let state = provision(&local, dir.path(), scale, args).await;
         let mut world = World {
             local,
             state,
             dir,
-            workers: Vec::new(),
+            workers: tokio::sync::Mutex::new(Vec::new()),
             configs: BTreeMap::new(),
-            keys: BTreeMap::new(),
+            keys: std::sync::Mutex::new(BTreeMap::new()),
         };
         for account in world.accounts() {
             let config = crate::sdk_config_in(&world.local.endpoint(), &account).await;
             world.configs.insert(account, config);
         }
-        world.start_workers(extra_env).await;
         world
     }
 
@@ -235,7 +256,7 @@ impl World {
 
     /// The worker binary whose role session uses `access_key_id`.
     pub fn worker_of_key(&self, access_key_id: &str) -> Option<String> {
-        self.keys.get(access_key_id).cloned()
+        self.keys.lock().unwrap().get(access_key_id).cloned()
     }
 
     /// SDK configuration acting in `account`.
@@ -244,7 +265,7 @@ impl World {
     }
 
     /// (account, queue key) of every worker queue in the world.
-    fn worker_queues(&self) -> Vec<(String, &'static str)> {
+    pub fn worker_queues(&self) -> Vec<(String, &'static str)> {
         let hub = self.hub();
         self.accounts()
             .into_iter()
@@ -258,27 +279,96 @@ impl World {
             .collect()
     }
 
-    async fn start_workers(&mut self, extra_env: &[(&str, &str)]) {
+    /// Start every worker of every account, each with `extra_env` (`AWS_ENDPOINT_URL` there
+    /// points the workers, and only them, somewhere else, such as a fault proxy).
+    pub async fn start_workers(&self, extra_env: &[(&str, &str)]) {
         let hub = self.hub();
+        let extra: Vec<(String, String)> = extra_env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         for account in self.accounts() {
             for (binary, queue, hub_only) in WORKERS {
                 if hub_only && account != hub {
                     continue;
                 }
                 let queue_url = self.queue_url(&account, queue);
-                let worker = spawn_worker(
-                    &self.local.endpoint(),
-                    &account,
+                let child = self.spawn(&account, binary, &queue_url, &extra).await;
+                self.workers.lock().await.push(Running {
+                    account: account.clone(),
                     binary,
-                    &[("AMIFLOW_QUEUE_URL", &queue_url)],
-                    self.dir.path(),
-                    extra_env,
-                )
-                .await;
-                self.keys.insert(worker.access_key_id, binary.to_owned());
-                self.workers.push(worker.child);
+                    queue_url,
+                    extra_env: extra.clone(),
+                    child,
+                });
             }
         }
+    }
+
+    async fn spawn(
+        &self,
+        account: &str,
+        binary: &'static str,
+        queue_url: &str,
+        extra: &[(String, String)],
+    ) -> tokio::process::Child {
+        let extra: Vec<(&str, &str)> = extra
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let worker = spawn_worker(
+            &self.local.endpoint(),
+            account,
+            binary,
+            &[("AMIFLOW_QUEUE_URL", queue_url)],
+            self.dir.path(),
+            &extra,
+        )
+        .await;
+        self.keys
+            .lock()
+            .unwrap()
+            .insert(worker.access_key_id, binary.to_owned());
+        worker.child
+    }
+
+    /// Workers that have exited (none should: bad input must not crash a worker), as
+    /// "binary@account: status".
+    pub async fn exited(&self) -> Vec<String> {
+        let mut workers = self.workers.lock().await;
+        workers
+            .iter_mut()
+            .filter_map(|w| {
+                w.child
+                    .try_wait()
+                    .ok()
+                    .flatten()
+                    .map(|status| format!("{}@{}: {status}", w.binary, w.account))
+            })
+            .collect()
+    }
+
+    /// How many worker processes the world runs.
+    pub async fn worker_count(&self) -> usize {
+        self.workers.lock().await.len()
+    }
+
+    /// Kill worker `index` with SIGKILL (no chance to release or finish anything) and start it
+    /// again; returns "binary@account". The new process appends to the same log.
+    pub async fn kill_and_restart(&self, index: usize) -> String {
+        let mut workers = self.workers.lock().await;
+        let running = &mut workers[index];
+        running.child.kill().await.unwrap();
+        let child = self
+            .spawn(
+                &running.account,
+                running.binary,
+                &running.queue_url,
+                &running.extra_env,
+            )
+            .await;
+        running.child = child;
+        format!("{}@{}", running.binary, running.account)
     }
 
     /// Put one amiflow event on `account`'s amiflow bus, acting in that account.

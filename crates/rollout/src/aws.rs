@@ -384,6 +384,21 @@ pub struct Refresh {
     pub id: String,
     pub status: String,
     pub reason: String,
+    /// The launch template version of the refresh's desired configuration, if it has one.
+    pub desired_version: Option<String>,
+}
+
+/// The launch template version a desired configuration moves a group to.
+pub fn desired_version(desired: &DesiredConfiguration) -> Option<String> {
+    desired
+        .launch_template()
+        .or_else(|| {
+            desired
+                .mixed_instances_policy()
+                .and_then(|m| m.launch_template())
+                .and_then(|lt| lt.launch_template_specification())
+        })
+        .and_then(|spec| spec.version().map(str::to_owned))
 }
 
 impl Refresh {
@@ -753,6 +768,7 @@ impl Groups for AwsGroups {
                     .map(|s| s.as_str().to_owned())
                     .unwrap_or_default(),
                 reason: r.status_reason().unwrap_or_default().to_owned(),
+                desired_version: r.desired_configuration().and_then(desired_version),
             })
             .collect())
     }

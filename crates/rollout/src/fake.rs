@@ -200,6 +200,10 @@ impl Groups for FakeAws {
                 id: id.clone(),
                 status: "Pending".into(),
                 reason: String::new(),
+                desired_version: request
+                    .desired
+                    .as_ref()
+                    .and_then(crate::aws::desired_version),
             },
         );
         self.record(format!("start_refresh {group}"));

@@ -17,7 +17,7 @@ use events::{
 };
 use runtime::{StepError, StepOutput};
 
-use crate::aws::{Group, Groups, LaunchSource, RefreshRequest, Stacks};
+use crate::aws::{Group, Groups, LaunchSource, Parameters, RefreshRequest, Stacks};
 use crate::policy::{CloudFormationMode, Stage};
 
 /// Tag marking a group's refresh: `<ami>|<state>|<refresh id>|<deadline or ->|<parameter>`.
@@ -84,6 +84,16 @@ fn finished(req: &AsgRefreshRequested, outcome: Outcome, reason: impl Into<Strin
     StepOutput::Emit(vec![AsgRefreshFinished::new(req, outcome, reason).into()])
 }
 
+/// The request comes back after `defer` to poll its refresh: Auto Scaling's instance-refresh
+/// events are best effort (and one can arrive before the group's mark is written), so polling
+/// is what guarantees an outcome; the event only makes it sooner.
+fn check_later(settings: &RefreshSettings, refresh_id: &str) -> StepOutput {
+    defer(
+        settings,
+        format!("refresh {refresh_id} is running; checking on it later"),
+    )
+}
+
 fn defer(settings: &RefreshSettings, reason: String) -> StepOutput {
     StepOutput::Defer {
         delay: settings.defer,
@@ -92,14 +102,18 @@ fn defer(settings: &RefreshSettings, reason: String) -> StepOutput {
 }
 
 /// Handle one `AsgRefreshRequested`.
+// The AWS capabilities are separate trait objects so each unit test fakes only what it needs;
+// bundling them with the settings into one struct would only move the list elsewhere.
+#[allow(clippy::too_many_arguments)]
 pub async fn request_refresh(
     req: &AsgRefreshRequested,
     now: DateTime<Utc>,
     groups: &impl Groups,
     stacks: &impl Stacks,
+    params: &impl Parameters,
     stage: &Stage,
     settings: &RefreshSettings,
-    admission: &tokio::sync::Mutex<()>,
+    admission: &Admission,
 ) -> Result<StepOutput, StepError> {
     let Some(group) = groups.get(&req.asg_name).await? else {
         return Ok(finished(
@@ -112,7 +126,7 @@ pub async fn request_refresh(
     if let Some(mark) = mark_of(&group).filter(|m| m.ami == req.ami_id) {
         if mark.state == "in-progress" {
             // Delivered again while ours runs: poll it (events are best effort).
-            return poll(req, &group, &mark, groups).await;
+            return poll(req, &group, &mark, groups, settings).await;
         }
         if mark.deadline == window {
             // This window already tried and ended: say so again, start nothing new.
@@ -126,6 +140,20 @@ pub async fn request_refresh(
             };
             return Ok(finished(req, outcome, reason));
         }
+    }
+    // A request of an earlier rollout delivered late must not move the group back: act only on
+    // the AMI the golden parameter holds now.
+    if let Some(current) = params.get(&req.parameter_name).await?
+        && current.value != req.ami_id
+    {
+        return Ok(finished(
+            req,
+            Outcome::Skipped,
+            format!(
+                "superseded: {} now holds {}, not {}; nothing started",
+                req.parameter_name, current.value, req.ami_id
+            ),
+        ));
     }
     if req.deadline.is_some_and(|d| now >= d) {
         return Ok(finished(
@@ -150,7 +178,7 @@ pub async fn request_refresh(
     // authoritative check is the one under the lock below.
     if req.strategy == Strategy::LaunchTemplate
         && matches!(group.source, LaunchSource::Template { .. })
-        && let Some(full) = over_limit(groups, stage, settings).await?
+        && let Some(full) = over_limit(groups, stage, settings, admission, false).await?
     {
         return Ok(full);
     }
@@ -182,16 +210,15 @@ pub async fn request_refresh(
 
     // Admission: count refreshes in flight in this account and start ours under one lock, so
     // this process never exceeds the limit. (Run one refresh worker per account.)
-    let _admitted = admission.lock().await;
-    if let Some(full) = over_limit(groups, stage, settings).await? {
+    let _admitted = admission.lock.lock().await;
+    let refreshes = groups.refreshes(&req.asg_name).await?;
+    if let Some(adopted) = adopt(req, &group, &plan, &window, &refreshes, groups, settings).await? {
+        return Ok(adopted);
+    }
+    if let Some(full) = over_limit(groups, stage, settings, admission, true).await? {
         return Ok(full);
     }
-    if let Some(active) = groups
-        .refreshes(&req.asg_name)
-        .await?
-        .into_iter()
-        .find(|r| r.is_active())
-    {
+    if let Some(active) = refreshes.into_iter().find(|r| r.is_active()) {
         return Ok(defer(
             settings,
             format!(
@@ -213,6 +240,7 @@ pub async fn request_refresh(
         alarms: stage.alarms.clone(),
     };
     let id = groups.start_refresh(&req.asg_name, &request).await?;
+    admission.remember(None);
     let mark = Mark {
         ami: req.ami_id.clone(),
         state: "in-progress".into(),
@@ -227,7 +255,60 @@ pub async fn request_refresh(
         )
         .await?;
     tracing::info!(group = %req.asg_name, refresh = %id, how = %plan.how, "instance refresh started");
-    Ok(StepOutput::Emit(Vec::new()))
+    Ok(check_later(settings, &id))
+}
+
+/// A refresh of ours whose mark was never written: the worker stopped (a crash, a lost reply)
+/// between starting it and tagging the group. It is recognised by its desired configuration, the
+/// version made for this AMI, and taken over instead of being started a second time: marked if it
+/// still runs, closed with its outcome if it has ended. (Unpinned groups have no desired
+/// configuration to recognise; their refresh is found "started by someone else" and waited for,
+/// after which the group is already on the AMI.)
+async fn adopt(
+    req: &AsgRefreshRequested,
+    group: &Group,
+    plan: &Plan,
+    window: &str,
+    refreshes: &[crate::aws::Refresh],
+    groups: &impl Groups,
+    settings: &RefreshSettings,
+) -> Result<Option<StepOutput>, StepError> {
+    let Some(version) = plan.desired.as_ref().and_then(crate::aws::desired_version) else {
+        return Ok(None);
+    };
+    if mark_of(group).is_some_and(|m| m.ami == req.ami_id) {
+        // Marked for this AMI: an earlier window's attempt, which a new window may retry.
+        return Ok(None);
+    }
+    let Some(ours) = refreshes
+        .iter()
+        .find(|r| r.desired_version.as_deref() == Some(version.as_str()))
+    else {
+        return Ok(None);
+    };
+    let mark = Mark {
+        ami: req.ami_id.clone(),
+        state: "in-progress".into(),
+        refresh_id: ours.id.clone(),
+        deadline: window.to_owned(),
+        parameter: req.parameter_name.clone(),
+    };
+    tracing::info!(group = %req.asg_name, refresh = %ours.id, status = %ours.status, "found an unmarked refresh of ours; taking it over");
+    if ours.is_active() {
+        groups
+            .set_tags(
+                &req.asg_name,
+                &[(REFRESH_TAG, &mark.render()), (STATE_TAG, &mark.state)],
+            )
+            .await?;
+        return Ok(Some(check_later(settings, &ours.id)));
+    }
+    match outcome_of_status(&ours.status) {
+        Some(outcome) => Ok(Some(
+            close(req, &mark, outcome, &ours.reason, groups).await?,
+        )),
+        None => Ok(None),
+    }
 }
 
 /// A stack-owned group is skipped for as long as its stack stays as it is: mark the group, with
@@ -268,29 +349,66 @@ async fn remember_skip(
     Ok(done)
 }
 
-/// A deferral when the account already has `max_concurrent_refreshes` of ours in flight.
+/// Admission of new refreshes in one worker process: a lock under which the in-flight count is
+/// read and a refresh started, so this process never exceeds the limit, and the last count read,
+/// so the requests waiting for a slot (a window opens on every stale group at once) do not each
+/// ask Auto Scaling again. Only the check under the lock must be fresh.
+#[derive(Debug, Default)]
+pub struct Admission {
+    lock: tokio::sync::Mutex<()>,
+    last: std::sync::Mutex<Option<(std::time::Instant, usize)>>,
+}
+
+/// How long a counted in-flight number is good for the early check.
+const COUNT_TTL: Duration = Duration::from_secs(2);
+
+impl Admission {
+    fn cached(&self) -> Option<usize> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.filter(|(at, _)| at.elapsed() < COUNT_TTL)
+            .map(|(_, n)| n)
+    }
+
+    fn remember(&self, count: Option<usize>) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+            count.map(|n| (std::time::Instant::now(), n));
+    }
+}
+
+/// A deferral when the account already has `max_concurrent_refreshes` of ours in flight. With
+/// `fresh`, the count is read from AWS; else a count read in the last [`COUNT_TTL`] will do.
+/// Deferred requests come back spread over one to three `defer` periods, so they do not all ask
+/// again at the same moment.
 async fn over_limit(
     groups: &impl Groups,
     stage: &Stage,
     settings: &RefreshSettings,
+    admission: &Admission,
+    fresh: bool,
 ) -> Result<Option<StepOutput>, StepError> {
-    let in_flight = groups
-        .with_tag_value(STATE_TAG, "in-progress")
-        .await?
-        .iter()
-        .filter(|g| mark_of(g).is_some_and(|m| m.state == "in-progress"))
-        .count();
-    Ok(
-        (in_flight >= stage.max_concurrent_refreshes as usize).then(|| {
-            defer(
-                settings,
-                format!(
-                    "{in_flight} refreshes in flight; the limit is {}",
-                    stage.max_concurrent_refreshes
-                ),
-            )
-        }),
-    )
+    let in_flight = match admission.cached().filter(|_| !fresh) {
+        Some(n) => n,
+        None => {
+            let n = groups
+                .with_tag_value(STATE_TAG, "in-progress")
+                .await?
+                .iter()
+                .filter(|g| mark_of(g).is_some_and(|m| m.state == "in-progress"))
+                .count();
+            admission.remember(Some(n));
+            n
+        }
+    };
+    let limit = stage.max_concurrent_refreshes as usize;
+    if in_flight < limit {
+        return Ok(None);
+    }
+    let mut spread = settings.clone();
+    spread.defer = settings.defer.mul_f64(1.0 + 2.0 * fastrand::f64());
+    Ok(Some(defer(
+        &spread,
+        format!("{in_flight} refreshes in flight; the limit is {limit}"),
+    )))
 }
 
 /// What a refresh will be started with.
@@ -553,13 +671,14 @@ async fn poll(
     group: &Group,
     mark: &Mark,
     groups: &impl Groups,
+    settings: &RefreshSettings,
 ) -> Result<StepOutput, StepError> {
     let refreshes = groups.refreshes(&group.name).await?;
     let Some(r) = refreshes.iter().find(|r| r.id == mark.refresh_id) else {
         return Ok(StepOutput::Emit(Vec::new()));
     };
     match outcome_of_status(&r.status) {
-        None => Ok(StepOutput::Emit(Vec::new())),
+        None => Ok(check_later(settings, &r.id)),
         Some(outcome) => close(req, mark, outcome, &r.reason, groups).await,
     }
 }
@@ -671,9 +790,10 @@ mod tests {
             Utc::now(),
             aws,
             aws,
+            aws,
             &stage(),
             &settings(),
-            &tokio::sync::Mutex::new(()),
+            &Admission::default(),
         )
         .await
         .unwrap()
@@ -695,7 +815,10 @@ mod tests {
         aws.template("lt-1", &[OLD, OLD], 1);
         aws.group("web", "lt-1", "2", OLD, 2);
         let req = request("web", Strategy::LaunchTemplate);
-        assert!(matches!(run(&aws, &req).await, StepOutput::Emit(d) if d.is_empty()));
+        // Started: the request comes back later to poll the refresh.
+        assert!(
+            matches!(run(&aws, &req).await, StepOutput::Defer { reason, .. } if reason.contains("running"))
+        );
         // Delivered twice more while the refresh runs: nothing new is created or started.
         run(&aws, &req).await;
         run(&aws, &req).await;
@@ -721,6 +844,80 @@ mod tests {
             started.min_healthy_percentage,
             stage().min_healthy_percentage
         );
+    }
+
+    #[tokio::test]
+    async fn without_any_instance_refresh_event_the_request_polls_its_refresh_to_an_outcome() {
+        let aws = FakeAws::default();
+        aws.template("lt-1", &[OLD], 1);
+        aws.group("web", "lt-1", "1", OLD, 2);
+        let req = request("web", Strategy::LaunchTemplate);
+        let StepOutput::Defer { delay, .. } = run(&aws, &req).await else {
+            panic!("a started refresh is checked on later");
+        };
+        assert_eq!(delay, settings().defer);
+        // Still running when the request comes back: later again.
+        assert!(matches!(run(&aws, &req).await, StepOutput::Defer { .. }));
+        aws.refreshes.lock().unwrap().get_mut("web").unwrap()[0].status = "Successful".into();
+        let (o, _) = outcome(&run(&aws, &req).await);
+        assert_eq!(o, Outcome::Succeeded);
+        assert_eq!(
+            mark_of(&aws.groups.lock().unwrap()["web"]).unwrap().state,
+            "succeeded"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refresh_started_but_never_marked_is_taken_over_not_started_again() {
+        let aws = FakeAws::default();
+        aws.template("lt-1", &[OLD], 1);
+        aws.group("web", "lt-1", "1", OLD, 2);
+        let req = request("web", Strategy::LaunchTemplate);
+        run(&aws, &req).await;
+        let forget_mark = || {
+            let mut groups = aws.groups.lock().unwrap();
+            let tags = &mut groups.get_mut("web").unwrap().tags;
+            tags.remove(REFRESH_TAG);
+            tags.remove(STATE_TAG);
+        };
+        let marked = |aws: &FakeAws| mark_of(&aws.groups.lock().unwrap()["web"]);
+        let first = marked(&aws).unwrap();
+        // The worker died between StartInstanceRefresh and tagging the group.
+        forget_mark();
+        assert!(matches!(run(&aws, &req).await, StepOutput::Defer { .. }));
+        assert_eq!(
+            marked(&aws),
+            Some(first.clone()),
+            "the running refresh is marked again"
+        );
+        // The same, after the refresh had already rolled back: its outcome is reported.
+        forget_mark();
+        aws.refreshes.lock().unwrap().get_mut("web").unwrap()[0].status =
+            "RollbackSuccessful".into();
+        let (o, _) = outcome(&run(&aws, &req).await);
+        assert_eq!(o, Outcome::RolledBack);
+        assert_eq!(marked(&aws).unwrap().state, "rolled-back");
+        let starts = aws
+            .changes()
+            .iter()
+            .filter(|c| c.starts_with("start_refresh"))
+            .count();
+        assert_eq!(starts, 1, "{:?}", aws.changes());
+        assert_eq!(marked(&aws).unwrap().refresh_id, first.refresh_id);
+    }
+
+    #[tokio::test]
+    async fn a_late_request_for_an_ami_the_parameter_no_longer_holds_changes_nothing() {
+        let aws = FakeAws::default();
+        aws.template("lt-1", &[OLD], 1);
+        aws.group("web", "lt-1", "1", OLD, 2);
+        // The parameter moved on (to OLD here: a request of an earlier rollout arrives late).
+        aws.put_image("/golden/al2023/ami-id", OLD).await.unwrap();
+        let before = aws.changes();
+        let (o, reason) = outcome(&run(&aws, &request("web", Strategy::LaunchTemplate)).await);
+        assert_eq!(o, Outcome::Skipped);
+        assert!(reason.starts_with("superseded"), "{reason}");
+        assert_eq!(aws.changes(), before, "nothing created, started or tagged");
     }
 
     #[tokio::test]
@@ -791,7 +988,10 @@ mod tests {
         .await
         {
             StepOutput::Defer { delay, reason } => {
-                assert_eq!(delay, Duration::from_secs(7));
+                assert!(
+                    (Duration::from_secs(7)..=Duration::from_secs(21)).contains(&delay),
+                    "spread over one to three defer periods: {delay:?}"
+                );
                 assert!(
                     reason.contains(&format!("the limit is {limit}")),
                     "{reason}"

@@ -20,6 +20,27 @@ fn refuse(worker: &str, event: &Inbound) -> StepError {
     ))
 }
 
+/// An amiflow event this worker may act on: ours (not an AWS event) and put on a bus by an account
+/// of the installation. EventBridge sets `account` to the account that put the event, so an
+/// event from anywhere else (a bus policy opened too wide, a forged message) is refused by name.
+fn trusted<'e>(
+    worker: &str,
+    policy: &Policy,
+    event: &'e Inbound,
+) -> Result<&'e events::Envelope<Detail>, StepError> {
+    let Inbound::Amiflow(e) = event else {
+        return Err(refuse(worker, event));
+    };
+    if e.account != policy.hub_account && policy.stage_for_account(&e.account).is_none() {
+        return Err(StepError::Permanent(format!(
+            "{} was put on the bus by account {:?}, which is neither the hub nor a stage of the rollout policy; check the bus policy",
+            e.detail.detail_type(),
+            e.account
+        )));
+    }
+    Ok(e)
+}
+
 fn own_stage<'p>(policy: &'p Policy, account: &str, claimed: &str) -> Result<&'p Stage, StepError> {
     if claimed != account {
         return Err(StepError::Permanent(format!(
@@ -61,9 +82,7 @@ pub struct ShareStep(pub Context);
 
 impl runtime::Step for ShareStep {
     async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
-        let Inbound::Amiflow(e) = event else {
-            return Err(refuse("share-worker", event));
-        };
+        let e = trusted("share-worker", &self.0.policy, event)?;
         let Detail::AmiBuilt(built) = &e.detail else {
             return Err(refuse("share-worker", event));
         };
@@ -88,9 +107,7 @@ pub struct ParamStep {
 
 impl runtime::Step for ParamStep {
     async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
-        let Inbound::Amiflow(e) = event else {
-            return Err(refuse("param-worker", event));
-        };
+        let e = trusted("param-worker", &self.ctx.policy, event)?;
         let Detail::AmiShared(shared) = &e.detail else {
             return Err(refuse("param-worker", event));
         };
@@ -128,9 +145,7 @@ pub struct PlanStep(pub Context);
 
 impl runtime::Step for PlanStep {
     async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
-        let Inbound::Amiflow(e) = event else {
-            return Err(refuse("plan-worker", event));
-        };
+        let e = trusted("plan-worker", &self.0.policy, event)?;
         let (claimed, deadline, key) = match &e.detail {
             Detail::ParamUpdated(p) => (p.account.as_str(), None, p.meta.key.as_str()),
             Detail::RolloutWindowOpened(w) => {
@@ -139,6 +154,11 @@ impl runtime::Step for PlanStep {
             _ => return Err(refuse("plan-worker", event)),
         };
         let stage = own_stage(&self.0.policy, &self.0.account, claimed)?;
+        if let Some(closed) = deadline.filter(|d| *d <= chrono::Utc::now()) {
+            // A window event delivered late (a replay, a backlog): its window is over.
+            tracing::info!(stage = %stage.name, %closed, "window already closed; nothing to plan");
+            return Ok(StepOutput::Emit(Vec::new()));
+        }
         if matches!(e.detail, Detail::ParamUpdated(_)) && stage.refresh_waits_for_window {
             tracing::info!(stage = %stage.name, "parameter updated; refreshes wait for the stage's window");
             return Ok(StepOutput::Emit(Vec::new()));
@@ -165,7 +185,7 @@ impl runtime::Step for PlanStep {
 pub struct RefreshStep {
     pub ctx: Context,
     pub settings: RefreshSettings,
-    pub admission: tokio::sync::Mutex<()>,
+    pub admission: crate::refresh::Admission,
 }
 
 impl runtime::Step for RefreshStep {
@@ -175,17 +195,20 @@ impl runtime::Step for RefreshStep {
             ec2: aws_sdk_ec2::Client::new(&self.ctx.config),
         };
         match event {
-            Inbound::Amiflow(e) => {
+            Inbound::Amiflow(_) => {
+                let e = trusted("refresh-worker", &self.ctx.policy, event)?;
                 let Detail::AsgRefreshRequested(req) = &e.detail else {
                     return Err(refuse("refresh-worker", event));
                 };
                 let stage = own_stage(&self.ctx.policy, &self.ctx.account, &req.account)?;
                 let stacks = CfnStacks(aws_sdk_cloudformation::Client::new(&self.ctx.config));
+                let params = SsmParameters(aws_sdk_ssm::Client::new(&self.ctx.config));
                 crate::refresh::request_refresh(
                     req,
                     chrono::Utc::now(),
                     &groups,
                     &stacks,
+                    &params,
                     stage,
                     &self.settings,
                     &self.admission,

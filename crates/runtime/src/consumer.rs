@@ -84,6 +84,30 @@ struct Inner {
     dlq_url: String,
     visibility: Duration,
     max_receive_count: u32,
+    keys: KeyLocks,
+}
+
+/// One lock per `detail.key` among the messages in flight: EventBridge and SQS may deliver the
+/// same event twice at once, and two copies of a step racing on the same key could both see
+/// "not done yet" and both act (two parameter versions for one AMI). Serialised, the second
+/// copy finds the first one's work in AWS and does nothing. (Copies in different processes are
+/// still judged from AWS's state, as every step is.)
+#[derive(Default)]
+struct KeyLocks(std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl KeyLocks {
+    async fn lock(&self, key: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if key.is_empty() {
+            return None;
+        }
+        let lock = {
+            let mut locks = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget the locks nobody holds or waits for.
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+            locks.entry(key.to_owned()).or_default().clone()
+        };
+        Some(lock.lock_owned().await)
+    }
 }
 
 /// What became of one message.
@@ -174,6 +198,7 @@ impl Worker {
                 dlq_url,
                 visibility,
                 max_receive_count,
+                keys: KeyLocks::default(),
             }),
             stats: Arc::default(),
         })
@@ -359,6 +384,7 @@ async fn process<S: Step>(
     let receipt = message.receipt_handle().unwrap_or_default();
 
     let work = async {
+        let _serial = inner.keys.lock(&key).await;
         let attempts = inner.config.step_attempts.max(1);
         let backoff = ExponentialBuilder::default()
             .with_jitter()
@@ -724,5 +750,33 @@ impl Worker {
         } else {
             self.run(step, shutdown).await
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn copies_of_one_key_run_one_after_the_other_and_other_keys_do_not_wait() {
+        let locks = KeyLocks::default();
+        let first = locks.lock("param:a").await.unwrap();
+        // Another key, and AWS events (no key), go ahead at once.
+        let other = locks.lock("param:b").await;
+        assert!(other.is_some());
+        assert!(locks.lock("").await.is_none());
+        // The same key waits until the first copy is done.
+        let second = locks.lock("param:a");
+        tokio::pin!(second);
+        assert!(
+            futures::poll!(second.as_mut()).is_pending(),
+            "a second copy of param:a waits"
+        );
+        drop(first);
+        assert!(second.await.is_some());
+        drop(other);
+        // Locks nobody holds are forgotten.
+        let _again = locks.lock("param:c").await;
+        assert_eq!(locks.0.lock().unwrap().len(), 1);
     }
 }

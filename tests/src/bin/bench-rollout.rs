@@ -12,6 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
+use e2e::proxy::{CallRecord, FaultPlan, FaultProxy, aws_bucket};
 use e2e::world::World;
 use events::{AmiBuilt, Detail, RolloutWindowOpened};
 
@@ -50,6 +51,65 @@ async fn drain_audit(
     }
 }
 
+/// The rollout's calls against AWS's buckets: per bucket, the share throttled and the busiest
+/// 20 s of any one caller as a share of what the bucket allows in 20 s.
+fn throttling(records: &[CallRecord]) -> String {
+    const WINDOW: f64 = 20.0;
+    let mut per_bucket: BTreeMap<&str, (u32, u32, u64, u64)> = BTreeMap::new();
+    let mut accepted_at: BTreeMap<(&str, &str), Vec<f64>> = BTreeMap::new();
+    for (at, service, action, caller, throttled) in records {
+        let Some((bucket, size, refill)) = aws_bucket(service, action) else {
+            continue;
+        };
+        let e = per_bucket.entry(bucket).or_insert((size, refill, 0, 0));
+        e.2 += 1;
+        if *throttled {
+            e.3 += 1;
+        } else {
+            accepted_at
+                .entry((bucket, caller.as_str()))
+                .or_default()
+                .push(at.as_secs_f64());
+        }
+    }
+    let mut out = String::from(
+        "\nThe workers' calls through the fault proxy enforcing AWS's request-token buckets (per caller):\n\n\
+         | bucket (AWS size + refill) | calls | throttled | busiest 20 s of one caller, of AWS's allowance |\n|---|---|---|---|\n",
+    );
+    let (mut all, mut all_throttled) = (0u64, 0u64);
+    for (bucket, (size, refill, calls, throttled)) in &per_bucket {
+        let allowance = f64::from(*size) + f64::from(*refill) * WINDOW;
+        let busiest = accepted_at
+            .iter()
+            .filter(|((b, _), _)| b == bucket)
+            .map(|(_, times)| {
+                let mut most = 0usize;
+                let mut start = 0usize;
+                for (end, t) in times.iter().enumerate() {
+                    while times[start] < t - WINDOW {
+                        start += 1;
+                    }
+                    most = most.max(end + 1 - start);
+                }
+                most as f64 / allowance
+            })
+            .fold(0.0f64, f64::max);
+        all += calls;
+        all_throttled += throttled;
+        out.push_str(&format!(
+            "| {bucket} ({size} + {refill}/s) | {calls} | {throttled} ({:.2}%) | {:.0}% |\n",
+            *throttled as f64 * 100.0 / (*calls).max(1) as f64,
+            busiest * 100.0
+        ));
+    }
+    out.push_str(&format!(
+        "\n**{:.2}%** of the rollout's rate-limited calls were throttled (target ≤ 2%). `just bench-throttle`\n\
+         measures the same at 90% and more of the allowed rate.\n",
+        all_throttled as f64 * 100.0 / all.max(1) as f64
+    ));
+    out
+}
+
 #[tokio::main]
 async fn main() {
     let scale = arg("--scale", "seed");
@@ -75,14 +135,17 @@ async fn main() {
     let started = Instant::now();
     // A deferred refresh retries after about one emulated refresh (production: 60 s against
     // refreshes of many minutes); the tests' 1 s would measure a retry storm instead.
-    let world = World::start(
-        &scale,
-        &[
+    let world = World::provisioned(&scale, &[]).await;
+    // The workers reach the emulator through the fault proxy enforcing AWS's request-token
+    // buckets, so the run also says how often AWS would have throttled them.
+    let proxy = FaultProxy::start(&world.local.endpoint(), FaultPlan::aws_limits()).await;
+    world
+        .start_workers(&[
             ("AMIFLOW_CONFIG", policy.to_str().unwrap()),
             ("AMIFLOW_DEFER_SECONDS", "2"),
-        ],
-    )
-    .await;
+            ("AWS_ENDPOINT_URL", &proxy.endpoint()),
+        ])
+        .await;
     let up_seconds = started.elapsed().as_secs_f64();
     let provision_seconds = world.state["timings"]["provision_seconds"]
         .as_f64()
@@ -99,6 +162,7 @@ async fn main() {
     // Count only the rollout.
     let port = world.local.emulator.port();
     e2e::http_json(port, "POST", "/amiflow-emulator/calls", None);
+    let records_before = proxy.records().len();
     let hub = world.hub();
     let candidate = world.state["amis"]["candidate"]
         .as_str()
@@ -253,6 +317,7 @@ async fn main() {
          the re-checks of requests deferred by the concurrency limit.\n",
         per_group(changes)
     ));
+    body.push_str(&throttling(&proxy.records()[records_before..]));
     println!("{body}");
     e2e::write_benchmark_section(&format!("bench-rollout-{scale}"), &body);
 }

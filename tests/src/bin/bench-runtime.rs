@@ -157,31 +157,30 @@ fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// Start the probe worker binary, time until it logs "worker started", then sample its idle RSS.
-fn worker_startup(endpoint: &str, queue: &str) -> (Duration, u64) {
+/// Start a worker (`command`), time until it logs "worker started", then sample its idle RSS.
+fn worker_startup(
+    mut command: std::process::Command,
+    endpoint: &str,
+    queue: &str,
+) -> (Duration, u64) {
     use std::io::{BufRead, BufReader};
-    let exe = std::env::current_exe()
-        .unwrap()
-        .with_file_name("probe-worker");
+    let what = format!("{:?}", command.get_program());
     let started = Instant::now();
-    let mut child = std::process::Command::new(&exe)
+    let mut child = command
         .envs(e2e::worker_env(endpoint))
         .env("AMIFLOW_QUEUE_URL", queue)
         .env("AMIFLOW_BUS", "amiflow")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (build it with `cargo build --release -p e2e --bins`)",
-                exe.display()
-            )
+            panic!("{what}: {e} (build the probe with `cargo build --release -p e2e --bins`)")
         });
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let startup = loop {
         match lines.next() {
             Some(Ok(line)) if line.contains("worker started") => break started.elapsed(),
             Some(_) => {}
-            None => panic!("probe-worker exited before starting"),
+            None => panic!("{what} exited before starting"),
         }
     };
     // Idle: one empty long poll in progress. Sample RSS a few times over a second, keep the max.
@@ -224,7 +223,17 @@ async fn main() {
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
     let (raw_rate, our_rate) = (mean(&raw), mean(&ours));
-    let (startup, rss) = worker_startup(&local.endpoint(), &queue);
+    let probe = std::env::current_exe()
+        .unwrap()
+        .with_file_name("probe-worker");
+    let (startup, rss) =
+        worker_startup(std::process::Command::new(probe), &local.endpoint(), &queue);
+    // The same no-op loop in Python with boto3, from the project's own virtual environment.
+    let root = emulator::project_root();
+    let python = emulator::ensure_venv(&root).expect("the project's Python environment");
+    let mut boto = std::process::Command::new(python);
+    boto.arg(root.join("local/bench/idle_worker.py"));
+    let (py_startup, py_rss) = worker_startup(boto, &local.endpoint(), &queue);
     let body = format!(
         "## Runtime throughput (`just bench-runtime`)\n\n\
          {n} messages per run, {rounds} rounds, one emulator, same process; release build; measured {date}.\n\n\
@@ -233,9 +242,9 @@ async fn main() {
          | amiflow runtime, no-op step | {our_rate:.1} |\n\
          | **ratio runtime / raw** | **{ratio:.2}** (target ≥ 0.95) |\n\n\
          API calls per message (counted by the emulator): raw loop {raw_per}; runtime {our_per}.\n\n\
-         | probe worker | value |\n|---|---|\n\
-         | start-up to first receive | {startup_ms} ms |\n\
-         | idle resident memory | {rss_mib:.1} MiB |\n\n\
+         | idle worker, same no-op loop | amiflow runtime (Rust) | boto3 (`local/bench/idle_worker.py`) | ratio |\n|---|---|---|---|\n\
+         | start-up to first receive | {startup_ms} ms | {py_startup_ms} ms | {startup_ratio:.2} |\n\
+         | idle resident memory | {rss_mib:.1} MiB | {py_rss_mib:.1} MiB | {rss_ratio:.2} |\n\n\
          The emulator (moto, Python) is the bottleneck at roughly 10 ms of server CPU per call, so\n\
          absolute rates say little; the ratio is the result.\n",
         date = Utc::now().format("%Y-%m-%d"),
@@ -244,6 +253,10 @@ async fn main() {
         our_per = per_message(&our_calls, n * rounds),
         startup_ms = startup.as_millis(),
         rss_mib = rss as f64 / 1024.0,
+        py_startup_ms = py_startup.as_millis(),
+        py_rss_mib = py_rss as f64 / 1024.0,
+        startup_ratio = startup.as_secs_f64() / py_startup.as_secs_f64().max(f64::EPSILON),
+        rss_ratio = rss as f64 / (py_rss as f64).max(1.0),
     );
     e2e::write_benchmark_section("bench-runtime", &body);
 }

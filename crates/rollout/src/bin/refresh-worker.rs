@@ -11,7 +11,7 @@ async fn main() -> anyhow::Result<()> {
         settings: rollout::refresh::RefreshSettings {
             defer: Duration::from_secs_f64(defer),
         },
-        admission: tokio::sync::Mutex::new(()),
+        admission: rollout::refresh::Admission::default(),
     };
     worker
         .serve(Arc::new(step), runtime::shutdown::signal())

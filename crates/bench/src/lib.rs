@@ -1,0 +1,1 @@
+//! amiflow's benchmarks that call EC2, SSM and Auto Scaling; see `src/bin/`.
