@@ -13,7 +13,8 @@ import boto3
 
 def main():
     queue = os.environ["AMIFLOW_QUEUE_URL"]
-    sqs = boto3.client("sqs", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))
+    sqs = boto3.client("sqs", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
+                       region_name=os.environ.get("AWS_REGION", "us-east-1"))
     sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["VisibilityTimeout", "RedrivePolicy"])
     print("worker started", file=sys.stderr, flush=True)
     while True:

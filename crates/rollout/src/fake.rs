@@ -27,6 +27,8 @@ pub struct FakeAws {
     /// Every change a step asked for, in order (`create_version lt-1 2 ami-..`, ...).
     pub changes: Mutex<Vec<String>>,
     pub started: Mutex<Vec<(String, RefreshRequest)>>,
+    /// How many group reads (`get`, `with_tag_value`, `refreshes`) steps made.
+    pub group_reads: std::sync::atomic::AtomicUsize,
     /// Make `ensure_grant` answer AccessDenied.
     pub refuse_grants: Mutex<bool>,
 }
@@ -75,6 +77,11 @@ impl FakeAws {
         self.changes.lock().unwrap().clone()
     }
 
+    fn read(&self) {
+        self.group_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn record(&self, change: String) {
         self.changes.lock().unwrap().push(change);
     }
@@ -88,10 +95,12 @@ impl Groups for FakeAws {
     }
 
     async fn get(&self, name: &str) -> Result<Option<Group>, StepError> {
+        self.read();
         Ok(self.groups.lock().unwrap().get(name).cloned())
     }
 
     async fn with_tag_value(&self, key: &str, value: &str) -> Result<Vec<Group>, StepError> {
+        self.read();
         Ok(self
             .list()
             .await?
@@ -177,6 +186,7 @@ impl Groups for FakeAws {
     }
 
     async fn refreshes(&self, group: &str) -> Result<Vec<Refresh>, StepError> {
+        self.read();
         Ok(self
             .refreshes
             .lock()

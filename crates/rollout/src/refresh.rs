@@ -78,20 +78,24 @@ fn deadline_text(d: Option<DateTime<Utc>>) -> String {
 pub struct RefreshSettings {
     /// How long a deferred request waits (concurrency limit, busy stack, someone else's refresh).
     pub defer: Duration,
+    /// How long a started refresh goes before its request comes back to poll it. Instance-refresh
+    /// events are the fast path; the poll is the guarantee, so it can be slow (every poll costs two
+    /// Auto Scaling calls out of the account's shared bucket).
+    pub poll: Duration,
 }
 
 fn finished(req: &AsgRefreshRequested, outcome: Outcome, reason: impl Into<String>) -> StepOutput {
     StepOutput::Emit(vec![AsgRefreshFinished::new(req, outcome, reason).into()])
 }
 
-/// The request comes back after `defer` to poll its refresh: Auto Scaling's instance-refresh
+/// The request comes back after `poll` to poll its refresh: Auto Scaling's instance-refresh
 /// events are best effort (and one can arrive before the group's mark is written), so polling
 /// is what guarantees an outcome; the event only makes it sooner.
 fn check_later(settings: &RefreshSettings, refresh_id: &str) -> StepOutput {
-    defer(
-        settings,
-        format!("refresh {refresh_id} is running; checking on it later"),
-    )
+    StepOutput::Defer {
+        delay: settings.poll,
+        reason: format!("refresh {refresh_id} is running; checking on it later"),
+    }
 }
 
 fn defer(settings: &RefreshSettings, reason: String) -> StepOutput {
@@ -115,6 +119,9 @@ pub async fn request_refresh(
     settings: &RefreshSettings,
     admission: &Admission,
 ) -> Result<StepOutput, StepError> {
+    if let Some(wait) = wait_for_slot(req, stage, settings, admission) {
+        return Ok(wait);
+    }
     let Some(group) = groups.get(&req.asg_name).await? else {
         return Ok(finished(
             req,
@@ -356,23 +363,50 @@ async fn remember_skip(
 #[derive(Debug, Default)]
 pub struct Admission {
     lock: tokio::sync::Mutex<()>,
-    last: std::sync::Mutex<Option<(std::time::Instant, usize)>>,
+    /// When the in-flight groups were last read, and their names.
+    last: std::sync::Mutex<Option<(std::time::Instant, Vec<String>)>>,
 }
 
-/// How long a counted in-flight number is good for the early check.
+/// How long a read of the in-flight groups is good for the early checks.
 const COUNT_TTL: Duration = Duration::from_secs(2);
 
 impl Admission {
-    fn cached(&self) -> Option<usize> {
+    fn cached(&self) -> Option<Vec<String>> {
         let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        last.filter(|(at, _)| at.elapsed() < COUNT_TTL)
-            .map(|(_, n)| n)
+        last.as_ref()
+            .filter(|(at, _)| at.elapsed() < COUNT_TTL)
+            .map(|(_, names)| names.clone())
     }
 
-    fn remember(&self, count: Option<usize>) {
+    fn remember(&self, names: Option<Vec<String>>) {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
-            count.map(|n| (std::time::Instant::now(), n));
+            names.map(|n| (std::time::Instant::now(), n));
     }
+}
+
+/// The early answer for a request that can only wait: the account is full (by a recent read)
+/// and its group is not one of those in flight (whose requests come back to poll). No AWS call:
+/// when a window opens on hundreds of groups, the waiting requests would otherwise spend the
+/// account's Auto Scaling bucket asking again and again.
+fn wait_for_slot(
+    req: &AsgRefreshRequested,
+    stage: &Stage,
+    settings: &RefreshSettings,
+    admission: &Admission,
+) -> Option<StepOutput> {
+    let names = admission.cached()?;
+    let limit = stage.max_concurrent_refreshes as usize;
+    (names.len() >= limit && !names.contains(&req.asg_name))
+        .then(|| spread_defer(settings, names.len(), limit))
+}
+
+fn spread_defer(settings: &RefreshSettings, in_flight: usize, limit: usize) -> StepOutput {
+    let mut spread = settings.clone();
+    spread.defer = settings.defer.mul_f64(1.0 + 2.0 * fastrand::f64());
+    defer(
+        &spread,
+        format!("{in_flight} refreshes in flight; the limit is {limit}"),
+    )
 }
 
 /// A deferral when the account already has `max_concurrent_refreshes` of ours in flight. With
@@ -387,15 +421,17 @@ async fn over_limit(
     fresh: bool,
 ) -> Result<Option<StepOutput>, StepError> {
     let in_flight = match admission.cached().filter(|_| !fresh) {
-        Some(n) => n,
+        Some(names) => names.len(),
         None => {
-            let n = groups
+            let names: Vec<String> = groups
                 .with_tag_value(STATE_TAG, "in-progress")
                 .await?
-                .iter()
+                .into_iter()
                 .filter(|g| mark_of(g).is_some_and(|m| m.state == "in-progress"))
-                .count();
-            admission.remember(Some(n));
+                .map(|g| g.name)
+                .collect();
+            let n = names.len();
+            admission.remember(Some(names));
             n
         }
     };
@@ -403,12 +439,7 @@ async fn over_limit(
     if in_flight < limit {
         return Ok(None);
     }
-    let mut spread = settings.clone();
-    spread.defer = settings.defer.mul_f64(1.0 + 2.0 * fastrand::f64());
-    Ok(Some(defer(
-        &spread,
-        format!("{in_flight} refreshes in flight; the limit is {limit}"),
-    )))
+    Ok(Some(spread_defer(settings, in_flight, limit)))
 }
 
 /// What a refresh will be started with.
@@ -729,13 +760,18 @@ pub async fn refresh_event(
         RefreshEventKind::RollbackSucceeded => Outcome::RolledBack,
         _ => Outcome::Failed,
     };
-    let reason = groups
-        .refreshes(&group.name)
-        .await?
-        .into_iter()
-        .find(|r| r.id == mark.refresh_id)
-        .map(|r| r.reason)
-        .unwrap_or_default();
+    // Only an unhappy end has a reason worth a call (Auto Scaling calls share one bucket).
+    let reason = if outcome == Outcome::Succeeded {
+        String::new()
+    } else {
+        groups
+            .refreshes(&group.name)
+            .await?
+            .into_iter()
+            .find(|r| r.id == mark.refresh_id)
+            .map(|r| r.reason)
+            .unwrap_or_default()
+    };
     let deadline = DateTime::parse_from_rfc3339(&mark.deadline)
         .ok()
         .map(|d| d.to_utc());
@@ -769,6 +805,7 @@ mod tests {
     fn settings() -> RefreshSettings {
         RefreshSettings {
             defer: Duration::from_secs(7),
+            poll: Duration::from_secs(35),
         }
     }
 
@@ -855,7 +892,7 @@ mod tests {
         let StepOutput::Defer { delay, .. } = run(&aws, &req).await else {
             panic!("a started refresh is checked on later");
         };
-        assert_eq!(delay, settings().defer);
+        assert_eq!(delay, settings().poll);
         // Still running when the request comes back: later again.
         assert!(matches!(run(&aws, &req).await, StepOutput::Defer { .. }));
         aws.refreshes.lock().unwrap().get_mut("web").unwrap()[0].status = "Successful".into();
@@ -1000,6 +1037,53 @@ mod tests {
             other => panic!("not deferred: {other:?}"),
         }
         assert_eq!(aws.started.lock().unwrap().len(), limit);
+    }
+
+    #[tokio::test]
+    async fn requests_waiting_for_a_slot_cost_no_aws_call_but_in_flight_ones_still_poll() {
+        let aws = FakeAws::default();
+        let limit = stage().max_concurrent_refreshes as usize;
+        for i in 0..=limit {
+            aws.template(&format!("lt-{i}"), &[OLD], 1);
+            aws.group(&format!("g{i}"), &format!("lt-{i}"), "1", OLD, 1);
+        }
+        let admission = Admission::default();
+        let ask = |name: String| {
+            let (aws, admission) = (&aws, &admission);
+            async move {
+                let req = request(&name, Strategy::LaunchTemplate);
+                request_refresh(
+                    &req,
+                    Utc::now(),
+                    aws,
+                    aws,
+                    aws,
+                    &stage(),
+                    &settings(),
+                    admission,
+                )
+                .await
+                .unwrap()
+            }
+        };
+        for i in 0..limit {
+            ask(format!("g{i}")).await;
+        }
+        // Full: the next group's request is deferred (and reads the in-flight groups once).
+        assert!(matches!(
+            ask(format!("g{limit}")).await,
+            StepOutput::Defer { .. }
+        ));
+        let reads = || aws.group_reads.load(std::sync::atomic::Ordering::Relaxed);
+        let calls = reads();
+        assert!(matches!(
+            ask(format!("g{limit}")).await,
+            StepOutput::Defer { .. }
+        ));
+        assert_eq!(reads(), calls, "a waiting request asks AWS nothing");
+        // A group in flight is still looked at: its request polls the refresh.
+        ask("g0".into()).await;
+        assert!(reads() > calls);
     }
 
     #[tokio::test]

@@ -176,11 +176,13 @@ fn worker_startup(
             panic!("{what}: {e} (build the probe with `cargo build --release -p e2e --bins`)")
         });
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut said = Vec::new();
     let startup = loop {
         match lines.next() {
             Some(Ok(line)) if line.contains("worker started") => break started.elapsed(),
-            Some(_) => {}
-            None => panic!("{what} exited before starting"),
+            Some(Ok(line)) => said.push(line),
+            Some(Err(_)) => {}
+            None => panic!("{what} exited before starting:\n{}", said.join("\n")),
         }
     };
     // Idle: one empty long poll in progress. Sample RSS a few times over a second, keep the max.

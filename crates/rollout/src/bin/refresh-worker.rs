@@ -6,10 +6,14 @@ use std::time::Duration;
 async fn main() -> anyhow::Result<()> {
     let (_, ctx, worker) = rollout::workers::start("refresh-worker").await?;
     let defer: f64 = runtime::config::var_or("AMIFLOW_DEFER_SECONDS", 60.0)?;
+    // Polling a running refresh is the fallback for lost instance-refresh events: every five
+    // deferral periods unless set.
+    let poll: f64 = runtime::config::var_or("AMIFLOW_POLL_SECONDS", defer * 5.0)?;
     let step = rollout::workers::RefreshStep {
         ctx,
         settings: rollout::refresh::RefreshSettings {
             defer: Duration::from_secs_f64(defer),
+            poll: Duration::from_secs_f64(poll),
         },
         admission: rollout::refresh::Admission::default(),
     };
