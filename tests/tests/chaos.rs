@@ -100,6 +100,17 @@ fn envelope(account: &str, source: &str, detail_type: &str, detail: Value) -> St
     .to_string()
 }
 
+/// The detail of a one-hour window of `stage` in `account`, opening now.
+fn window_now(account: &str, stage: &str) -> Value {
+    Detail::from(RolloutWindowOpened::new(
+        account,
+        stage,
+        Utc::now(),
+        Utc::now() + chrono::Duration::hours(1),
+    ))
+    .to_value()
+}
+
 fn uuid_like(seed: &str) -> String {
     format!("e2e-{}-{}", seed.len(), Utc::now().timestamp_micros())
 }
@@ -405,13 +416,7 @@ fn catalogue(world: &World) -> Vec<Case> {
         d[field] = value;
         d
     };
-    let window = Detail::from(RolloutWindowOpened::new(
-        &qa,
-        "qa",
-        Utc::now(),
-        Utc::now() + chrono::Duration::hours(1),
-    ))
-    .to_value();
+    let window = window_now(&qa, "qa");
     vec![
         Case {
             name: "malformed-json",
@@ -501,13 +506,7 @@ fn catalogue(world: &World) -> Vec<Case> {
                 &qa,
                 "amiflow",
                 "RolloutWindowOpened",
-                Detail::from(RolloutWindowOpened::new(
-                    "999999999999",
-                    "qa",
-                    Utc::now(),
-                    Utc::now() + chrono::Duration::hours(1),
-                ))
-                .to_value(),
+                window_now("999999999999", "qa"),
             ),
             kind: "permanent",
             reason: "event for account 999999999999 delivered to the worker of account",
@@ -578,17 +577,14 @@ async fn every_bad_input_is_dead_lettered_with_its_reason_and_the_rollout_is_und
     assert!(refused.is_err(), "SQS refuses a body over 1 MiB");
 
     // The rest of the catalogue arrives while the rollout runs.
-    let mut targets: BTreeMap<&str, String> = BTreeMap::new();
     for case in &cases {
         let account = match case.queue {
             "share" => hub.clone(),
             _ => world.accounts()[0].clone(),
         };
-        targets.insert(case.name, account.clone());
         deliver(&world, &account, case.queue, case.name, &case.body).await;
     }
-    let after_rollout = support::rollout(&world, &before, &mut audit);
-    let after = after_rollout.await;
+    let after = support::rollout(&world, &before, &mut audit).await;
     wait_dead_letters(&world, cases.len() as u64, Duration::from_secs(60)).await;
     let found = dead_letters(&world).await;
     let by_case: BTreeMap<String, &DeadLetter> = found
@@ -646,13 +642,7 @@ async fn events_from_accounts_and_sources_outside_the_configuration_are_refused_
     let foreign = "999999999999";
     let (candidate, _) = amis(&world);
     let built = Detail::from(support::candidate_built(&world)).to_value();
-    let window = Detail::from(RolloutWindowOpened::new(
-        &qa,
-        "qa",
-        Utc::now(),
-        Utc::now() + chrono::Duration::hours(1),
-    ))
-    .to_value();
+    let window = window_now(&qa, "qa");
     // (case, account, queue, body, what the reason must say)
     let cases: Vec<(&str, String, &str, String, &str)> = vec![
         (

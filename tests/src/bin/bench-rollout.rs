@@ -347,7 +347,7 @@ async fn main() {
         .sum();
     body.push_str(&format!(
         "\nChanges per refreshed group beyond discovery (target ≤ 3): **{:.2}**. Describe calls include\n\
-         the re-checks of requests deferred by the concurrency limit.\n",
+         the polls of running refreshes and the re-checks of deferred requests.\n",
         per_group(changes)
     ));
     body.push_str(&throttling(&proxy.records()[records_before..]));
