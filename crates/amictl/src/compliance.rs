@@ -89,10 +89,7 @@ pub async fn account(
     policy: &Policy,
     stage: &Stage,
 ) -> Result<AccountCompliance> {
-    let groups = AwsGroups {
-        autoscaling: aws_sdk_autoscaling::Client::new(config),
-        ec2: aws_sdk_ec2::Client::new(config),
-    };
+    let groups = AwsGroups::new(config);
     let params = SsmParameters(aws_sdk_ssm::Client::new(config));
     let mut parameters = Vec::new();
     for family in &policy.families {

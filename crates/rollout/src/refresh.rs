@@ -7,7 +7,8 @@
 //! configuration and a group pinned to a version number; `$Latest`/`$Default` and `resolve:ssm:`
 //! groups are refreshed without rollback unless the policy pins them, and the outcome says so.
 
-use std::time::Duration;
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
 
 use aws_sdk_autoscaling::types::{DesiredConfiguration, LaunchTemplateSpecification};
 use chrono::{DateTime, Utc};
@@ -119,22 +120,43 @@ pub async fn request_refresh(
     settings: &RefreshSettings,
     admission: &Admission,
 ) -> Result<StepOutput, StepError> {
-    if let Some(wait) = wait_for_slot(req, stage, settings, admission) {
-        return Ok(wait);
+    let window = deadline_text(req.deadline);
+    if let Some(done) = admission.closed_here(req, &window) {
+        return Ok(done);
     }
-    let Some(group) = groups.get(&req.asg_name).await? else {
+    // Most requests can only wait for a slot (a window opens with every stale group at once):
+    // they are answered before any other call, which would only be repeated next time.
+    let limit = stage.max_concurrent_refreshes as usize;
+    let slot = match admission.admit(&req.asg_name, limit, groups).await? {
+        Admit::Full { taken, waiting } => {
+            return Ok(spread_defer(settings, taken, limit, waiting));
+        }
+        Admit::InFlight => None,
+        Admit::Slot(slot) => Some(slot),
+    };
+    // Independent reads go out together: a start's latency holds a slot.
+    let (group, current) = tokio::join!(groups.get(&req.asg_name), params.get(&req.parameter_name));
+    let Some(group) = group? else {
         return Ok(finished(
             req,
             Outcome::Skipped,
             format!("group {} no longer exists", req.asg_name),
         ));
     };
-    let window = deadline_text(req.deadline);
-    if let Some(mark) = mark_of(&group).filter(|m| m.ami == req.ami_id) {
+    // The mark on the group, or one this process started and has not written yet (a failed
+    // tag write).
+    let mark = mark_of(&group).filter(|m| m.ami == req.ami_id).or_else(|| {
+        admission
+            .running(&req.asg_name)
+            .filter(|m| m.ami == req.ami_id)
+    });
+    if let Some(mark) = mark {
         if mark.state == "in-progress" {
             // Delivered again while ours runs: poll it (events are best effort).
-            return poll(req, &group, &mark, groups, settings).await;
+            return poll(req, &group, &mark, groups, settings, admission).await;
         }
+        // Ended (closed by another process, or by hand): it no longer holds a slot here.
+        admission.forget(&req.asg_name, &mark.refresh_id);
         if mark.deadline == window {
             // This window already tried and ended: say so again, start nothing new.
             let outcome = outcome_named(&mark.state);
@@ -150,7 +172,7 @@ pub async fn request_refresh(
     }
     // A request of an earlier rollout delivered late must not move the group back: act only on
     // the AMI the golden parameter holds now.
-    if let Some(current) = params.get(&req.parameter_name).await?
+    if let Some(current) = current?
         && current.value != req.ami_id
     {
         return Ok(finished(
@@ -180,26 +202,21 @@ pub async fn request_refresh(
             format!("tagged {}", stage.skip_tag),
         ));
     }
-    // Most requests wait for a slot (a window opens with every stale group at once): say so
-    // before the launch template work, which would only be repeated on the next delivery. The
-    // authoritative check is the one under the lock below.
-    if req.strategy == Strategy::LaunchTemplate
-        && matches!(group.source, LaunchSource::Template { .. })
-        && let Some(full) = over_limit(groups, stage, settings, admission, false).await?
-    {
-        return Ok(full);
-    }
-    let plan = match req.strategy {
-        Strategy::Cloudformation => {
-            match cloudformation(req, &group, stacks, stage, settings).await? {
-                Ok(plan) => plan,
-                Err(done) => return remember_skip(req, &window, done, groups).await,
-            }
+    // The group's refreshes (to recognise one of ours, or someone else's) are read while the
+    // plan is made.
+    let decide = async {
+        match req.strategy {
+            Strategy::Cloudformation => cloudformation(req, &group, stacks, stage, settings).await,
+            Strategy::LaunchTemplate => launch_template(req, &group, groups, stage).await,
         }
-        Strategy::LaunchTemplate => match launch_template(req, &group, groups, stage).await? {
-            Ok(plan) => plan,
-            Err(done) => return Ok(done),
-        },
+    };
+    let (decided, refreshes) = tokio::join!(decide, groups.refreshes(&req.asg_name));
+    let plan = match (req.strategy, decided?) {
+        (_, Ok(plan)) => plan,
+        (Strategy::Cloudformation, Err(done)) => {
+            return remember_skip(req, &window, done, groups).await;
+        }
+        (Strategy::LaunchTemplate, Err(done)) => return Ok(done),
     };
     if let Some(plan) = &plan
         && plan.already_there
@@ -214,16 +231,13 @@ pub async fn request_refresh(
         }
     }
     let plan = plan.unwrap_or_default();
-
-    // Admission: count refreshes in flight in this account and start ours under one lock, so
-    // this process never exceeds the limit. (Run one refresh worker per account.)
-    let _admitted = admission.lock.lock().await;
-    let refreshes = groups.refreshes(&req.asg_name).await?;
-    if let Some(adopted) = adopt(req, &group, &plan, &window, &refreshes, groups, settings).await? {
+    let refreshes = refreshes?;
+    if let Some(adopted) = adopt(
+        req, &group, &plan, &window, &refreshes, groups, settings, admission,
+    )
+    .await?
+    {
         return Ok(adopted);
-    }
-    if let Some(full) = over_limit(groups, stage, settings, admission, true).await? {
-        return Ok(full);
     }
     if let Some(active) = refreshes.into_iter().find(|r| r.is_active()) {
         return Ok(defer(
@@ -246,8 +260,9 @@ pub async fn request_refresh(
         checkpoint_delay: stage.checkpoint_delay_seconds,
         alarms: stage.alarms.clone(),
     };
+    // The slot (held since the check above, or the group's own if it was counted in flight
+    // already) passes to the running refresh.
     let id = groups.start_refresh(&req.asg_name, &request).await?;
-    admission.remember(None);
     let mark = Mark {
         ami: req.ami_id.clone(),
         state: "in-progress".into(),
@@ -255,6 +270,8 @@ pub async fn request_refresh(
         deadline: window,
         parameter: req.parameter_name.clone(),
     };
+    admission.started(&req.asg_name, &mark);
+    drop(slot);
     groups
         .set_tags(
             &req.asg_name,
@@ -271,6 +288,7 @@ pub async fn request_refresh(
 /// still runs, closed with its outcome if it has ended. (Unpinned groups have no desired
 /// configuration to recognise; their refresh is found "started by someone else" and waited for,
 /// after which the group is already on the AMI.)
+#[allow(clippy::too_many_arguments)]
 async fn adopt(
     req: &AsgRefreshRequested,
     group: &Group,
@@ -279,6 +297,7 @@ async fn adopt(
     refreshes: &[crate::aws::Refresh],
     groups: &impl Groups,
     settings: &RefreshSettings,
+    admission: &Admission,
 ) -> Result<Option<StepOutput>, StepError> {
     let Some(version) = plan.desired.as_ref().and_then(crate::aws::desired_version) else {
         return Ok(None);
@@ -302,6 +321,7 @@ async fn adopt(
     };
     tracing::info!(group = %req.asg_name, refresh = %ours.id, status = %ours.status, "found an unmarked refresh of ours; taking it over");
     if ours.is_active() {
+        admission.started(&req.asg_name, &mark);
         groups
             .set_tags(
                 &req.asg_name,
@@ -312,7 +332,7 @@ async fn adopt(
     }
     match outcome_of_status(&ours.status) {
         Some(outcome) => Ok(Some(
-            close(req, &mark, outcome, &ours.reason, groups).await?,
+            close(req, &mark, outcome, &ours.reason, groups, admission).await?,
         )),
         None => Ok(None),
     }
@@ -356,91 +376,240 @@ async fn remember_skip(
     Ok(done)
 }
 
-/// Admission of new refreshes in one worker process: a lock under which the in-flight count is
-/// read and a refresh started, so this process never exceeds the limit, and the last count read,
-/// so the requests waiting for a slot (a window opens on every stale group at once) do not each
-/// ask Auto Scaling again. Only the check under the lock must be fresh.
+/// What this process knows of its account's refreshes in flight, and the slots it hands out.
+///
+/// The groups in flight are those AWS showed marked in progress at the last read (at most
+/// [`REREAD`] old), corrected by what this process did since: the refreshes it started (whose
+/// mark may not be written yet) and those it closed. A request holds a slot from the check until
+/// its refresh starts or it gives up, so two requests can never both take the last slot, and the
+/// requests that can only wait (a window opens on every stale group at once) are answered without
+/// any AWS call. The slots are counted in this process: run one refresh worker per account.
 #[derive(Debug, Default)]
 pub struct Admission {
-    lock: tokio::sync::Mutex<()>,
-    /// When the in-flight groups were last read, and their names.
-    last: std::sync::Mutex<Option<(std::time::Instant, Vec<String>)>>,
+    ledger: std::sync::Mutex<Ledger>,
+    /// One read of AWS's marks at a time.
+    reading: tokio::sync::Mutex<()>,
 }
 
-/// How long a read of the in-flight groups is good for the early checks.
-const COUNT_TTL: Duration = Duration::from_secs(2);
+#[derive(Debug, Default)]
+struct Ledger {
+    /// When the last read of AWS's marks began, and the groups it found in progress.
+    read: Option<(Instant, BTreeSet<String>)>,
+    /// Refreshes started (or taken over) here and not yet closed here, by group.
+    started: HashMap<String, Mark>,
+    /// When refreshes seen to end here ended, by group: a read begun before does not count them.
+    ended: HashMap<String, Instant>,
+    /// Refreshes closed here (the mark written), by group, kept for [`CLOSED_KEPT`].
+    closed: HashMap<String, Closed>,
+    /// Groups holding a slot between the check and their start.
+    reserved: BTreeSet<String>,
+    /// Groups whose request was last told to wait, and when (kept until admitted, or an hour).
+    waiting: HashMap<String, Instant>,
+}
+
+#[derive(Debug, Clone)]
+struct Closed {
+    at: Instant,
+    mark: Mark,
+    outcome: Outcome,
+    reason: String,
+}
+
+/// How old the read of AWS's marks may be. Between reads only this process's own starts and
+/// closes change the count, and it knows those; the read catches what others did.
+const REREAD: Duration = Duration::from_secs(30);
+/// How long a close made here answers the request that comes back to poll it.
+const CLOSED_KEPT: Duration = Duration::from_secs(3600);
+
+impl Ledger {
+    fn in_flight(&self) -> BTreeSet<String> {
+        let mut names: BTreeSet<String> = match &self.read {
+            Some((read_at, names)) => names
+                .iter()
+                .filter(|g| self.ended.get(*g).is_none_or(|at| at < read_at))
+                .cloned()
+                .collect(),
+            None => BTreeSet::new(),
+        };
+        names.extend(self.started.keys().cloned());
+        names
+    }
+}
+
+/// The answer of [`Admission::admit`].
+enum Admit<'a> {
+    /// The group's refresh is in flight already: its request comes back to poll it.
+    InFlight,
+    /// A free slot, held for the group until the guard is dropped or its refresh starts.
+    Slot(Slot<'a>),
+    /// Every slot is taken (by `taken` refreshes and requests about to start one), and `waiting`
+    /// requests wait for one.
+    Full { taken: usize, waiting: usize },
+}
+
+struct Slot<'a> {
+    admission: &'a Admission,
+    group: String,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.admission.ledger().reserved.remove(&self.group);
+    }
+}
 
 impl Admission {
-    fn cached(&self) -> Option<Vec<String>> {
-        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        last.as_ref()
-            .filter(|(at, _)| at.elapsed() < COUNT_TTL)
-            .map(|(_, names)| names.clone())
+    fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn remember(&self, names: Option<Vec<String>>) {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
-            names.map(|n| (std::time::Instant::now(), n));
+    fn read_is_fresh(&self) -> bool {
+        self.ledger()
+            .read
+            .as_ref()
+            .is_some_and(|(at, _)| at.elapsed() < REREAD)
+    }
+
+    /// Read AWS's in-progress marks if the last read is too old (one reader at a time).
+    async fn reread(&self, groups: &impl Groups) -> Result<(), StepError> {
+        if self.read_is_fresh() {
+            return Ok(());
+        }
+        let _one = self.reading.lock().await;
+        if self.read_is_fresh() {
+            return Ok(());
+        }
+        let began = Instant::now();
+        let names = groups
+            .with_tag_value(STATE_TAG, "in-progress")
+            .await?
+            .into_iter()
+            .filter(|g| mark_of(g).is_some_and(|m| m.state == "in-progress"))
+            .map(|g| g.name)
+            .collect();
+        let mut ledger = self.ledger();
+        ledger.read = Some((began, names));
+        ledger.closed.retain(|_, c| c.at.elapsed() < CLOSED_KEPT);
+        // Ends before this read are in it.
+        ledger.ended.retain(|_, at| *at >= began);
+        Ok(())
+    }
+
+    async fn admit(
+        &self,
+        group: &str,
+        limit: usize,
+        groups: &impl Groups,
+    ) -> Result<Admit<'_>, StepError> {
+        self.reread(groups).await?;
+        let mut ledger = self.ledger();
+        let in_flight = ledger.in_flight();
+        if in_flight.contains(group) {
+            ledger.waiting.remove(group);
+            return Ok(Admit::InFlight);
+        }
+        let taken = in_flight.len() + ledger.reserved.len();
+        // A second request for a group already about to start waits too.
+        if taken >= limit || ledger.reserved.contains(group) {
+            ledger.waiting.insert(group.to_owned(), Instant::now());
+            ledger.waiting.retain(|_, at| at.elapsed() < CLOSED_KEPT);
+            let waiting = ledger.waiting.len();
+            return Ok(Admit::Full { taken, waiting });
+        }
+        ledger.waiting.remove(group);
+        ledger.reserved.insert(group.to_owned());
+        Ok(Admit::Slot(Slot {
+            admission: self,
+            group: group.to_owned(),
+        }))
+    }
+
+    /// A refresh of ours runs on the group (started or taken over here): it holds a slot until
+    /// closed, whether or not its mark has been written yet.
+    fn started(&self, group: &str, mark: &Mark) {
+        let mut ledger = self.ledger();
+        ledger.reserved.remove(group);
+        ledger.closed.remove(group);
+        ledger.ended.remove(group);
+        ledger.started.insert(group.to_owned(), mark.clone());
+    }
+
+    /// The mark of a refresh started here that is still running.
+    fn running(&self, group: &str) -> Option<Mark> {
+        self.ledger().started.get(group).cloned()
+    }
+
+    /// The group's refresh `refresh_id` has ended, wherever it was closed.
+    fn forget(&self, group: &str, refresh_id: &str) {
+        let mut ledger = self.ledger();
+        if ledger
+            .started
+            .get(group)
+            .is_some_and(|m| m.refresh_id == refresh_id)
+        {
+            ledger.started.remove(group);
+        }
+    }
+
+    /// The group's refresh has ended: it holds no slot from now on.
+    fn ended(&self, group: &str) {
+        let mut ledger = self.ledger();
+        ledger.started.remove(group);
+        ledger.ended.insert(group.to_owned(), Instant::now());
+    }
+
+    /// The group's refresh has ended and its mark says so.
+    fn closed(&self, group: &str, mark: &Mark, outcome: Outcome, reason: &str) {
+        let mut ledger = self.ledger();
+        ledger.closed.insert(
+            group.to_owned(),
+            Closed {
+                at: Instant::now(),
+                mark: mark.clone(),
+                outcome,
+                reason: reason.to_owned(),
+            },
+        );
+    }
+
+    /// The outcome, if this process closed the request's refresh (its instance-refresh event
+    /// came first): said again with no AWS call when the request comes back to poll.
+    fn closed_here(&self, req: &AsgRefreshRequested, window: &str) -> Option<StepOutput> {
+        let ledger = self.ledger();
+        let c = ledger.closed.get(&req.asg_name)?;
+        if c.mark.ami != req.ami_id || c.mark.deadline != window {
+            return None;
+        }
+        let mut f = AsgRefreshFinished::new(req, c.outcome, c.reason.clone());
+        f.instance_refresh_id = Some(c.mark.refresh_id.clone());
+        Some(StepOutput::Emit(vec![Detail::from(f)]))
     }
 }
 
-/// The early answer for a request that can only wait: the account is full (by a recent read)
-/// and its group is not one of those in flight (whose requests come back to poll). No AWS call:
-/// when a window opens on hundreds of groups, the waiting requests would otherwise spend the
-/// account's Auto Scaling bucket asking again and again.
-fn wait_for_slot(
-    req: &AsgRefreshRequested,
-    stage: &Stage,
+/// Deferred requests come back spread over one to three `defer` periods, so they do not all ask
+/// again at the same moment; when many wait, proportionally later (up to five times), so that
+/// about two per slot come back per `defer` period instead of all of them. Each return costs a
+/// receive and a re-send, and hundreds of waiting requests would otherwise spend more on asking
+/// again than the refreshes themselves cost.
+fn spread_defer(
     settings: &RefreshSettings,
-    admission: &Admission,
-) -> Option<StepOutput> {
-    let names = admission.cached()?;
-    let limit = stage.max_concurrent_refreshes as usize;
-    (names.len() >= limit && !names.contains(&req.asg_name))
-        .then(|| spread_defer(settings, names.len(), limit))
-}
-
-fn spread_defer(settings: &RefreshSettings, in_flight: usize, limit: usize) -> StepOutput {
+    in_flight: usize,
+    limit: usize,
+    waiting: usize,
+) -> StepOutput {
+    let crowd = (waiting as f64 / (2.0 * limit.max(1) as f64)).clamp(1.0, MAX_CROWD);
     let mut spread = settings.clone();
-    spread.defer = settings.defer.mul_f64(1.0 + 2.0 * fastrand::f64());
+    spread.defer = settings
+        .defer
+        .mul_f64(crowd * (1.0 + 2.0 * fastrand::f64()));
     defer(
         &spread,
-        format!("{in_flight} refreshes in flight; the limit is {limit}"),
+        format!("{in_flight} refreshes in flight; the limit is {limit}; {waiting} requests wait"),
     )
 }
 
-/// A deferral when the account already has `max_concurrent_refreshes` of ours in flight. With
-/// `fresh`, the count is read from AWS; else a count read in the last [`COUNT_TTL`] will do.
-/// Deferred requests come back spread over one to three `defer` periods, so they do not all ask
-/// again at the same moment.
-async fn over_limit(
-    groups: &impl Groups,
-    stage: &Stage,
-    settings: &RefreshSettings,
-    admission: &Admission,
-    fresh: bool,
-) -> Result<Option<StepOutput>, StepError> {
-    let in_flight = match admission.cached().filter(|_| !fresh) {
-        Some(names) => names.len(),
-        None => {
-            let names: Vec<String> = groups
-                .with_tag_value(STATE_TAG, "in-progress")
-                .await?
-                .into_iter()
-                .filter(|g| mark_of(g).is_some_and(|m| m.state == "in-progress"))
-                .map(|g| g.name)
-                .collect();
-            let n = names.len();
-            admission.remember(Some(names));
-            n
-        }
-    };
-    let limit = stage.max_concurrent_refreshes as usize;
-    if in_flight < limit {
-        return Ok(None);
-    }
-    Ok(Some(spread_defer(settings, in_flight, limit)))
-}
+/// The most a crowd of waiting requests stretches their deferral.
+const MAX_CROWD: f64 = 5.0;
 
 /// What a refresh will be started with.
 #[derive(Debug, Default)]
@@ -703,14 +872,16 @@ async fn poll(
     mark: &Mark,
     groups: &impl Groups,
     settings: &RefreshSettings,
+    admission: &Admission,
 ) -> Result<StepOutput, StepError> {
     let refreshes = groups.refreshes(&group.name).await?;
     let Some(r) = refreshes.iter().find(|r| r.id == mark.refresh_id) else {
+        admission.forget(&req.asg_name, &mark.refresh_id);
         return Ok(StepOutput::Emit(Vec::new()));
     };
     match outcome_of_status(&r.status) {
         None => Ok(check_later(settings, &r.id)),
-        Some(outcome) => close(req, mark, outcome, &r.reason, groups).await,
+        Some(outcome) => close(req, mark, outcome, &r.reason, groups, admission).await,
     }
 }
 
@@ -720,17 +891,22 @@ async fn close(
     outcome: Outcome,
     reason: &str,
     groups: &impl Groups,
+    admission: &Admission,
 ) -> Result<StepOutput, StepError> {
     let done = Mark {
         state: outcome.as_str().into(),
         ..mark.clone()
     };
+    // The refresh has ended: its slot is free now, before the tag write below (if that fails,
+    // the event or poll is retried and writes it).
+    admission.ended(&req.asg_name);
     groups
         .set_tags(
             &req.asg_name,
             &[(REFRESH_TAG, &done.render()), (STATE_TAG, &done.state)],
         )
         .await?;
+    admission.closed(&req.asg_name, &done, outcome, reason);
     let mut finished = AsgRefreshFinished::new(req, outcome, reason);
     finished.instance_refresh_id = Some(mark.refresh_id.clone());
     Ok(StepOutput::Emit(vec![Detail::from(finished)]))
@@ -741,18 +917,25 @@ pub async fn refresh_event(
     event: &InstanceRefreshEvent,
     account: &str,
     groups: &impl Groups,
+    admission: &Admission,
 ) -> Result<StepOutput, StepError> {
     if !event.kind.is_terminal() {
         return Ok(StepOutput::Emit(Vec::new()));
     }
-    let Some(group) = groups.get(&event.asg_name).await? else {
-        return Ok(StepOutput::Emit(Vec::new()));
-    };
-    let Some(mark) = mark_of(&group)
-        .filter(|m| m.refresh_id == event.instance_refresh_id && m.state == "in-progress")
-    else {
-        // Not ours, or already closed by a poll: nothing to say.
-        return Ok(StepOutput::Emit(Vec::new()));
+    let ours = |m: &Mark| m.refresh_id == event.instance_refresh_id && m.state == "in-progress";
+    // Started here: the mark is known without reading the group.
+    let mark = match admission.running(&event.asg_name).filter(ours) {
+        Some(mark) => mark,
+        None => {
+            let Some(group) = groups.get(&event.asg_name).await? else {
+                return Ok(StepOutput::Emit(Vec::new()));
+            };
+            let Some(mark) = mark_of(&group).filter(ours) else {
+                // Not ours, or already closed by a poll: nothing to say.
+                return Ok(StepOutput::Emit(Vec::new()));
+            };
+            mark
+        }
     };
     let outcome = match event.kind {
         RefreshEventKind::Succeeded => Outcome::Succeeded,
@@ -765,7 +948,7 @@ pub async fn refresh_event(
         String::new()
     } else {
         groups
-            .refreshes(&group.name)
+            .refreshes(&event.asg_name)
             .await?
             .into_iter()
             .find(|r| r.id == mark.refresh_id)
@@ -778,13 +961,13 @@ pub async fn refresh_event(
     let req = AsgRefreshRequested::new(
         "",
         account,
-        &group.name,
+        &event.asg_name,
         &mark.parameter,
         &mark.ami,
         Strategy::LaunchTemplate,
         deadline,
     );
-    close(&req, &mark, outcome, &reason, groups).await
+    close(&req, &mark, outcome, &reason, groups, admission).await
 }
 
 #[cfg(test)]
@@ -821,7 +1004,13 @@ mod tests {
         )
     }
 
+    /// One delivery, as to a freshly started worker (nothing remembered).
     async fn run(aws: &FakeAws, req: &AsgRefreshRequested) -> StepOutput {
+        run_in(aws, req, &Admission::default()).await
+    }
+
+    /// One delivery to a worker that remembers `admission`.
+    async fn run_in(aws: &FakeAws, req: &AsgRefreshRequested, admission: &Admission) -> StepOutput {
         request_refresh(
             req,
             Utc::now(),
@@ -830,7 +1019,7 @@ mod tests {
             aws,
             &stage(),
             &settings(),
-            &Admission::default(),
+            admission,
         )
         .await
         .unwrap()
@@ -1050,21 +1239,7 @@ mod tests {
         let admission = Admission::default();
         let ask = |name: String| {
             let (aws, admission) = (&aws, &admission);
-            async move {
-                let req = request(&name, Strategy::LaunchTemplate);
-                request_refresh(
-                    &req,
-                    Utc::now(),
-                    aws,
-                    aws,
-                    aws,
-                    &stage(),
-                    &settings(),
-                    admission,
-                )
-                .await
-                .unwrap()
-            }
+            async move { run_in(aws, &request(&name, Strategy::LaunchTemplate), admission).await }
         };
         for i in 0..limit {
             ask(format!("g{i}")).await;
@@ -1084,6 +1259,147 @@ mod tests {
         // A group in flight is still looked at: its request polls the refresh.
         ask("g0".into()).await;
         assert!(reads() > calls);
+    }
+
+    #[tokio::test]
+    async fn a_slot_is_held_from_the_check_until_the_refresh_starts_or_the_request_gives_up() {
+        let aws = FakeAws::default();
+        let admission = Admission::default();
+        let Admit::Slot(first) = admission.admit("a", 1, &aws).await.unwrap() else {
+            panic!("the only slot is free");
+        };
+        assert!(
+            matches!(
+                admission.admit("b", 1, &aws).await.unwrap(),
+                Admit::Full { taken: 1, .. }
+            ),
+            "the slot is taken before any refresh starts"
+        );
+        drop(first);
+        assert!(matches!(
+            admission.admit("b", 1, &aws).await.unwrap(),
+            Admit::Slot(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn the_more_requests_wait_the_later_each_comes_back() {
+        let aws = FakeAws::default();
+        let admission = Admission::default();
+        let held = admission.admit("running", 1, &aws).await.unwrap();
+        let delay_of = |waiting: usize| {
+            let StepOutput::Defer { delay, .. } = spread_defer(&settings(), 1, 1, waiting) else {
+                unreachable!()
+            };
+            delay
+        };
+        // A few waiting: one to three deferral periods (7 s here).
+        assert!((Duration::from_secs(7)..=Duration::from_secs(21)).contains(&delay_of(2)));
+        // Six per slot: three times that; a crowd: at most five times.
+        assert!((Duration::from_secs(21)..=Duration::from_secs(63)).contains(&delay_of(6)));
+        assert!((Duration::from_secs(35)..=Duration::from_secs(105)).contains(&delay_of(500)));
+        // The ledger counts the distinct groups told to wait, and forgets one once admitted.
+        for g in ["a", "b", "b", "c"] {
+            admission.admit(g, 1, &aws).await.unwrap();
+        }
+        let Admit::Full { waiting, .. } = admission.admit("d", 1, &aws).await.unwrap() else {
+            panic!("full");
+        };
+        assert_eq!(waiting, 4);
+        drop(held);
+        assert!(matches!(
+            admission.admit("a", 1, &aws).await.unwrap(),
+            Admit::Slot(_)
+        ));
+        let Admit::Full { waiting, .. } = admission.admit("a2", 0, &aws).await.unwrap() else {
+            panic!("full");
+        };
+        assert_eq!(waiting, 4, "b, c, d and a2; a was admitted");
+    }
+
+    #[tokio::test]
+    async fn a_refresh_started_here_holds_its_slot_even_if_its_mark_was_never_written() {
+        let aws = FakeAws::default();
+        let limit = stage().max_concurrent_refreshes as usize;
+        for i in 0..=limit {
+            aws.template(&format!("lt-{i}"), &[OLD], 1);
+            aws.group(&format!("g{i}"), &format!("lt-{i}"), "1", OLD, 1);
+        }
+        let admission = Admission::default();
+        for i in 0..limit {
+            run_in(
+                &aws,
+                &request(&format!("g{i}"), Strategy::LaunchTemplate),
+                &admission,
+            )
+            .await;
+        }
+        // The tag writes were lost: AWS shows nothing in flight.
+        for g in aws.groups.lock().unwrap().values_mut() {
+            g.tags.remove(REFRESH_TAG);
+            g.tags.remove(STATE_TAG);
+        }
+        let req = request(&format!("g{limit}"), Strategy::LaunchTemplate);
+        let out = run_in(&aws, &req, &admission).await;
+        assert!(
+            matches!(&out, StepOutput::Defer { reason, .. } if reason.contains("the limit is")),
+            "{out:?}"
+        );
+        assert_eq!(aws.started.lock().unwrap().len(), limit);
+    }
+
+    #[tokio::test]
+    async fn the_event_of_a_refresh_started_here_closes_it_and_the_poll_after_costs_no_call() {
+        let aws = FakeAws::default();
+        aws.template("lt-1", &[OLD], 1);
+        aws.group("web", "lt-1", "1", OLD, 2);
+        let admission = Admission::default();
+        let req = request("web", Strategy::LaunchTemplate);
+        assert!(matches!(
+            run_in(&aws, &req, &admission).await,
+            StepOutput::Defer { .. }
+        ));
+        let id = mark_of(&aws.groups.lock().unwrap()["web"])
+            .unwrap()
+            .refresh_id;
+        aws.refreshes.lock().unwrap().get_mut("web").unwrap()[0].status = "Successful".into();
+        let reads = || aws.group_reads.load(std::sync::atomic::Ordering::Relaxed);
+        let before = reads();
+        let event = InstanceRefreshEvent {
+            account: "111111111111".into(),
+            region: "us-east-1".into(),
+            kind: RefreshEventKind::Succeeded,
+            instance_refresh_id: id.clone(),
+            asg_name: "web".into(),
+        };
+        let (o, _) = outcome(
+            &refresh_event(&event, "111111111111", &aws, &admission)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(o, Outcome::Succeeded);
+        assert_eq!(
+            mark_of(&aws.groups.lock().unwrap()["web"]).unwrap().state,
+            "succeeded",
+            "the close is written to the group"
+        );
+        let changes = aws.changes();
+        let StepOutput::Emit(details) = run_in(&aws, &req, &admission).await else {
+            panic!("the poll after the close says the outcome");
+        };
+        let [Detail::AsgRefreshFinished(f)] = details.as_slice() else {
+            panic!("{details:?}");
+        };
+        assert_eq!(
+            (f.outcome, f.instance_refresh_id.as_deref()),
+            (Outcome::Succeeded, Some(id.as_str()))
+        );
+        assert_eq!(
+            reads(),
+            before,
+            "neither the event nor the poll read the group"
+        );
+        assert_eq!(aws.changes(), changes, "and the poll changed nothing");
     }
 
     #[tokio::test]

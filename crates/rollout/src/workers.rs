@@ -163,10 +163,7 @@ impl runtime::Step for PlanStep {
             tracing::info!(stage = %stage.name, "parameter updated; refreshes wait for the stage's window");
             return Ok(StepOutput::Emit(Vec::new()));
         }
-        let groups = AwsGroups {
-            autoscaling: aws_sdk_autoscaling::Client::new(&self.0.config),
-            ec2: aws_sdk_ec2::Client::new(&self.0.config),
-        };
+        let groups = AwsGroups::new(&self.0.config);
         let params = SsmParameters(aws_sdk_ssm::Client::new(&self.0.config));
         let requests = crate::plan::plan(
             key,
@@ -186,14 +183,12 @@ pub struct RefreshStep {
     pub ctx: Context,
     pub settings: RefreshSettings,
     pub admission: crate::refresh::Admission,
+    pub tag_batch: Arc<crate::aws::TagBatch>,
 }
 
 impl runtime::Step for RefreshStep {
     async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
-        let groups = AwsGroups {
-            autoscaling: aws_sdk_autoscaling::Client::new(&self.ctx.config),
-            ec2: aws_sdk_ec2::Client::new(&self.ctx.config),
-        };
+        let groups = AwsGroups::new(&self.ctx.config).batching_tags(&self.tag_batch);
         match event {
             Inbound::Amiflow(_) => {
                 let e = trusted("refresh-worker", &self.ctx.policy, event)?;
@@ -222,7 +217,7 @@ impl runtime::Step for RefreshStep {
                         r.account, self.ctx.account
                     )));
                 }
-                crate::refresh::refresh_event(r, &self.ctx.account, &groups).await
+                crate::refresh::refresh_event(r, &self.ctx.account, &groups, &self.admission).await
             }
             other => Err(refuse("refresh-worker", other)),
         }

@@ -16,6 +16,8 @@ async fn main() -> anyhow::Result<()> {
             poll: Duration::from_secs_f64(poll),
         },
         admission: rollout::refresh::Admission::default(),
+        // Marks and closes written within this long of each other share one call.
+        tag_batch: rollout::aws::TagBatch::new(Duration::from_millis(500)),
     };
     worker
         .serve(Arc::new(step), runtime::shutdown::signal())
