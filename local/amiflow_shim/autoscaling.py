@@ -20,6 +20,7 @@ ticker thread that advances refreshes when nobody polls.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Any
@@ -109,6 +110,42 @@ def advance_all() -> None:
                         refresh.advance_backend(backend)
                     except Exception:  # noqa: BLE001 - keep ticking for the other groups
                         log.exception("instance refresh tick failed")
+
+
+REFRESHES_PATH = "/amiflow-emulator/refreshes"
+
+
+def _refresh_rows() -> list[dict[str, Any]]:
+    """Every refresh of every account: what benchmarks need to know how long refreshes ran."""
+    rows = []
+    with LOCK:
+        for account, regions in list(autoscaling_backends.items()):
+            for region, backend in list(regions.items()):
+                for group, items in (getattr(backend, "amiflow_refreshes", None) or {}).items():
+                    for r in items:
+                        rows.append({
+                            "account": account,
+                            "region": region,
+                            "group": group,
+                            "id": r.id,
+                            "status": r.status,
+                            "seconds": (r.end_time - r.start_time).total_seconds() if r.end_time else None,
+                        })
+    return rows
+
+
+def wrap_app(app):
+    """``GET /amiflow-emulator/refreshes``: ``{"refreshes": [{"account", "region", "group", "id",
+    "status", "seconds"}...]}``, ``seconds`` from start to end (null while active)."""
+
+    def middleware(environ, start_response):
+        if environ.get("PATH_INFO") != REFRESHES_PATH:
+            return app(environ, start_response)
+        payload = json.dumps({"refreshes": _refresh_rows()}).encode()
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))])
+        return [payload]
+
+    return middleware
 
 
 class _Ticker(threading.Thread):

@@ -8,6 +8,7 @@ import itertools
 import json
 import re
 import time
+import urllib.request
 
 import boto3
 import pytest
@@ -615,3 +616,20 @@ def test_resolve_ssm_image_id_uses_the_parameter_value_at_launch(world):
     _seen, item = world.wait_refresh("ssm", rid)
     assert item["Status"] == "Failed" and "/golden/web" in item["StatusReason"], item
     assert {v[0] for v in world.instances("ssm").values()} == {b} and len(world.instances("ssm")) == 2
+
+
+def test_refresh_run_times_are_reported_for_benchmarks(world, endpoint):
+    a, b = world.amis(2)
+    lt_id = world.template("timed", [{"ImageId": x, "InstanceType": "t3.micro"} for x in (a, b)])
+    world.group("timed", 2, LaunchTemplate={"LaunchTemplateId": lt_id, "Version": "1"})
+    rid = world.asg.start_instance_refresh(
+        AutoScalingGroupName="timed",
+        DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": lt_id, "Version": "2"}},
+        Preferences={"MinHealthyPercentage": 50},
+    )["InstanceRefreshId"]
+    _, item = world.wait_refresh("timed", rid)
+    with urllib.request.urlopen(f"{endpoint}/amiflow-emulator/refreshes") as resp:
+        rows = [r for r in json.load(resp)["refreshes"] if r["id"] == rid]
+    assert [(r["account"], r["group"], r["status"]) for r in rows] == [(world.account, "timed", "Successful")]
+    ran = (item["EndTime"] - item["StartTime"]).total_seconds()
+    assert ran > 0 and rows[0]["seconds"] == pytest.approx(ran, abs=1.0)

@@ -5,10 +5,14 @@ import random
 import urllib.request
 
 
-def calls(endpoint, method="GET"):
+def snapshot(endpoint, method="GET"):
     req = urllib.request.Request(f"{endpoint}/amiflow-emulator/calls", method=method, data=b"" if method == "POST" else None)
     with urllib.request.urlopen(req) as resp:
-        return json.load(resp)["calls"]
+        return json.load(resp)
+
+
+def calls(endpoint, method="GET"):
+    return snapshot(endpoint, method)["calls"]
 
 
 def test_calls_are_counted_per_caller_service_and_action(session_for, endpoint):
@@ -30,3 +34,15 @@ def test_calls_are_counted_per_caller_service_and_action(session_for, endpoint):
     # POST returns the counts and starts afresh.
     assert any(c["key"] == key for c in calls(endpoint, "POST"))
     assert not any(c["key"] == key for c in calls(endpoint))
+
+
+def test_the_process_cpu_time_grows_with_the_work_served(session_for, endpoint):
+    session = session_for(str(random.randint(10**11, 10**12 - 1)))
+    asg = session.client("autoscaling", endpoint_url=endpoint)
+    before = snapshot(endpoint)["process_cpu_seconds"]
+    for _ in range(20):
+        asg.describe_auto_scaling_groups()
+    after = snapshot(endpoint)["process_cpu_seconds"]
+    mine = sum(c["cpu_seconds"] for c in calls(endpoint) if c["key"] == session.get_credentials().access_key)
+    # The whole process spent at least what its threads spent serving these calls.
+    assert after - before >= mine > 0
