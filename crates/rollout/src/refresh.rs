@@ -1025,6 +1025,18 @@ mod tests {
         .unwrap()
     }
 
+    /// Groups `g0` ..= `g{limit}`, one more than the stage's concurrency limit, each with a
+    /// template of its own on the old AMI.
+    fn one_group_beyond_the_limit() -> (FakeAws, usize) {
+        let aws = FakeAws::default();
+        let limit = stage().max_concurrent_refreshes as usize;
+        for i in 0..=limit {
+            aws.template(&format!("lt-{i}"), &[OLD], 1);
+            aws.group(&format!("g{i}"), &format!("lt-{i}"), "1", OLD, 1);
+        }
+        (aws, limit)
+    }
+
     fn outcome(out: &StepOutput) -> (Outcome, String) {
         match out {
             StepOutput::Emit(details) => match details.as_slice() {
@@ -1197,13 +1209,7 @@ mod tests {
 
     #[tokio::test]
     async fn over_the_concurrency_limit_the_request_is_deferred() {
-        let aws = FakeAws::default();
-        let limit = stage().max_concurrent_refreshes as usize;
-        for i in 0..=limit {
-            let name = format!("g{i}");
-            aws.template(&format!("lt-{i}"), &[OLD], 1);
-            aws.group(&name, &format!("lt-{i}"), "1", OLD, 1);
-        }
+        let (aws, limit) = one_group_beyond_the_limit();
         for i in 0..limit {
             run(&aws, &request(&format!("g{i}"), Strategy::LaunchTemplate)).await;
         }
@@ -1230,12 +1236,7 @@ mod tests {
 
     #[tokio::test]
     async fn requests_waiting_for_a_slot_cost_no_aws_call_but_in_flight_ones_still_poll() {
-        let aws = FakeAws::default();
-        let limit = stage().max_concurrent_refreshes as usize;
-        for i in 0..=limit {
-            aws.template(&format!("lt-{i}"), &[OLD], 1);
-            aws.group(&format!("g{i}"), &format!("lt-{i}"), "1", OLD, 1);
-        }
+        let (aws, limit) = one_group_beyond_the_limit();
         let admission = Admission::default();
         let ask = |name: String| {
             let (aws, admission) = (&aws, &admission);
@@ -1319,12 +1320,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refresh_started_here_holds_its_slot_even_if_its_mark_was_never_written() {
-        let aws = FakeAws::default();
-        let limit = stage().max_concurrent_refreshes as usize;
-        for i in 0..=limit {
-            aws.template(&format!("lt-{i}"), &[OLD], 1);
-            aws.group(&format!("g{i}"), &format!("lt-{i}"), "1", OLD, 1);
-        }
+        let (aws, limit) = one_group_beyond_the_limit();
         let admission = Admission::default();
         for i in 0..limit {
             run_in(
