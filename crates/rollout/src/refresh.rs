@@ -83,6 +83,10 @@ pub struct RefreshSettings {
     /// events are the fast path; the poll is the guarantee, so it can be slow (every poll costs two
     /// Auto Scaling calls out of the account's shared bucket).
     pub poll: Duration,
+    /// Other processes may start refreshes in this account (Lambda runs two invocations at
+    /// once): confirm every start against AWS's marks, read just before it, instead of trusting
+    /// this process's ledger between reads.
+    pub confirm_start: bool,
 }
 
 fn finished(req: &AsgRefreshRequested, outcome: Outcome, reason: impl Into<String>) -> StepOutput {
@@ -260,6 +264,11 @@ pub async fn request_refresh(
         checkpoint_delay: stage.checkpoint_delay_seconds,
         alarms: stage.alarms.clone(),
     };
+    if settings.confirm_start
+        && let Some(taken) = admission.confirm(&req.asg_name, limit, groups).await?
+    {
+        return Ok(spread_defer(settings, taken, limit, 1));
+    }
     // The slot (held since the check above, or the group's own if it was counted in flight
     // already) passes to the running refresh.
     let id = groups.start_refresh(&req.asg_name, &request).await?;
@@ -470,13 +479,14 @@ impl Admission {
             .is_some_and(|(at, _)| at.elapsed() < REREAD)
     }
 
-    /// Read AWS's in-progress marks if the last read is too old (one reader at a time).
-    async fn reread(&self, groups: &impl Groups) -> Result<(), StepError> {
-        if self.read_is_fresh() {
+    /// Read AWS's in-progress marks if the last read is too old, or with `now` at once (one
+    /// reader at a time).
+    async fn reread(&self, groups: &impl Groups, now: bool) -> Result<(), StepError> {
+        if !now && self.read_is_fresh() {
             return Ok(());
         }
         let _one = self.reading.lock().await;
-        if self.read_is_fresh() {
+        if !now && self.read_is_fresh() {
             return Ok(());
         }
         let began = Instant::now();
@@ -501,7 +511,7 @@ impl Admission {
         limit: usize,
         groups: &impl Groups,
     ) -> Result<Admit<'_>, StepError> {
-        self.reread(groups).await?;
+        self.reread(groups, false).await?;
         let mut ledger = self.ledger();
         let in_flight = ledger.in_flight();
         if in_flight.contains(group) {
@@ -522,6 +532,21 @@ impl Admission {
             admission: self,
             group: group.to_owned(),
         }))
+    }
+
+    /// Just before a start, when other processes may start refreshes too: the slots taken by
+    /// others than `group`, by a read of AWS's marks made now, if they leave none free.
+    async fn confirm(
+        &self,
+        group: &str,
+        limit: usize,
+        groups: &impl Groups,
+    ) -> Result<Option<usize>, StepError> {
+        self.reread(groups, true).await?;
+        let ledger = self.ledger();
+        let others = ledger.in_flight().iter().filter(|g| *g != group).count()
+            + ledger.reserved.iter().filter(|g| *g != group).count();
+        Ok((others >= limit).then_some(others))
     }
 
     /// A refresh of ours runs on the group (started or taken over here): it holds a slot until
@@ -989,6 +1014,7 @@ mod tests {
         RefreshSettings {
             defer: Duration::from_secs(7),
             poll: Duration::from_secs(35),
+            confirm_start: false,
         }
     }
 
@@ -1342,6 +1368,60 @@ mod tests {
             "{out:?}"
         );
         assert_eq!(aws.started.lock().unwrap().len(), limit);
+    }
+
+    #[tokio::test]
+    async fn with_other_processes_admitting_too_each_start_is_confirmed_against_aws() {
+        // This process starts one refresh; another process then fills the account (marks this
+        // process's last read has not seen); then this process is asked for one more group.
+        async fn starts_after_another_process_fills_the_account(confirm_start: bool) -> usize {
+            let (aws, limit) = one_group_beyond_the_limit();
+            let admission = Admission::default();
+            let settings = RefreshSettings {
+                confirm_start,
+                ..settings()
+            };
+            let ask = |name: String| {
+                let (aws, admission, settings) = (&aws, &admission, &settings);
+                async move {
+                    let req = request(&name, Strategy::LaunchTemplate);
+                    request_refresh(
+                        &req,
+                        Utc::now(),
+                        aws,
+                        aws,
+                        aws,
+                        &stage(),
+                        settings,
+                        admission,
+                    )
+                    .await
+                    .unwrap()
+                }
+            };
+            ask("g0".into()).await;
+            for i in 1..limit {
+                run(&aws, &request(&format!("g{i}"), Strategy::LaunchTemplate)).await;
+            }
+            let last = ask(format!("g{limit}")).await;
+            if confirm_start {
+                assert!(
+                    matches!(&last, StepOutput::Defer { reason, .. } if reason.contains("the limit is")),
+                    "{last:?}"
+                );
+            }
+            aws.started.lock().unwrap().len()
+        }
+        let limit = stage().max_concurrent_refreshes as usize;
+        assert_eq!(
+            starts_after_another_process_fills_the_account(true).await,
+            limit
+        );
+        // Trusting the ledger between reads is right only for the account's one worker.
+        assert_eq!(
+            starts_after_another_process_fills_the_account(false).await,
+            limit + 1
+        );
     }
 
     #[tokio::test]

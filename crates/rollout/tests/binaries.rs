@@ -80,6 +80,14 @@ fn a_long_poll_beyond_what_sqs_allows_is_refused() {
 }
 
 #[test]
+fn an_unknown_admission_mode_is_refused_with_the_choices() {
+    let out = run(WORKERS[4], &[("AMIFLOW_ADMISSION", "cluster")]);
+    refused(&out, "AMIFLOW_ADMISSION");
+    refused(&out, "`process`");
+    refused(&out, "`account`");
+}
+
+#[test]
 fn an_invalid_policy_names_the_file_and_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("amiflow.toml");
