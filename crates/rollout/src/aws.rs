@@ -493,21 +493,6 @@ pub struct AwsGroups {
     pub tag_batch: Option<Arc<TagBatch>>,
 }
 
-impl AwsGroups {
-    pub fn new(config: &aws_config::SdkConfig) -> Self {
-        AwsGroups {
-            autoscaling: aws_sdk_autoscaling::Client::new(config),
-            ec2: aws_sdk_ec2::Client::new(config),
-            tag_batch: None,
-        }
-    }
-
-    pub fn batching_tags(mut self, batch: &Arc<TagBatch>) -> Self {
-        self.tag_batch = Some(Arc::clone(batch));
-        self
-    }
-}
-
 /// The tag writes of concurrent steps, sent together. A write waits up to `linger` for others;
 /// those that arrived by then go out in one `CreateOrUpdateTags` call (it takes the tags of many
 /// groups), so the marks and closes of a busy window cost a fraction of a call each out of the
@@ -528,13 +513,6 @@ struct PendingTags {
 
 /// At most this many tags per call (AWS documents no limit; a group holds at most 50 tags).
 const TAGS_PER_CALL: usize = 50;
-
-fn same_error(e: &StepError) -> StepError {
-    match e {
-        StepError::Transient(r) => StepError::Transient(r.clone()),
-        StepError::Permanent(r) => StepError::Permanent(r.clone()),
-    }
-}
 
 async fn write_tags(client: &aws_sdk_autoscaling::Client, tags: Vec<Tag>) -> Result<(), StepError> {
     runtime::limits::acquire(runtime::limits::Api::AutoScaling).await;
@@ -605,7 +583,7 @@ impl TagBatch {
                 }
                 Err(e) if call.len() == 1 => {
                     for p in call {
-                        let _ = p.done.send(Err(same_error(&e)));
+                        let _ = p.done.send(Err(e.clone()));
                     }
                 }
                 Err(e) => {
@@ -684,6 +662,19 @@ fn to_group(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
 }
 
 impl AwsGroups {
+    pub fn new(config: &aws_config::SdkConfig) -> Self {
+        AwsGroups {
+            autoscaling: aws_sdk_autoscaling::Client::new(config),
+            ec2: aws_sdk_ec2::Client::new(config),
+            tag_batch: None,
+        }
+    }
+
+    pub fn batching_tags(mut self, batch: &Arc<TagBatch>) -> Self {
+        self.tag_batch = Some(Arc::clone(batch));
+        self
+    }
+
     async fn describe(
         &self,
         names: Option<&str>,

@@ -265,9 +265,9 @@ pub async fn request_refresh(
         alarms: stage.alarms.clone(),
     };
     if settings.confirm_start
-        && let Some(taken) = admission.confirm(&req.asg_name, limit, groups).await?
+        && let Some((taken, waiting)) = admission.confirm(&req.asg_name, limit, groups).await?
     {
-        return Ok(spread_defer(settings, taken, limit, 1));
+        return Ok(spread_defer(settings, taken, limit, waiting));
     }
     // The slot (held since the check above, or the group's own if it was counted in flight
     // already) passes to the running refresh.
@@ -431,6 +431,13 @@ const REREAD: Duration = Duration::from_secs(30);
 const CLOSED_KEPT: Duration = Duration::from_secs(3600);
 
 impl Ledger {
+    /// Note that the group's request was told to wait; how many requests wait now.
+    fn wait(&mut self, group: &str) -> usize {
+        self.waiting.insert(group.to_owned(), Instant::now());
+        self.waiting.retain(|_, at| at.elapsed() < CLOSED_KEPT);
+        self.waiting.len()
+    }
+
     fn in_flight(&self) -> BTreeSet<String> {
         let mut names: BTreeSet<String> = match &self.read {
             Some((read_at, names)) => names
@@ -521,9 +528,7 @@ impl Admission {
         let taken = in_flight.len() + ledger.reserved.len();
         // A second request for a group already about to start waits too.
         if taken >= limit || ledger.reserved.contains(group) {
-            ledger.waiting.insert(group.to_owned(), Instant::now());
-            ledger.waiting.retain(|_, at| at.elapsed() < CLOSED_KEPT);
-            let waiting = ledger.waiting.len();
+            let waiting = ledger.wait(group);
             return Ok(Admit::Full { taken, waiting });
         }
         ledger.waiting.remove(group);
@@ -534,19 +539,24 @@ impl Admission {
         }))
     }
 
-    /// Just before a start, when other processes may start refreshes too: the slots taken by
-    /// others than `group`, by a read of AWS's marks made now, if they leave none free.
+    /// Just before a start, when other processes may start refreshes too: if a read of AWS's
+    /// marks made now leaves no slot free, the slots taken by others than `group` and how many
+    /// requests wait.
     async fn confirm(
         &self,
         group: &str,
         limit: usize,
         groups: &impl Groups,
-    ) -> Result<Option<usize>, StepError> {
+    ) -> Result<Option<(usize, usize)>, StepError> {
         self.reread(groups, true).await?;
-        let ledger = self.ledger();
-        let others = ledger.in_flight().iter().filter(|g| *g != group).count()
+        let mut ledger = self.ledger();
+        let taken = ledger.in_flight().iter().filter(|g| *g != group).count()
             + ledger.reserved.iter().filter(|g| *g != group).count();
-        Ok((others >= limit).then_some(others))
+        if taken < limit {
+            return Ok(None);
+        }
+        let waiting = ledger.wait(group);
+        Ok(Some((taken, waiting)))
     }
 
     /// A refresh of ours runs on the group (started or taken over here): it holds a slot until

@@ -15,7 +15,7 @@ pub enum ErrorClass {
 }
 
 /// A step's failure.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StepError {
     #[error("transient: {0}")]
     Transient(String),

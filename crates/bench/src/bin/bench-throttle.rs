@@ -98,11 +98,7 @@ async fn run(
                 .create_launch_template_version()
                 .launch_template_id(template)
                 .source_version("1")
-                .launch_template_data(
-                    aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
-                        .image_id("ami-0123456789abcdef0")
-                        .build(),
-                )
+                .launch_template_data(template_data())
                 .send()
                 .await
                 .is_ok(),
@@ -132,6 +128,13 @@ async fn run(
     out
 }
 
+/// What the benchmark's launch template and its new versions hold.
+fn template_data() -> aws_sdk_ec2::types::RequestLaunchTemplateData {
+    aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+        .image_id("ami-0123456789abcdef0")
+        .build()
+}
+
 #[tokio::main]
 async fn main() {
     let local = e2e::Local::start().await;
@@ -139,11 +142,7 @@ async fn main() {
     let template = ec2
         .create_launch_template()
         .launch_template_name("bench")
-        .launch_template_data(
-            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
-                .image_id("ami-0123456789abcdef0")
-                .build(),
-        )
+        .launch_template_data(template_data())
         .send()
         .await
         .expect("a launch template")
