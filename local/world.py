@@ -5,7 +5,8 @@ an `amiflow` bus per account (with a bus policy for the other accounts), one que
 worker, the routing rules, golden AMIs built in the hub and shared with the spokes, the golden
 parameters with their history, and a mix of Auto Scaling groups that covers every case the plan
 and refresh workers must tell apart. Each group records what a rollout of the candidate AMI is
-expected to do to it, so end-to-end tests can compare outcomes with intent.
+expected to do to it (and to each mixed-instances override's own launch template), so
+end-to-end tests can compare outcomes with intent.
 
     python local/world.py provision --endpoint URL --scale small|seed --out STATE.json [--no-messaging]
 
@@ -24,30 +25,46 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import tomllib
+from pathlib import Path
+
 import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-ROLE_NAME = "amiflow"
-HUB_ACCOUNT = "111111111111"
-# Stage order matters: the rollout goes qa, then uat, then prod.
-STAGES = [("qa", "111111111111"), ("uat", "222222222222"), ("prod", "333333333333")]
+# The accounts, stages and families are the local rollout policy's: the workers run with that
+# file, so the world is built from it rather than from a copy.
+POLICY_FILE = Path(__file__).resolve().parent / "amiflow.toml"
+with POLICY_FILE.open("rb") as _f:
+    POLICY = tomllib.load(_f)
+ROLE_NAME = POLICY["role_name"]
+HUB_ACCOUNT = POLICY["hub_account"]
+# Stage order matters: the rollout goes qa, then uat, then prod (the policy's order).
+STAGES = [(stage["name"], stage["account"]) for stage in POLICY["stages"]]
 BUS_NAME = "amiflow"
 SPOKE_WORKERS = ["param", "plan", "refresh"]
 HUB_WORKERS = ["share", "ingest", "audit"]
 MAX_RECEIVE_COUNT = 5
-VISIBILITY_TIMEOUT = 60
+# A worker extends the visibility of what it works on every half timeout (the runtime's
+# heartbeat), so a short timeout costs a few calls and no duplicate work; what it buys is that a
+# killed worker's in-flight messages come back within seconds once it is started again.
+VISIBILITY_TIMEOUT = 10
 # The hub's audit trail (amictl trace): every AmiBuilt, AmiShared, ParamUpdated and
 # AsgRefreshFinished the hub bus sees, its own and those the spokes forward.
 AUDIT_LOG_GROUP = "/amiflow/audit"
 AUDIT_DETAIL_TYPES = ["AmiBuilt", "AmiShared", "ParamUpdated", "AsgRefreshFinished"]
 
-AL2023_PARAMETER = "/golden/al2023/ami-id"
-WIN2022_PARAMETER = "/golden/win2022/ami-id"
-FAMILIES = [
-    {"parameter_name": AL2023_PARAMETER, "name_prefix": "golden-al2023-"},
-    {"parameter_name": WIN2022_PARAMETER, "name_prefix": "golden-win2022-"},
-]
+FAMILIES = [{"parameter_name": f["parameter_name"], "name_prefix": f["name_prefix"]}
+            for f in POLICY["families"]]
+
+
+def family_parameter(name_prefix):
+    """The golden parameter of the policy's family whose AMI names start with `name_prefix`."""
+    return next(f["parameter_name"] for f in FAMILIES if f["name_prefix"] == name_prefix)
+
+
+AL2023_PARAMETER = family_parameter("golden-al2023-")
+WIN2022_PARAMETER = family_parameter("golden-win2022-")
 # (name, family, creation date). The history is what the parameter held, oldest first; the
 # candidate is what the next rollout will share and publish, so it starts unshared.
 AL2023_HISTORY = [
@@ -72,6 +89,12 @@ APPS = ["web", "api", "worker", "batch", "cache", "search", "auth", "billing", "
 REFRESHABLE_KINDS = ["pinned", "latest", "default", "mixed"]
 SPECIAL_KINDS = ["launch-config", "skip-tag", "other-family", "ssm-resolve", "cfn-param", "cfn-resolve"]
 UAT_ONLY_KINDS = ["refresh-fail"]
+# Mixed-instances groups whose t3.small override launches from a launch template of its own: on
+# the group's golden AMI (the override must move with the main template; it is the first override,
+# so the instances launch from it), or on another family's AMI (left alone; second, so the
+# instances launch from the main template). Small scale only: the seed world, which the
+# benchmarks run, keeps its size.
+OVERRIDE_KINDS = ["override-old", "override-other"]
 
 # What a rollout of the candidate should do to each kind: (expected, strategy, reason).
 # strategy is what the plan-worker puts in AsgRefreshRequested (DESIGN 4: cloudformation for a
@@ -81,6 +104,8 @@ EXPECTATIONS = {
     "latest": ("refresh", "launch-template", None),
     "default": ("refresh", "launch-template", None),
     "mixed": ("refresh", "launch-template", None),
+    "override-old": ("refresh", "launch-template", None),
+    "override-other": ("refresh", "launch-template", None),
     "ssm-resolve": ("refresh", "launch-template", None),
     "cfn-param": ("refresh", "cloudformation", None),
     "launch-config": (
@@ -299,7 +324,10 @@ def rules_for(acct, queues):
                  pattern={"source": ["aws.ec2"], "detail-type": ["EC2 AMI State Change"]}),
             dict(name="amiflow-ingest-imagebuilder", bus="default", target=q("ingest"),
                  pattern={"source": ["aws.imagebuilder"], "detail-type": ["EC2 Image Builder Image State Change"]}),
-            dict(name="amiflow-share", bus=BUS_NAME, target=q("share"), pattern=ours(["AmiBuilt"])),
+            # The share-worker is the promotion gate: every stage's window opening re-judges the
+            # gate of that stage (a spoke forwards its windows here).
+            dict(name="amiflow-share", bus=BUS_NAME, target=q("share"),
+                 pattern=ours(["AmiBuilt", "RolloutWindowOpened"])),
             dict(name="amiflow-audit", bus=BUS_NAME, target=q("audit"),
                  pattern=ours(["ParamUpdated", "AsgRefreshFinished"])),
             dict(name="amiflow-audit-log", bus=BUS_NAME,
@@ -314,7 +342,7 @@ def rules_for(acct, queues):
                                   pattern=ours(["AmiShared"], target_account=account)))
     else:
         rules.append(dict(name="amiflow-forward-hub", bus=BUS_NAME, target=bus_arn(HUB_ACCOUNT, region),
-                          pattern=ours(["ParamUpdated", "AsgRefreshFinished"])))
+                          pattern=ours(["ParamUpdated", "AsgRefreshFinished", "RolloutWindowOpened"])))
     return rules
 
 
@@ -362,7 +390,7 @@ def plan_groups(stage, scale):
         return name
 
     if conf["targets"] is None:
-        for kind in REFRESHABLE_KINDS + specials:
+        for kind in REFRESHABLE_KINDS + specials + OVERRIDE_KINDS:
             groups.append((name_for(kind), kind, conf["group_size"], default_ami_key(kind, 0)))
         return groups
 
@@ -408,10 +436,11 @@ def provision_groups(acct, amis, scale):
         builder = CFN_KINDS.get(kind) or create_group
         # Three AZs per group, starting at a different one each time (moto launches into the first).
         spread = [subnets[(index + k) % len(subnets)] for k in range(min(3, len(subnets)))]
-        lt_id = builder(acct, name, kind, instances, ami, by_key, spread)
+        lt_id, overrides = builder(acct, name, kind, instances, ami, by_key, spread)
         expected, strategy, reason = EXPECTATIONS[kind]
         return {"name": name, "kind": kind, "instances": instances, "ami_id": ami,
-                "launch_template_id": lt_id, "expected": expected, "strategy": strategy, "reason": reason}
+                "launch_template_id": lt_id, "overrides": overrides,
+                "expected": expected, "strategy": strategy, "reason": reason}
 
     return [one(i, plan) for i, plan in enumerate(plans)]
 
@@ -438,7 +467,10 @@ def launch_template(ec2, name, versions):
 
 
 def create_group(acct, name, kind, instances, ami, by_key, subnets):
+    """Create the group; (its launch template id, its overrides with a template of their own: what
+    each holds and what a rollout must do to it)."""
     ec2, asg = acct.ec2, acct.autoscaling
+    overrides = []
     tags = [{"Key": "env", "Value": acct.stage}, {"Key": "app", "Value": name.split("-")[1]},
             {"Key": "Name", "Value": name}]
     args = dict(
@@ -479,6 +511,19 @@ def create_group(acct, name, kind, instances, ami, by_key, subnets):
                 "SpotAllocationStrategy": "price-capacity-optimized",
             },
         }
+    elif kind in OVERRIDE_KINDS:
+        lt_id = launch_template(ec2, name, [lt_data(ami, name=name)])
+        over_ami = ami if kind == "override-old" else by_key["win"]
+        over_id = launch_template(ec2, f"{name}-t3small", [lt_data(over_ami, "t3.small", name=name)])
+        own = {"InstanceType": "t3.small",
+               "LaunchTemplateSpecification": {"LaunchTemplateId": over_id, "Version": "1"}}
+        plain = {"InstanceType": "t3.micro"}
+        args["MixedInstancesPolicy"] = {"LaunchTemplate": {
+            "LaunchTemplateSpecification": {"LaunchTemplateId": lt_id, "Version": "1"},
+            "Overrides": [own, plain] if kind == "override-old" else [plain, own],
+        }}
+        overrides.append({"instance_type": "t3.small", "launch_template_id": over_id, "ami_id": over_ami,
+                          "expected": "moved" if kind == "override-old" else "left-alone"})
     elif kind == "ssm-resolve":
         lt_id = launch_template(ec2, name, [lt_data(f"resolve:ssm:{AL2023_PARAMETER}", name=name)])
         args["LaunchTemplate"] = {"LaunchTemplateId": lt_id, "Version": "$Default"}
@@ -489,7 +534,7 @@ def create_group(acct, name, kind, instances, ami, by_key, subnets):
         raise ValueError(f"unknown group kind {kind!r}")
     args["Tags"] = [dict(t, ResourceId=name, ResourceType="auto-scaling-group", PropagateAtLaunch=True) for t in tags]
     asg.create_auto_scaling_group(**args)
-    return lt_id
+    return lt_id, overrides
 
 
 # CloudFormation-owned groups. Both stacks create the launch template and the group; they differ
@@ -559,7 +604,7 @@ def create_cfn_group(acct, name, kind, instances, ami, by_key, subnets):
             raise RuntimeError(f"stack {name} ended in {status}: {reasons[:3]}")
         time.sleep(0.1)
     resource = cfn.describe_stack_resource(StackName=name, LogicalResourceId="LaunchTemplate")
-    return resource["StackResourceDetail"]["PhysicalResourceId"]
+    return resource["StackResourceDetail"]["PhysicalResourceId"], []
 
 
 CFN_KINDS = {"cfn-param": create_cfn_group, "cfn-resolve": create_cfn_group}
@@ -646,8 +691,8 @@ def main(argv=None):
     p.add_argument("--no-messaging", action="store_true",
                    help="no buses, queues or rules (the deploy templates create them)")
     p.add_argument("--visibility-timeout", type=int, default=VISIBILITY_TIMEOUT, metavar="SECONDS",
-                   help=f"worker queues' visibility timeout (default {VISIBILITY_TIMEOUT}; the chaos "
-                        "tests use less, so a killed worker's messages return sooner)")
+                   help=f"worker queues' visibility timeout (default {VISIBILITY_TIMEOUT}): how soon a "
+                        "killed worker's in-flight messages return to its queue")
     args = parser.parse_args(argv)
     if not 1 <= args.visibility_timeout <= 43200:
         parser.error("--visibility-timeout must be 1 to 43200 seconds (SQS's range)")

@@ -8,7 +8,7 @@ module replaces it rather than wrapping it:
 - it reads user data through LaunchTemplateVersion.user_data, which asserts a Base64EncodedString,
   but CreateLaunchTemplateVersion stores the raw request string: every later group launch is a 500;
 - it never resolves an ImageId of the form `resolve:ssm:<parameter>`: instances get the literal string;
-- with a MixedInstancesPolicy it ignores the overrides' InstanceType;
+- with a MixedInstancesPolicy it ignores the overrides' InstanceType and LaunchTemplateSpecification;
 - DescribeAutoScalingGroups / DescribeAutoScalingInstances report every instance's template version
   as the template's *current* default version, whatever the instance was launched with.
 
@@ -16,6 +16,11 @@ Everything here goes through a LaunchSpec: a template plus the version as the ca
 (`"3"`, `"$Latest"`, `"$Default"`), optionally pinned to a resolved number, or a launch configuration.
 Each launched instance remembers (attribute `amiflow_launch`) which template, requested version and
 resolved version number it came from; the instance-state patches below report that.
+
+Instances of a mixed-instances group launch as the first (highest-priority) override, as AWS's
+`prioritized` on-demand allocation does while capacity lasts. An override with its own
+LaunchTemplateSpecification launches from that template (AMI, version, SkipMatching key), as on AWS,
+where a group can launch one instance type from a second template.
 """
 
 from __future__ import annotations
@@ -52,6 +57,23 @@ class LaunchSpec:
     pinned_number: int | None = None  # resolved version number, fixed by `pinned()`
     overrides: tuple[dict[str, Any], ...] = field(default_factory=tuple)
     launch_config: FakeLaunchConfiguration | None = None
+    # The first override's own template version, fixed by `pinned()` like `pinned_number`.
+    override_pinned_number: int | None = None
+
+    def launching(self) -> LaunchSpec:
+        """The spec instances really launch from: the first override's own launch template when it
+        names one (see module docstring), else this spec."""
+        first = self.overrides[0] if self.overrides else {}
+        lt = first.get("LaunchTemplateSpecification")
+        if not lt or self.template is None:
+            return self
+        template = _find_template(self.template.ec2_backend, lt)
+        return LaunchSpec(
+            template=template,
+            version=str(lt.get("Version") or "$Default"),
+            pinned_number=self.override_pinned_number,
+            overrides=self.overrides,
+        )
 
     def template_version(self) -> LaunchTemplateVersion:
         assert self.template is not None
@@ -64,12 +86,21 @@ class LaunchSpec:
         target once, when it starts replacing instances)."""
         if self.template is None:
             return self
-        return replace(self, pinned_number=self.template_version().number)
+        launching = self.launching()
+        return replace(
+            self,
+            pinned_number=self.template_version().number,
+            override_pinned_number=(
+                launching.template_version().number if launching is not self else None
+            ),
+        )
 
     def key(self) -> tuple[str, str, int] | tuple[str, str]:
-        """What SkipMatching compares: template id and resolved version, or the LC name."""
-        if self.template is not None:
-            return ("lt", self.template.id, self.template_version().number)
+        """What SkipMatching compares: template id and resolved version of the template instances
+        launch from, or the LC name."""
+        launching = self.launching()
+        if launching.template is not None:
+            return ("lt", launching.template.id, launching.template_version().number)
         assert self.launch_config is not None
         return ("lc", self.launch_config.name)
 
@@ -205,6 +236,7 @@ def launch(
     tags[ASG_NAME_TAG] = group.name
     subnet_id = group.vpc_zone_identifier.split(",")[0] if group.vpc_zone_identifier else None
 
+    spec = spec.launching()
     if spec.template is not None:
         version = spec.template_version()
         data = version.data

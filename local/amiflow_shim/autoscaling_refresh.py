@@ -15,8 +15,15 @@ health checks" one step after launch. A CloudWatch alarm named in AlarmSpecifica
 ALARM state fails the refresh the same way. A launch that cannot happen (deleted SSM parameter or
 template version) fails it too.
 
+Replacement: the batch size follows Min/MaxHealthyPercentage. With MaxHealthyPercentage above 100
+a batch launches before the instances it replaces terminate: its replacements join the group (above
+its desired capacity) one step, and the replaced instances leave the next, once the replacements are
+healthy (unhealthy ones are terminated instead, and the replaced instances stay). At 100 or less a
+batch is replaced within one step (launched, then the old terminated, so a launch that cannot
+happen leaves the group whole).
+
 Simplifications: InstanceWarmup and CheckpointDelay / BakeTime durations are not waited (one step
-each); the batch size follows Min/MaxHealthyPercentage; only the Rolling strategy; no warm pools.
+each); only the Rolling strategy; no warm pools.
 """
 
 from __future__ import annotations
@@ -113,6 +120,10 @@ class InstanceRefresh:
         self.goal = self.checkpoints[-1] if self.checkpoints else 100
         self.waiting_checkpoint = False
         self.unhealthy_launched = False  # failure injection: a failing batch is in service
+        # Launch before terminate (MaxHealthyPercentage > 100): the instances of the last batch,
+        # still in service beside their replacements, and those replacements.
+        self.held: list[str] = []
+        self.held_new: list[str] = []
 
     def describe(self) -> dict[str, Any]:
         progress = {"PercentageComplete": self.percentage_complete, "InstancesToUpdate": self.instances_to_update}
@@ -162,9 +173,35 @@ def get_group(backend: AutoScalingBackend, name: str) -> FakeAutoScalingGroup:
 # --- validation ----------------------------------------------------------------------------------
 
 
+# Bounds of RefreshPreferences members (AWS API reference), checked as AWS's request validation
+# does; botocore checks only the minimums before sending.
+PREFERENCE_RANGES = {
+    "MinHealthyPercentage": (0, 100),
+    "MaxHealthyPercentage": (100, 200),
+    "BakeTime": (0, 172800),
+    "CheckpointDelay": (0, 172800),
+    "InstanceWarmup": (0, None),
+}
+
+
 def normalize_preferences(prefs: dict[str, Any] | None) -> dict[str, Any]:
     """Validate Preferences and fill AWS's defaults, as DescribeInstanceRefreshes echoes them."""
     prefs = dict(prefs or {})
+    for name, (low, high) in PREFERENCE_RANGES.items():
+        value = prefs.get(name)
+        if value is None:
+            continue
+        member = "preferences." + name[0].lower() + name[1:]
+        if value < low:
+            raise ValidationError(
+                f"1 validation error detected: Value '{value}' at '{member}' failed to satisfy "
+                f"constraint: Member must have value greater than or equal to {low}"
+            )
+        if high is not None and value > high:
+            raise ValidationError(
+                f"1 validation error detected: Value '{value}' at '{member}' failed to satisfy "
+                f"constraint: Member must have value less than or equal to {high}"
+            )
     if "MaxHealthyPercentage" in prefs:
         if "MinHealthyPercentage" not in prefs:
             raise ValidationError(
@@ -331,6 +368,7 @@ def _progress(backend: AutoScalingBackend, group: FakeAutoScalingGroup, r: Insta
         _fail(backend, group, r, "Instance refresh failed: the replacement instances failed their health checks "
               f"(group tag {FAIL_TAG}=fail).")
         return
+    _settle_batch(group, r)
     alarm = _alarm_in_alarm(backend, r)
     if alarm:
         _fail(backend, group, r, f"Instance refresh failed: CloudWatch alarm {alarm} is in ALARM state.")
@@ -353,7 +391,14 @@ def _progress(backend: AutoScalingBackend, group: FakeAutoScalingGroup, r: Insta
     # Never replace beyond the last checkpoint (a last checkpoint under 100 stops the refresh there).
     allowed = max(1, math.ceil(r.goal * r.total / 100) - r.done)
     batch = r.to_replace[: min(_batch_size(group, r), allowed)]
-    r.launched += launching.replace_instances(group, batch, r.target)  # type: ignore[arg-type]
+    if r.preferences.get("MaxHealthyPercentage", 100) > 100:
+        # Launch before terminate: the batch stays in service beside its replacements until the
+        # next step (_settle_batch).
+        new = [i.id for i in launching.launch(group, r.target, len(batch))]  # type: ignore[arg-type]
+        r.held, r.held_new = list(batch), new
+        r.launched += new
+    else:
+        r.launched += launching.replace_instances(group, batch, r.target)  # type: ignore[arg-type]
     if any(t.get("Key") == FAIL_TAG and t.get("Value") == "fail" for t in group.tags):
         # The new instances never become healthy: nothing counts as done; the next step fails.
         r.unhealthy_launched = True
@@ -373,7 +418,23 @@ def _progress(backend: AutoScalingBackend, group: FakeAutoScalingGroup, r: Insta
         r.status_reason = f"Waiting for the checkpoint delay of {delay} seconds to elapse after reaching {reached[-1]}%."
 
 
+def _settle_batch(group: FakeAutoScalingGroup, r: InstanceRefresh) -> None:
+    """End a launch-before-terminate batch: healthy replacements take over (the instances they
+    replace terminate); unhealthy ones are terminated and the instances they would replace stay."""
+    if not r.held and not r.held_new:
+        return
+    if r.unhealthy_launched:
+        gone = set(r.held_new)
+        launching.terminate(group, r.held_new)
+        r.launched = [i for i in r.launched if i not in gone]
+        r.unhealthy_launched = False
+    else:
+        launching.terminate(group, r.held)
+    r.held, r.held_new = [], []
+
+
 def _succeed(backend: AutoScalingBackend, group: FakeAutoScalingGroup, r: InstanceRefresh) -> None:
+    _settle_batch(group, r)
     if r.desired:
         launching.set_group_configuration(group, r.desired)
     _finish(r, "Successful", None)
@@ -381,6 +442,7 @@ def _succeed(backend: AutoScalingBackend, group: FakeAutoScalingGroup, r: Instan
 
 
 def _fail(backend: AutoScalingBackend, group: FakeAutoScalingGroup, r: InstanceRefresh, reason: str) -> None:
+    _settle_batch(group, r)
     if r.preferences.get("AutoRollback"):
         start_rollback(backend, r, reason)
         return
@@ -414,6 +476,7 @@ def start_rollback(backend: AutoScalingBackend, r: InstanceRefresh, reason: str)
 
 def _rolled_back(backend: AutoScalingBackend, group: FakeAutoScalingGroup, r: InstanceRefresh) -> None:
     """Replace what the refresh launched with the group's configuration, unchanged since the start."""
+    _settle_batch(group, r)
     launching.replace_instances(group, r.launched, launching.spec_from_group(group))
     r.percentage_complete = 0
     _finish(r, "RollbackSuccessful", r.status_reason)
@@ -421,6 +484,7 @@ def _rolled_back(backend: AutoScalingBackend, group: FakeAutoScalingGroup, r: In
 
 
 def _cancelled(backend: AutoScalingBackend, group: FakeAutoScalingGroup, r: InstanceRefresh) -> None:
+    _settle_batch(group, r)
     _finish(r, "Cancelled", r.status_reason)
     emit(backend, r, "Cancelled")
 

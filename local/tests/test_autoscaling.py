@@ -290,7 +290,8 @@ def test_refresh_without_desired_configuration_follows_latest_resolved_at_start(
     assert item["Status"] == "Successful" and "DesiredConfiguration" not in item
 
     assert world.describe_group("batch")["LaunchTemplate"]["Version"] == "$Latest"
-    assert {v[:3] for v in world.instances("batch").values()} == {(b, "$Latest", "2")}
+    after = world.instances("batch")
+    assert len(after) == 3 and {v[:3] for v in after.values()} == {(b, "$Latest", "2")}
 
 
 def test_refresh_to_mixed_instances_policy(world):
@@ -323,6 +324,68 @@ def test_refresh_to_mixed_instances_policy(world):
     assert {v for v in world.instances("mix").values()} == {(b, "2", "2", "t3.small")}
 
 
+def test_an_override_with_its_own_launch_template_launches_from_it(world):
+    """A MixedInstancesPolicy override naming a second template: instances of the override's type
+    (the first, highest-priority override) run that template's AMI; a refresh whose desired
+    configuration moves the override's version replaces them, and SkipMatching compares the
+    override's template."""
+    a, b = world.amis(2)
+    world.template("main", [{"ImageId": b, "InstanceType": "t3.micro"}])
+    other = world.template("other", [{"ImageId": a, "InstanceType": "t3.small"}, {"ImageId": b, "InstanceType": "t3.small"}])
+
+    def policy(version):
+        return {
+            "LaunchTemplate": {
+                "LaunchTemplateSpecification": {"LaunchTemplateName": "main", "Version": "1"},
+                "Overrides": [
+                    {"InstanceType": "t3.small", "LaunchTemplateSpecification": {"LaunchTemplateId": other, "Version": version}},
+                    {"InstanceType": "t3.micro"},
+                ],
+            },
+            "InstancesDistribution": {"OnDemandBaseCapacity": 0, "OnDemandPercentageAboveBaseCapacity": 100},
+        }
+
+    world.group("over", 2, MixedInstancesPolicy=policy("1"))
+    g = world.describe_group("over")
+    first = g["MixedInstancesPolicy"]["LaunchTemplate"]["Overrides"][0]
+    assert (first["LaunchTemplateSpecification"]["LaunchTemplateId"], first["LaunchTemplateSpecification"]["Version"]) == (other, "1")
+    assert set(world.instances("over").values()) == {(a, "1", "1", "t3.small")}
+
+    rid = world.asg.start_instance_refresh(
+        AutoScalingGroupName="over", DesiredConfiguration={"MixedInstancesPolicy": policy("2")},
+        Preferences={"SkipMatching": True},
+    )["InstanceRefreshId"]
+    _seen, item = world.wait_refresh("over", rid)
+    assert item["Status"] == "Successful"
+    assert set(world.instances("over").values()) == {(b, "2", "2", "t3.small")}
+    first = world.describe_group("over")["MixedInstancesPolicy"]["LaunchTemplate"]["Overrides"][0]
+    assert first["LaunchTemplateSpecification"]["Version"] == "2"
+
+    # The same configuration again: every instance already launched from the override's version 2.
+    before = set(world.instances("over"))
+    rid = world.asg.start_instance_refresh(
+        AutoScalingGroupName="over", DesiredConfiguration={"MixedInstancesPolicy": policy("2")},
+        Preferences={"SkipMatching": True},
+    )["InstanceRefreshId"]
+    _seen, item = world.wait_refresh("over", rid)
+    assert item["Status"] == "Successful"
+    assert set(world.instances("over")) == before
+
+
+def test_an_override_naming_a_missing_template_is_refused(world):
+    (a,) = world.amis(1)
+    world.template("alone", [{"ImageId": a, "InstanceType": "t3.micro"}])
+    with pytest.raises(ClientError) as e:
+        world.group("gone", 1, MixedInstancesPolicy={
+            "LaunchTemplate": {
+                "LaunchTemplateSpecification": {"LaunchTemplateName": "alone", "Version": "1"},
+                "Overrides": [{"InstanceType": "t3.small", "LaunchTemplateSpecification": {"LaunchTemplateName": "nowhere"}}],
+            },
+        })
+    assert e.value.response["Error"]["Code"] == "ValidationError"
+    assert "does not exist" in e.value.response["Error"]["Message"]
+
+
 def test_events_arrive_when_nobody_polls(world):
     """Only SQS is read: the ticker thread, not Auto Scaling requests, advances the refresh."""
     a, b = world.amis(2)
@@ -335,6 +398,105 @@ def test_events_arrive_when_nobody_polls(world):
     )["InstanceRefreshId"]
     evs = world.refresh_events(rid, "Succeeded")
     assert [e["detail-type"][len("EC2 Auto Scaling Instance Refresh "):] for e in evs] == ["Started", "Succeeded"]
+
+
+def _watch_group(world, name, rid):
+    """Poll the group while its refresh runs: the distinct shapes seen (how many instances run
+    each launch template version, as sorted (version, count) tuples), and the refresh's statuses
+    and last item. One Auto Scaling call each: a phase lasts one step (0.2 s)."""
+    shapes, seen = [], []
+    deadline = time.monotonic() + DEADLINE
+    while True:
+        versions = [i["LaunchTemplate"]["Version"] for i in world.describe_group(name)["Instances"]]
+        shape = tuple(sorted((v, versions.count(v)) for v in set(versions)))
+        if not shapes or shapes[-1] != shape:
+            shapes.append(shape)
+        item = world.refresh(name, rid)
+        if not seen or seen[-1] != item["Status"]:
+            seen.append(item["Status"])
+        if item["Status"] not in ACTIVE:
+            return shapes, seen, item
+        assert time.monotonic() < deadline, f"refresh {rid} stuck: {seen}"
+        time.sleep(0.02)
+
+
+def test_max_healthy_percentage_above_100_launches_before_terminating_and_bake_time_bakes(world):
+    a, b = world.amis(2)
+    lt_id = world.template("surge", [{"ImageId": x, "InstanceType": "t3.micro"} for x in (a, b)])
+    world.group("surge", 2, LaunchTemplate={"LaunchTemplateId": lt_id, "Version": "1"})
+    rid = world.asg.start_instance_refresh(
+        AutoScalingGroupName="surge",
+        DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": lt_id, "Version": "2"}},
+        Preferences={"MinHealthyPercentage": 100, "MaxHealthyPercentage": 200, "BakeTime": 900, "SkipMatching": True},
+    )["InstanceRefreshId"]
+    shapes, seen, item = _watch_group(world, "surge", rid)
+    # The whole group (200% of it) ran at once: both replacements in service beside both
+    # originals, and never fewer than two instances on the old AMI before the new ones were there.
+    assert shapes == [(("1", 2),), (("1", 2), ("2", 2)), (("2", 2),)], shapes
+    assert {v[0] for v in world.instances("surge").values()} == {b}
+    assert [s for s in seen if s != "Pending"] == ["InProgress", "Baking", "Successful"], seen
+    prefs = item["Preferences"]
+    assert (prefs["MinHealthyPercentage"], prefs["MaxHealthyPercentage"], prefs["BakeTime"]) == (100, 200, 900)
+    assert world.describe_group("surge")["DesiredCapacity"] == 2
+
+
+def test_max_healthy_percentage_100_never_runs_above_the_desired_capacity(world):
+    a, b = world.amis(2)
+    lt_id = world.template("steady", [{"ImageId": x, "InstanceType": "t3.micro"} for x in (a, b)])
+    world.group("steady", 4, LaunchTemplate={"LaunchTemplateId": lt_id, "Version": "1"})
+    rid = world.asg.start_instance_refresh(
+        AutoScalingGroupName="steady",
+        DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": lt_id, "Version": "2"}},
+        Preferences={"MinHealthyPercentage": 50},
+    )["InstanceRefreshId"]
+    shapes, seen, item = _watch_group(world, "steady", rid)
+    assert item["Status"] == "Successful" and "Baking" not in seen, seen
+    assert all(sum(n for _, n in shape) == 4 for shape in shapes), shapes
+    assert shapes[-1] == (("2", 4),)
+    assert {v[0] for v in world.instances("steady").values()} == {b}
+    assert "MaxHealthyPercentage" not in item["Preferences"] and "BakeTime" not in item["Preferences"]
+
+
+def test_a_launch_before_terminate_batch_that_fails_its_health_checks_leaves_the_originals(world):
+    a, b = world.amis(2)
+    lt_id = world.template("surge-bad", [{"ImageId": x, "InstanceType": "t3.micro"} for x in (a, b)])
+    world.group("surge-bad", 2, tags=[(FAIL_TAG, "fail")], LaunchTemplate={"LaunchTemplateId": lt_id, "Version": "1"})
+    before = set(world.instances("surge-bad"))
+    rid = world.asg.start_instance_refresh(
+        AutoScalingGroupName="surge-bad",
+        DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": lt_id, "Version": "2"}},
+        Preferences={"MinHealthyPercentage": 100, "MaxHealthyPercentage": 200, "AutoRollback": True},
+    )["InstanceRefreshId"]
+    shapes, seen, item = _watch_group(world, "surge-bad", rid)
+    assert item["Status"] == "RollbackSuccessful", seen
+    assert (("1", 2), ("2", 2)) in shapes, shapes
+    # The replacements were terminated; the instances they would have replaced never left.
+    assert set(world.instances("surge-bad")) == before
+
+
+def test_refresh_preferences_outside_aws_bounds_are_refused(world):
+    a, b = world.amis(2)
+    lt_id = world.template("bounds", [{"ImageId": x, "InstanceType": "t3.micro"} for x in (a, b)])
+    world.group("bounds", 1, LaunchTemplate={"LaunchTemplateId": lt_id, "Version": "1"})
+    for prefs, member, bound in [
+        ({"MinHealthyPercentage": 100, "MaxHealthyPercentage": 201}, "preferences.maxHealthyPercentage", "less than or equal to 200"),
+        ({"BakeTime": 172801}, "preferences.bakeTime", "less than or equal to 172800"),
+        ({"MinHealthyPercentage": 101}, "preferences.minHealthyPercentage", "less than or equal to 100"),
+    ]:
+        with pytest.raises(ClientError) as err:
+            world.asg.start_instance_refresh(AutoScalingGroupName="bounds", Preferences=prefs)
+        message = err.value.response["Error"]["Message"]
+        assert error_code(err) == "ValidationError" and member in message and bound in message, message
+    with pytest.raises(ClientError) as err:
+        world.asg.start_instance_refresh(
+            AutoScalingGroupName="bounds", Preferences={"MinHealthyPercentage": 50, "MaxHealthyPercentage": 160},
+        )
+    assert "can't be greater than 100" in err.value.response["Error"]["Message"]
+    # The largest bake AWS allows is taken.
+    rid = world.asg.start_instance_refresh(
+        AutoScalingGroupName="bounds", Preferences={"BakeTime": 172800},
+    )["InstanceRefreshId"]
+    assert world.refresh("bounds", rid)["Preferences"]["BakeTime"] == 172800
 
 
 # --- failure injection and rollback --------------------------------------------------------------
@@ -381,7 +543,8 @@ def test_failing_refresh_without_auto_rollback_fails(world):
     assert statuses(seen) == ["InProgress", "Failed"]
     assert "health checks" in item["StatusReason"] and "RollbackDetails" not in item
     assert world.describe_group("bad2")["LaunchTemplate"]["Version"] == "1"
-    assert {v[:3] for v in world.instances("bad2").values()} == {(a, "1", "1")}
+    after = world.instances("bad2")
+    assert len(after) == 2 and {v[:3] for v in after.values()} == {(a, "1", "1")}
     evs = world.refresh_events(rid, "Failed")
     assert [e["detail-type"] for e in evs][-1] == "EC2 Auto Scaling Instance Refresh Failed"
 
@@ -416,6 +579,7 @@ def test_manual_rollback_restores_previous_version(world):
         DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": lt_id, "Version": "2"}},
     )["InstanceRefreshId"]
     _seen, mid = world.wait_refresh("roll", rid, until=lambda it: it["Status"] == "InProgress" and it["PercentageComplete"] > 0)
+    assert mid["PercentageComplete"] < 100, mid
     # One request: a second one could already see the next batch (the ticker runs in between).
     members = world.describe_group("roll")["Instances"]
     assert any(m["LaunchTemplate"]["Version"] == "2" for m in members)
@@ -425,7 +589,8 @@ def test_manual_rollback_restores_previous_version(world):
     assert statuses(seen)[-1] == "RollbackSuccessful"
     assert item["RollbackDetails"]["PercentageCompleteOnRollback"] >= mid["PercentageComplete"]
     assert world.describe_group("roll")["LaunchTemplate"]["Version"] == "1"
-    assert {v[:3] for v in world.instances("roll").values()} == {(a, "1", "1")}
+    after = world.instances("roll")
+    assert len(after) == 6 and {v[:3] for v in after.values()} == {(a, "1", "1")}
     evs = world.refresh_events(rid, "Rollback Succeeded")
     kinds = [e["detail-type"][len("EC2 Auto Scaling Instance Refresh "):] for e in evs]
     assert kinds == ["Started", "Rollback Started", "Rollback Succeeded"]
@@ -459,6 +624,7 @@ def test_one_active_refresh_cancel_and_error_codes(world):
     assert world.asg.cancel_instance_refresh(AutoScalingGroupName="busy")["InstanceRefreshId"] == rid
     seen, item = world.wait_refresh("busy", rid)
     assert statuses(seen)[-2:] == ["Cancelling", "Cancelled"]
+    assert item.get("PercentageComplete", 0) < 100, seen
     assert world.describe_group("busy")["LaunchTemplate"]["Version"] == "1"  # never applied
     evs = world.refresh_events(rid, "Cancelled")
     assert evs[-1]["detail"] == {"InstanceRefreshId": rid, "AutoScalingGroupName": "busy"}
@@ -592,7 +758,8 @@ def test_update_without_mixed_instances_policy_keeps_it(world):
     world.asg.update_auto_scaling_group(AutoScalingGroupName="keep", MaxSize=7, DesiredCapacity=2)
     g = world.describe_group("keep")
     assert g["MaxSize"] == 7 and g["MixedInstancesPolicy"] == before and "LaunchTemplate" not in g
-    assert {v[3] for v in world.instances("keep").values()} == {"t3.small"}
+    members = world.instances("keep")
+    assert len(members) == 2 and {(v[0], v[3]) for v in members.values()} == {(a, "t3.small")}
 
 
 def test_resolve_ssm_image_id_uses_the_parameter_value_at_launch(world):

@@ -201,6 +201,9 @@ def test_dynamic_reference_not_re_resolved(clients):
     assert [v["LaunchTemplateData"]["ImageId"] for v in versions] == [ami1]
     group = group_of(asg, group_name)
     assert group["LaunchTemplate"]["Version"] == "1"
+    assert group["Instances"] and {i["LaunchTemplate"]["Version"] for i in group["Instances"]} == {"1"}
+    running = ec2.describe_instances(InstanceIds=[i["InstanceId"] for i in group["Instances"]])["Reservations"]
+    assert {i["ImageId"] for r in running for i in r["Instances"]} == {ami1}
 
     # Changing something else in the resource re-resolves it (AWS resolves on every resource update).
     cfn.update_stack(StackName="dyn", Parameters=[{"ParameterKey": "InstanceType", "ParameterValue": "t3.small"}], **PREVIOUS)

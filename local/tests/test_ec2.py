@@ -52,6 +52,11 @@ def test_ami_shared_with_account_is_visible_and_launchable(accounts):
     sessions, (a, b, c) = accounts
     ec2_a, ec2_b, ec2_c = (sessions[k].client("ec2") for k in "abc")
     ami = register(ec2_a, "golden-shared")
+    assert ec2_a.describe_images(ImageIds=[ami])["Images"][0]["OwnerId"] == a
+    # Not shared yet: B cannot see it.
+    with pytest.raises(ClientError) as err:
+        ec2_b.describe_images(ImageIds=[ami])
+    assert err.value.response["Error"]["Code"] == "InvalidAMIID.NotFound"
     ec2_a.modify_image_attribute(ImageId=ami, LaunchPermission={"Add": [{"UserId": b}]})
 
     # B sees it by id, as an executable image, and by owner.
@@ -64,12 +69,13 @@ def test_ami_shared_with_account_is_visible_and_launchable(accounts):
     reservation = ec2_b.run_instances(ImageId=ami, MinCount=1, MaxCount=1, InstanceType="t3.micro")
     instance_id = reservation["Instances"][0]["InstanceId"]
     described = ec2_b.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]
-    assert described["ImageId"] == ami
+    assert (described["ImageId"], described["State"]["Name"]) == (ami, "running")
 
     # C was not granted anything.
     with pytest.raises(ClientError) as err:
         ec2_c.describe_images(ImageIds=[ami])
     assert err.value.response["Error"]["Code"] == "InvalidAMIID.NotFound"
+    assert ami not in [i["ImageId"] for i in ec2_c.describe_images(ExecutableUsers=["self"])["Images"]]
     with pytest.raises(ClientError):
         ec2_c.run_instances(ImageId=ami, MinCount=1, MaxCount=1)
 
@@ -195,9 +201,13 @@ def test_launch_template_version_inherits_from_source(accounts):
     assert data["KeyName"] == "ops"
     assert data["UserData"] == user_data
     assert data["TagSpecifications"][0]["Tags"] == [{"Key": "app", "Value": "web"}]
-    # The source version is untouched.
+    # The source version is untouched, and everything but the override is the source's.
     v1 = ec2.describe_launch_template_versions(LaunchTemplateId=lt, Versions=["1"])["LaunchTemplateVersions"][0]
     assert v1["LaunchTemplateData"]["ImageId"] == ami1
+    assert data == {**v1["LaunchTemplateData"], "ImageId": ami2}
+    # Instances launched from version 2 get the inherited data.
+    inst = ec2.run_instances(LaunchTemplate={"LaunchTemplateId": lt, "Version": "2"}, MinCount=1, MaxCount=1)["Instances"][0]
+    assert (inst["ImageId"], inst["KeyName"], inst["InstanceType"]) == (ami2, "ops", "t3.small")
 
     # A version created with UserData (moto stored it unparsed and later launches crashed).
     other = base64.b64encode(b"#!/bin/sh\necho v3\n").decode()

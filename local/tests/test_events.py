@@ -77,7 +77,7 @@ def test_forwarded_event_keeps_original_account(session_for, endpoint):
     # The spoke's rule matched on account = hub, so the envelope survived the hop.
     assert body["account"] == hub
     assert body["detail"] == detail
-    assert body["detail-type"] == "AmiShared"
+    assert body["detail-type"] == "AmiShared" and body["source"] == "amiflow"
     assert body["resources"] == ["arn:aws:ec2:us-east-1::image/ami-0123456789abcdef0"]
     assert body["id"] == sent["Entries"][0]["EventId"]
 

@@ -55,6 +55,7 @@ def test_invisible_ami_accepted_then_discarded(spoke):
     ssm.put_parameter(Name="/golden/web", Value=hub_ami, Type="String", DataType=IMAGE, Overwrite=True)
     param = ssm.get_parameter(Name="/golden/web")["Parameter"]
     assert (param["Value"], param["Version"], param["DataType"]) == (hub_ami, 2, IMAGE)
+    assert [h["Value"] for h in ssm.get_parameter_history(Name="/golden/web")["Parameters"]] == [current, hub_ami]
 
     # Overwrite without DataType keeps aws:ec2:image, and so stays validated.
     ssm.put_parameter(Name="/golden/web", Value="ami-0123456789abcdef0", Type="String", Overwrite=True)

@@ -22,7 +22,7 @@ REGION = "us-east-1"
 AL2023 = "/golden/al2023/ami-id"
 WIN2022 = "/golden/win2022/ami-id"
 SMALL_KINDS = {"pinned", "latest", "default", "mixed", "launch-config", "skip-tag", "other-family",
-               "ssm-resolve", "cfn-param", "cfn-resolve"}
+               "ssm-resolve", "cfn-param", "cfn-resolve", "override-old", "override-other"}
 STACK_TAG = "aws:cloudformation:stack-name"
 
 
@@ -138,6 +138,13 @@ def test_state_shape(state, endpoint):
         assert expected["cfn-resolve"] == ("skip", "cloudformation")
         assert expected["skip-tag"][0] == expected["other-family"][0] == "untouched"
         assert expected["launch-config"][0] == "skip"
+        assert expected["override-old"] == expected["override-other"] == ("refresh", "launch-template")
+        overrides = {g["kind"]: g["overrides"] for g in a["groups"] if g["overrides"]}
+        assert {k: [o["expected"] for o in v] for k, v in overrides.items()} == {
+            "override-old": ["moved"], "override-other": ["left-alone"]}
+        by_kind = {g["kind"]: g for g in a["groups"]}
+        assert overrides["override-old"][0]["ami_id"] == by_kind["override-old"]["ami_id"] == state["amis"]["current"]
+        assert overrides["override-other"][0]["ami_id"] == state["amis"]["other_family"]
         if acct == UAT:
             assert expected["refresh-fail"] == ("rolled-back", "launch-template")
 
@@ -187,6 +194,20 @@ def test_golden_parameters_and_history(state, aws):
         assert (win["Value"], win["DataType"]) == (amis["other_family"], "aws:ec2:image")
 
 
+def test_accounts_stages_and_families_are_the_local_policys(state):
+    import tomllib
+    with open(os.path.join(LOCAL, "amiflow.toml"), "rb") as f:
+        policy = tomllib.load(f)
+    assert state["hub_account"] == policy["hub_account"] == HUB
+    assert state["role_name"] == policy["role_name"]
+    assert {acct: a["stage"] for acct, a in state["accounts"].items()} == {
+        s["account"]: s["name"] for s in policy["stages"]}
+    assert [s for s, _ in world.STAGES] == ["qa", "uat", "prod"]
+    assert state["families"] == [{"parameter_name": f["parameter_name"], "name_prefix": f["name_prefix"]}
+                                 for f in policy["families"]]
+    assert (world.AL2023_PARAMETER, world.WIN2022_PARAMETER) == (AL2023, WIN2022)
+
+
 def test_queues_with_redrive(state, aws):
     for acct, a in state["accounts"].items():
         sqs = aws(acct, "sqs")
@@ -199,7 +220,7 @@ def test_queues_with_redrive(state, aws):
             assert sqs.get_queue_url(QueueName=f"amiflow-{worker}-dlq")["QueueUrl"] == q["dlq_url"]
             attrs = sqs.get_queue_attributes(QueueUrl=q["url"], AttributeNames=["All"])["Attributes"]
             assert attrs["QueueArn"] == q["arn"] == f"arn:aws:sqs:{REGION}:{acct}:amiflow-{worker}"
-            assert attrs["VisibilityTimeout"] == "60"
+            assert attrs["VisibilityTimeout"] == "10"
             assert json.loads(attrs["RedrivePolicy"]) == {"deadLetterTargetArn": q["dlq_arn"], "maxReceiveCount": 5}
             policy = json.loads(attrs["Policy"])
             assert policy["Statement"][0]["Principal"] == {"Service": "events.amazonaws.com"}
@@ -261,6 +282,16 @@ def test_groups_match_aws(state, aws):
                 assert (lt["DefaultVersionNumber"], lt["LatestVersionNumber"]) == (2, 3)
             if kind == "mixed":
                 assert group["MixedInstancesPolicy"]["LaunchTemplate"]["LaunchTemplateSpecification"]["Version"] == "1"
+            # Each override with a template of its own, as the state file says (instances launch
+            # from the first override, so override-old's run its template's AMI: the group's).
+            own = [(o["InstanceType"], o["LaunchTemplateSpecification"]["LaunchTemplateId"])
+                   for o in (group.get("MixedInstancesPolicy") or {}).get("LaunchTemplate", {}).get("Overrides", [])
+                   if o.get("LaunchTemplateSpecification")]
+            assert own == [(o["instance_type"], o["launch_template_id"]) for o in g["overrides"]], g["name"]
+            for o in g["overrides"]:
+                version = ec2.describe_launch_template_versions(
+                    LaunchTemplateId=o["launch_template_id"], Versions=["1"])["LaunchTemplateVersions"][0]
+                assert version["LaunchTemplateData"]["ImageId"] == o["ami_id"], g["name"]
             if kind == "launch-config":
                 assert group["LaunchConfigurationName"] == g["name"] and g["ami_id"] == amis["history"][1]
             if kind == "ssm-resolve":

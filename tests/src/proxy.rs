@@ -1,4 +1,4 @@
-//! A fault proxy between the workers and the emulator (issue 8): every AWS call passes through it,
+//! A fault proxy between the workers and the emulator: every AWS call passes through it,
 //! is counted by service and action, and may be answered the way a struggling AWS answers:
 //!
 //! - throttling, in each protocol's own shape: EC2's `RequestLimitExceeded` (HTTP 503, EC2 XML),

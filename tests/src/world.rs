@@ -7,19 +7,24 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
-use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
+use local_world::{Launch, Setting, Timings, WORKERS, Worker};
 use serde_json::Value;
 
 use crate::Local;
 
-/// Worker binaries per account: (binary, queue key in world.json, hub only).
-pub const WORKERS: [(&str, &str, bool); 5] = [
-    ("ingest-worker", "ingest", true),
-    ("share-worker", "share", true),
-    ("param-worker", "param", false),
-    ("plan-worker", "plan", false),
-    ("refresh-worker", "refresh", false),
-];
+/// A message found in a worker DLQ, with why the worker gave it up.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// `<stage>/<worker queue>`.
+    pub queue: String,
+    pub body: String,
+    /// `amiflow-error-kind`.
+    pub kind: String,
+    /// `amiflow-error`.
+    pub reason: String,
+    /// The `e2e-case` attribute a test put on the message it delivered, if any.
+    pub case: Option<String>,
+}
 
 pub struct World {
     pub local: Local,
@@ -49,20 +54,8 @@ pub fn bin_dir() -> PathBuf {
 /// `--no-messaging`, buses, queues and rules); returns the state it wrote.
 pub async fn provision(local: &Local, dir: &Path, scale: &str, args: &[&str]) -> Value {
     let out = dir.join("world.json");
-    let root = emulator::project_root();
-    let python = emulator::ensure_venv(&root).unwrap();
-    let output = tokio::process::Command::new(&python)
-        .arg(root.join("local/world.py"))
-        .args([
-            "provision",
-            "--endpoint",
-            &local.endpoint(),
-            "--scale",
-            scale,
-        ])
-        .args(args)
-        .arg("--out")
-        .arg(&out)
+    let python = emulator::ensure_venv(&emulator::project_root()).unwrap();
+    let output = local_world::provision_command(&python, &local.endpoint(), scale, args, &out)
         .output()
         .await
         .unwrap();
@@ -86,74 +79,59 @@ pub fn expects_outcome(group: &Value) -> bool {
 /// A worker of the world, with what it takes to start it again.
 struct Running {
     account: String,
-    binary: &'static str,
-    queue_url: String,
-    extra_env: Vec<(String, String)>,
+    launch: Launch,
     child: tokio::process::Child,
 }
 
-/// A worker process started by [`spawn_worker`].
-pub struct WorkerProcess {
-    pub child: tokio::process::Child,
-    /// Access key id of the worker's own role session.
-    pub access_key_id: String,
-}
-
-/// Start `binary` in `account` with a role session of its own (as in AWS, where each worker has
-/// its own role), the local rollout policy, short test timings, `env` (its queue at least) and
-/// `extra_env`; its log goes to `<log_dir>/<binary>-<account>.log`. Killed when dropped.
-pub async fn spawn_worker(
+/// How the tests start `worker` in `account` (stage `stage`) of the emulator at `endpoint`,
+/// consuming `queue_url`: a role session of its own (as in AWS, where each worker has its own
+/// role), the local rollout policy and the tests' quick timings; its log goes to `log_dir`.
+pub async fn launch(
     endpoint: &str,
     account: &str,
-    binary: &str,
-    env: &[(&str, &str)],
+    stage: &str,
+    worker: &Worker,
+    (queue_url, dlq_url): (&str, &str),
     log_dir: &Path,
-    extra_env: &[(&str, &str)],
-) -> WorkerProcess {
-    let config = crate::sdk_config_in(endpoint, account).await;
-    let provider: SharedCredentialsProvider = config.credentials_provider().unwrap();
-    let creds = provider.provide_credentials().await.unwrap();
-    let exe = bin_dir().join(binary);
-    assert!(
-        exe.exists(),
-        "{} is missing: `cargo test --workspace` builds it (or `cargo build -p rollout`)",
-        exe.display()
-    );
-    let policy = emulator::project_root().join("local/amiflow.toml");
-    // Appended to, so a restarted worker's log follows its predecessor's.
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log_dir.join(format!("{binary}-{account}.log")))
-        .unwrap();
-    let child = tokio::process::Command::new(exe)
-        .env("AWS_ENDPOINT_URL", endpoint)
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_ACCESS_KEY_ID", creds.access_key_id())
-        .env("AWS_SECRET_ACCESS_KEY", creds.secret_access_key())
-        .env(
-            "AWS_SESSION_TOKEN",
-            creds.session_token().unwrap_or_default(),
-        )
-        .env("AMIFLOW_BUS", "amiflow")
-        .env("AMIFLOW_CONFIG", &policy)
-        .env("AMIFLOW_WAIT_SECONDS", "1")
-        .env("AMIFLOW_DEFER_SECONDS", "1")
-        .env("AMIFLOW_READ_BACK_SECONDS", "0.2")
-        .env("AMIFLOW_RETRY_BASE_SECONDS", "0.5")
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .envs(extra_env.iter().copied())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
+) -> Launch {
+    let creds = local_world::assume_role(
+        endpoint,
+        local_world::REGION,
+        account,
+        "amiflow",
+        worker.binary,
+    )
+    .await
+    .unwrap();
+    let setting = Setting {
+        endpoint,
+        region: local_world::REGION,
+        role_name: "amiflow",
+        bus: "amiflow",
+        config: &emulator::project_root().join("local/amiflow.toml"),
+        timings: Timings::TESTS,
+    };
+    Launch::new(
+        &setting,
+        worker,
+        stage,
+        &creds,
+        queue_url,
+        dlq_url,
+        &bin_dir(),
+        log_dir,
+    )
+}
+
+/// Start a worker as `launch` says (the path `amictl local up` takes too); killed when dropped.
+pub fn spawn(launch: &Launch) -> tokio::process::Child {
+    let command = launch.command().unwrap_or_else(|e| {
+        panic!("{e:#} (`cargo test --workspace` builds the workers, or `cargo build -p rollout`)")
+    });
+    tokio::process::Command::from(command)
         .kill_on_drop(true)
         .spawn()
-        .unwrap();
-    WorkerProcess {
-        child,
-        access_key_id: creds.access_key_id().to_owned(),
-    }
+        .unwrap_or_else(|e| panic!("starting {}: {e}", launch.binary.display()))
 }
 
 /// The last `lines` lines of every `*.log` in `dir`, for failure messages.
@@ -205,18 +183,13 @@ impl World {
 
     /// Account ids in stage order (qa, uat, prod).
     pub fn accounts(&self) -> Vec<String> {
-        let order = ["qa", "uat", "prod"];
         let mut accounts: Vec<(usize, String)> = self.state["accounts"]
             .as_object()
             .unwrap()
             .iter()
             .map(|(id, a)| {
                 let stage = a["stage"].as_str().unwrap_or_default();
-                let rank = order
-                    .iter()
-                    .position(|s| *s == stage)
-                    .unwrap_or(order.len());
-                (rank, id.clone())
+                (local_world::rollout_rank(stage), id.clone())
             })
             .collect();
         accounts.sort();
@@ -272,8 +245,8 @@ impl World {
             .flat_map(|account| {
                 WORKERS
                     .iter()
-                    .filter(|(_, _, hub_only)| !hub_only || account == hub)
-                    .map(|(_, queue, _)| (account.clone(), *queue))
+                    .filter(|w| w.serves(account == hub))
+                    .map(|w| (account.clone(), w.queue))
                     .collect::<Vec<_>>()
             })
             .collect()
@@ -283,53 +256,75 @@ impl World {
     /// points the workers, and only them, somewhere else, such as a fault proxy).
     pub async fn start_workers(&self, extra_env: &[(&str, &str)]) {
         let hub = self.hub();
-        let extra: Vec<(String, String)> = extra_env
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
         for account in self.accounts() {
-            for (binary, queue, hub_only) in WORKERS {
-                if hub_only && account != hub {
-                    continue;
-                }
-                let queue_url = self.queue_url(&account, queue);
-                let child = self.spawn(&account, binary, &queue_url, &extra).await;
+            for worker in WORKERS.iter().filter(|w| w.serves(account == hub)) {
+                let queues = (
+                    self.queue_url(&account, worker.queue),
+                    self.dlq_url(&account, worker.queue),
+                );
+                let launch = launch(
+                    &self.local.endpoint(),
+                    &account,
+                    &self.stage(&account),
+                    worker,
+                    (&queues.0, &queues.1),
+                    self.dir.path(),
+                )
+                .await
+                .with_env(extra_env);
+                self.keys
+                    .lock()
+                    .unwrap()
+                    .insert(launch.access_key_id().to_owned(), worker.binary.to_owned());
+                let child = spawn(&launch);
                 self.workers.lock().await.push(Running {
                     account: account.clone(),
-                    binary,
-                    queue_url,
-                    extra_env: extra.clone(),
+                    launch,
                     child,
                 });
             }
         }
     }
 
-    async fn spawn(
+    /// Open `stage`'s window through `driver` and wait until every group world.py expects an
+    /// outcome for (see [`expects_outcome`]) has one for `ami`; returns how long it took.
+    pub async fn open_window(
         &self,
-        account: &str,
-        binary: &'static str,
-        queue_url: &str,
-        extra: &[(String, String)],
-    ) -> tokio::process::Child {
-        let extra: Vec<(&str, &str)> = extra
+        driver: &local_world::Driver,
+        stage: &local_world::Stage,
+        ami: &str,
+        audit: &mut local_world::Audit,
+        within: Duration,
+    ) -> anyhow::Result<Duration> {
+        let expected: std::collections::BTreeSet<String> = self
+            .groups(&stage.account)
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .filter(|g| expects_outcome(g))
+            .filter_map(|g| g["name"].as_str().map(str::to_owned))
             .collect();
-        let worker = spawn_worker(
-            &self.local.endpoint(),
-            account,
-            binary,
-            &[("AMIFLOW_QUEUE_URL", queue_url)],
-            self.dir.path(),
-            &extra,
-        )
-        .await;
-        self.keys
-            .lock()
-            .unwrap()
-            .insert(worker.access_key_id, binary.to_owned());
-        worker.child
+        driver
+            .open_window(stage, ami, &expected, audit, within, |_| {})
+            .await
+    }
+
+    /// The rollout driver of this world (local_world::Driver), acting in each account as itself.
+    pub fn driver(&self) -> local_world::Driver {
+        let hub = self.hub();
+        local_world::Driver {
+            hub: self.config(&hub).clone(),
+            bus: "amiflow".into(),
+            audit_queue: self.queue_url(&hub, "audit"),
+            stages: self
+                .accounts()
+                .into_iter()
+                .map(|account| local_world::Stage {
+                    name: self.stage(&account),
+                    config: self.config(&account).clone(),
+                    account,
+                    window_hours: 4,
+                })
+                .collect(),
+        }
     }
 
     /// Workers that have exited (none should: bad input must not crash a worker), as
@@ -343,7 +338,7 @@ impl World {
                     .try_wait()
                     .ok()
                     .flatten()
-                    .map(|status| format!("{}@{}: {status}", w.binary, w.account))
+                    .map(|status| format!("{}@{}: {status}", w.launch.name(), w.account))
             })
             .collect()
     }
@@ -354,21 +349,14 @@ impl World {
     }
 
     /// Kill worker `index` with SIGKILL (no chance to release or finish anything) and start it
-    /// again; returns "binary@account". The new process appends to the same log.
+    /// again from the same launch, as `amictl local up` does; returns "binary@account". The new
+    /// process appends to the same log.
     pub async fn kill_and_restart(&self, index: usize) -> String {
         let mut workers = self.workers.lock().await;
         let running = &mut workers[index];
         running.child.kill().await.unwrap();
-        let child = self
-            .spawn(
-                &running.account,
-                running.binary,
-                &running.queue_url,
-                &running.extra_env,
-            )
-            .await;
-        running.child = child;
-        format!("{}@{}", running.binary, running.account)
+        running.child = spawn(&running.launch);
+        format!("{}@{}", running.launch.name(), running.account)
     }
 
     /// Put one amiflow event on `account`'s amiflow bus, acting in that account.
@@ -439,31 +427,9 @@ impl World {
 
     /// Receive and delete whatever is in `queue_url` of `account` now (bodies as JSON).
     pub async fn drain(&self, account: &str, queue_url: &str) -> Vec<Value> {
-        let sqs = aws_sdk_sqs::Client::new(self.config(account));
-        let mut out = Vec::new();
-        loop {
-            let got = sqs
-                .receive_message()
-                .queue_url(queue_url)
-                .max_number_of_messages(10)
-                .wait_time_seconds(0)
-                .send()
-                .await
-                .unwrap();
-            let messages = got.messages();
-            if messages.is_empty() {
-                return out;
-            }
-            for m in messages {
-                out.push(serde_json::from_str(m.body().unwrap_or("null")).unwrap());
-                sqs.delete_message()
-                    .queue_url(queue_url)
-                    .receipt_handle(m.receipt_handle().unwrap())
-                    .send()
-                    .await
-                    .unwrap();
-            }
-        }
+        local_world::drain(self.config(account), queue_url)
+            .await
+            .unwrap()
     }
 
     /// Messages in `queue_url` of `account`: visible + in flight + delayed.
@@ -492,6 +458,41 @@ impl World {
         out
     }
 
+    /// Every message now in the DLQ of `account`'s `queue` worker, received and deleted.
+    pub async fn take_dead_letters(&self, account: &str, queue: &str) -> Vec<DeadLetter> {
+        let sqs = aws_sdk_sqs::Client::new(self.config(account));
+        let url = self.dlq_url(account, queue);
+        let mut out = Vec::new();
+        loop {
+            let got = sqs
+                .receive_message()
+                .queue_url(&url)
+                .max_number_of_messages(10)
+                .message_attribute_names("All")
+                .send()
+                .await
+                .unwrap();
+            if got.messages().is_empty() {
+                return out;
+            }
+            for m in got.messages() {
+                out.push(DeadLetter {
+                    queue: format!("{}/{queue}", self.stage(account)),
+                    body: m.body().unwrap_or_default().to_owned(),
+                    kind: crate::attr(m, runtime::ERROR_KIND_ATTR).unwrap_or_default(),
+                    reason: crate::attr(m, runtime::ERROR_ATTR).unwrap_or_default(),
+                    case: crate::attr(m, "e2e-case"),
+                });
+                sqs.delete_message()
+                    .queue_url(&url)
+                    .receipt_handle(m.receipt_handle().unwrap_or_default())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
     /// Wait until every worker queue stays empty for `quiet` (a worker mid-step holds its message
     /// in flight and a deferred one is delayed, so a quiet backlog means nothing is left to do).
     pub async fn settle(&self, quiet: Duration, within: Duration) {
@@ -517,5 +518,24 @@ impl World {
     /// Every worker's log so far, for failure messages.
     pub fn logs(&self) -> String {
         log_tails(self.dir.path(), 20)
+    }
+
+    /// Every JSON line every worker has logged so far, with the log's file name.
+    pub fn log_lines(&self) -> Vec<(String, serde_json::Value)> {
+        let mut lines = Vec::new();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                for line in text.lines() {
+                    let value = serde_json::from_str(line).unwrap_or_else(|e| {
+                        panic!("{name}: a log line that is not JSON ({e}): {line}")
+                    });
+                    lines.push((name.clone(), value));
+                }
+            }
+        }
+        lines
     }
 }

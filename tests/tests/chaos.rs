@@ -1,4 +1,4 @@
-//! amiflow under what production does to it (issue 8): the whole rollout of tests/rollout.rs, with
+//! amiflow under what production does to it: the whole rollout of tests/rollout.rs, with
 //! the real worker binaries over real SQS and EventBridge in the emulator, while
 //!
 //! 1. every event is delivered twice and old events of earlier rollouts arrive late;
@@ -23,10 +23,10 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use aws_sdk_sqs::types::{MessageAttributeValue, MessageSystemAttributeName};
+use aws_sdk_sqs::types::MessageAttributeValue;
 use chrono::Utc;
 use e2e::proxy::{FaultPlan, FaultProxy};
-use e2e::world::World;
+use e2e::world::{DeadLetter, World};
 use events::{AsgRefreshRequested, Detail, ParamUpdated, RolloutWindowOpened, Strategy};
 use serde_json::{Value, json};
 use support::{Audit, PARAMETER, amis, snapshot};
@@ -35,57 +35,11 @@ use support::{Audit, PARAMETER, amis, snapshot};
 /// cores would measure the machine rather than amiflow.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// A message found in a worker DLQ.
-#[derive(Debug, Clone)]
-struct DeadLetter {
-    queue: String,
-    body: String,
-    kind: String,
-    reason: String,
-    case: Option<String>,
-}
-
 /// Everything in every worker DLQ, removed.
 async fn dead_letters(world: &World) -> Vec<DeadLetter> {
     let mut out = Vec::new();
     for (account, queue) in world.worker_queues() {
-        let sqs = aws_sdk_sqs::Client::new(world.config(&account));
-        let url = world.dlq_url(&account, queue);
-        loop {
-            let got = sqs
-                .receive_message()
-                .queue_url(&url)
-                .max_number_of_messages(10)
-                .message_attribute_names("All")
-                .message_system_attribute_names(MessageSystemAttributeName::All)
-                .send()
-                .await
-                .unwrap();
-            if got.messages().is_empty() {
-                break;
-            }
-            for m in got.messages() {
-                let attr = |name: &str| {
-                    m.message_attributes()
-                        .and_then(|a| a.get(name))
-                        .and_then(|v| v.string_value())
-                        .map(str::to_owned)
-                };
-                out.push(DeadLetter {
-                    queue: format!("{}/{queue}", world.stage(&account)),
-                    body: m.body().unwrap_or_default().to_owned(),
-                    kind: attr("amiflow-error-kind").unwrap_or_default(),
-                    reason: attr("amiflow-error").unwrap_or_default(),
-                    case: attr("e2e-case"),
-                });
-                sqs.delete_message()
-                    .queue_url(&url)
-                    .receipt_handle(m.receipt_handle().unwrap_or_default())
-                    .send()
-                    .await
-                    .unwrap();
-            }
-        }
+        out.extend(world.take_dead_letters(&account, queue).await);
     }
     out
 }
@@ -210,7 +164,7 @@ async fn every_event_delivered_twice_and_old_events_arriving_late_change_nothing
     let (candidate, older) = amis(&world);
     let before = snapshot(&world).await;
     let mut audit = Audit::default();
-    support::publish(&world, Duration::from_secs(120)).await;
+    support::publish(&world, &mut audit, Duration::from_secs(120)).await;
 
     // Late events of an earlier rollout, after the candidate was published: its AmiBuilt, a
     // ParamUpdated for its AMI, last month's window, and a refresh request for its AMI whose
@@ -253,13 +207,26 @@ async fn every_event_delivered_twice_and_old_events_arriving_late_change_nothing
     world
         .settle(Duration::from_secs(5), Duration::from_secs(180))
         .await;
-    audit.collect(&world).await;
+    support::collect(&world, &mut audit).await;
     support::assert_final_state(&world, &before, &audit).await;
-    assert_eq!(
-        world.dead_letters().await,
-        BTreeMap::new(),
-        "duplicates and late events are not poison"
-    );
+    // Duplicates and late events are not poison, except the earlier rollout's AmiBuilt (delivered
+    // twice): the share-worker refuses an AMI older than the golden one, by name.
+    let refused = dead_letters(&world).await;
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+    for letter in &refused {
+        assert_eq!(
+            (letter.queue.as_str(), letter.kind.as_str()),
+            ("qa/share", "permanent"),
+            "{letter:?}"
+        );
+        assert!(
+            letter.body.contains(&older)
+                && letter.reason.contains(&format!(
+                    "AMI {older} (created 2026-09-01T00:00:00+00:00) is older than the golden AMI"
+                )),
+            "{letter:?}"
+        );
+    }
 
     // The duplicates really happened: each account's ParamUpdated reached the hub more than once.
     for account in world.accounts() {

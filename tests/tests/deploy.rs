@@ -1,4 +1,4 @@
-//! Deploy (issue 7): the hub stack and two spoke stacks are created from `deploy/hub.yaml` and
+//! Deploy: the hub stack and two spoke stacks are created from `deploy/hub.yaml` and
 //! `deploy/spoke.yaml` through CloudFormation in the local world, and a rollout runs on what those
 //! stacks created: their buses, rules, queues, DLQs and Scheduler windows. The worker binaries
 //! run as long-polling processes on the stacks' queues (`WorkerRuntime=service`).
@@ -26,6 +26,8 @@
 //! - Groups, AMIs and golden parameters are the applications' side, not amiflow's templates:
 //!   `local/world.py --no-messaging` builds them as in every other end-to-end test.
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -33,14 +35,16 @@ use aws_config::SdkConfig;
 use aws_sdk_cloudformation::types::{Capability, Parameter, StackStatus};
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use chrono::{SecondsFormat, TimeZone, Utc};
-use e2e::world::{WorkerProcess, expects_outcome, log_tails, provision, spawn_worker};
+use e2e::world::{expects_outcome, launch, log_tails, provision, spawn};
 use e2e::{Local, attr, eventually, http_json, queue_depth, sdk_config_in};
 use events::{AmiBuilt, Detail};
+use local_world::{Audit, WORKERS};
 use serde_json::Value;
+use support::PARAMETER;
+use support::reads::{golden_parameter, instance_amis};
 
 const HUB: &str = "111111111111";
 const UAT: &str = "222222222222";
-const PARAMETER: &str = "/golden/al2023/ami-id";
 const DENIED: &str = "ec2:CreateLaunchTemplateVersion";
 
 async fn create_stack(
@@ -127,84 +131,10 @@ impl Stacks {
     }
 }
 
-/// Every message in `url` now, received and deleted (bodies as JSON).
-async fn drain(config: &SdkConfig, url: &str) -> Vec<Value> {
-    let sqs = aws_sdk_sqs::Client::new(config);
-    let mut out = Vec::new();
-    loop {
-        let got = sqs
-            .receive_message()
-            .queue_url(url)
-            .max_number_of_messages(10)
-            .send()
-            .await
-            .unwrap();
-        if got.messages().is_empty() {
-            return out;
-        }
-        for m in got.messages() {
-            out.push(serde_json::from_str(m.body().unwrap_or("null")).unwrap());
-            sqs.delete_message()
-                .queue_url(url)
-                .receipt_handle(m.receipt_handle().unwrap())
-                .send()
-                .await
-                .unwrap();
-        }
-    }
-}
-
-async fn parameter(config: &SdkConfig) -> String {
-    let ssm = aws_sdk_ssm::Client::new(config);
-    let p = ssm.get_parameter().name(PARAMETER).send().await.unwrap();
-    p.parameter().and_then(|p| p.value()).unwrap().to_owned()
-}
-
-/// AMIs of a group's instances.
-async fn instance_amis(config: &SdkConfig, group: &str) -> BTreeSet<String> {
-    let asg = aws_sdk_autoscaling::Client::new(config);
-    let out = asg
-        .describe_auto_scaling_groups()
-        .auto_scaling_group_names(group)
-        .send()
-        .await
-        .unwrap();
-    let ids: Vec<String> = out.auto_scaling_groups()[0]
-        .instances()
-        .iter()
-        .filter_map(|i| i.instance_id().map(str::to_owned))
-        .collect();
-    let ec2 = aws_sdk_ec2::Client::new(config);
-    let out = ec2
-        .describe_instances()
-        .set_instance_ids(Some(ids))
-        .send()
-        .await
-        .unwrap();
-    out.reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter_map(|i| i.image_id().map(str::to_owned))
-        .collect()
-}
-
-/// Outcomes seen on the hub's audit queue: (account, group) -> [(outcome, reason)].
-type Outcomes = BTreeMap<(String, String), Vec<(String, String)>>;
-
-fn record(outcomes: &mut Outcomes, published: &mut BTreeSet<String>, bodies: Vec<Value>) {
-    for body in bodies {
-        let d = &body["detail"];
-        let text = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
-        match body["detail-type"].as_str() {
-            Some("AsgRefreshFinished") => outcomes
-                .entry((text("account"), text("asg_name")))
-                .or_default()
-                .push((text("outcome"), text("reason"))),
-            Some("ParamUpdated") => {
-                published.insert(text("account"));
-            }
-            _ => {}
-        }
+/// Record what the hub's audit queue holds now.
+async fn collect(seen: &mut Audit, hub: &SdkConfig, audit: &str) {
+    for body in local_world::drain(hub, audit).await.unwrap() {
+        seen.record(&body);
     }
 }
 
@@ -246,6 +176,7 @@ async fn the_deploy_stacks_carry_a_rollout_and_a_missing_permission_dead_letters
     )
     .await;
     let mut spokes = BTreeMap::new();
+    let stage_accounts = format!("{HUB},{UAT}");
     for (account, cron) in [
         (HUB, "cron(0 2 ? * SAT#1 *)"),
         (UAT, "cron(0 2 ? * SAT#2 *)"),
@@ -257,6 +188,7 @@ async fn the_deploy_stacks_carry_a_rollout_and_a_missing_permission_dead_letters
             "spoke.yaml",
             &[
                 ("HubAccountId", HUB),
+                ("StageAccountIds", &stage_accounts),
                 ("Stage", stage_of(account)),
                 ("WindowCron", cron),
                 ("WindowDurationHours", "4"),
@@ -273,38 +205,31 @@ async fn the_deploy_stacks_carry_a_rollout_and_a_missing_permission_dead_letters
     let stacks = Stacks { hub, spokes };
 
     // 2. The workers, each on the queue its stack created.
-    let mut workers: Vec<WorkerProcess> = Vec::new();
-    let mut start = async |account: &str, binary: &str, queue: &str, dlq: &str| {
-        workers.push(
-            spawn_worker(
+    let mut workers = Vec::new();
+    for (account, outputs) in &stacks.spokes {
+        for worker in WORKERS.iter().filter(|w| w.serves(account == HUB)) {
+            // The stacks name a worker's outputs after its queue: `RefreshQueueUrl`, ...
+            let mut name = worker.queue.to_owned();
+            name[..1].make_ascii_uppercase();
+            let outputs = if worker.hub_only {
+                &stacks.hub
+            } else {
+                outputs
+            };
+            let (queue, dlq) = (
+                &outputs[&format!("{name}QueueUrl")],
+                &outputs[&format!("{name}DeadLetterQueueUrl")],
+            );
+            let launch = launch(
                 &endpoint,
                 account,
-                binary,
-                &[("AMIFLOW_QUEUE_URL", queue), ("AMIFLOW_DLQ_URL", dlq)],
+                stage_of(account),
+                worker,
+                (queue, dlq),
                 dir.path(),
-                &[],
             )
-            .await,
-        );
-    };
-    for (binary, worker) in [("ingest-worker", "Ingest"), ("share-worker", "Share")] {
-        let (queue, dlq) = (
-            &stacks.hub[&format!("{worker}QueueUrl")],
-            &stacks.hub[&format!("{worker}DeadLetterQueueUrl")],
-        );
-        start(HUB, binary, queue, dlq).await;
-    }
-    for (account, o) in &stacks.spokes {
-        for (binary, worker) in [
-            ("param-worker", "Param"),
-            ("plan-worker", "Plan"),
-            ("refresh-worker", "Refresh"),
-        ] {
-            let (queue, dlq) = (
-                &o[&format!("{worker}QueueUrl")],
-                &o[&format!("{worker}DeadLetterQueueUrl")],
-            );
-            start(account, binary, queue, dlq).await;
+            .await;
+            workers.push(spawn(&launch));
         }
     }
     let logs = || log_tails(dir.path(), 15);
@@ -335,14 +260,18 @@ async fn the_deploy_stacks_carry_a_rollout_and_a_missing_permission_dead_letters
         .await
         .unwrap();
     assert_eq!(put.failed_entry_count(), 0);
-    for account in [HUB, UAT] {
-        eventually(
-            &format!("{account}'s golden parameter to hold {candidate}"),
-            Duration::from_secs(90),
-            || async { (parameter(&configs[account]).await == candidate).then_some(()) },
-        )
-        .await;
-    }
+    // Only the first stage is promoted when the AMI is built; uat by the hub's gate at its window.
+    eventually(
+        &format!("{HUB}'s golden parameter to hold {candidate}"),
+        Duration::from_secs(90),
+        || async { (golden_parameter(&configs[HUB]).await.0 == candidate).then_some(()) },
+    )
+    .await;
+    assert_ne!(
+        golden_parameter(&configs[UAT]).await.0,
+        candidate,
+        "uat's parameter changed before its window and gate"
+    );
 
     // 4. uat's refresh-worker role "lacks" ec2:CreateLaunchTemplateVersion, once.
     let faults = local.faults(&serde_json::json!({
@@ -352,8 +281,7 @@ async fn the_deploy_stacks_carry_a_rollout_and_a_missing_permission_dead_letters
 
     // 5. The windows open stage by stage, from each stack's schedule.
     let audit = stacks.hub["AuditQueueUrl"].clone();
-    let mut outcomes = Outcomes::new();
-    let mut published = BTreeSet::new();
+    let mut seen = Audit::default();
     let mut replayed = false;
     for account in [HUB, UAT] {
         let spoke = &stacks.spokes[account];
@@ -371,25 +299,22 @@ async fn the_deploy_stacks_carry_a_rollout_and_a_missing_permission_dead_letters
             .collect();
         let deadline = Instant::now() + Duration::from_secs(240);
         loop {
-            record(
-                &mut outcomes,
-                &mut published,
-                drain(&configs[HUB], &audit).await,
-            );
+            collect(&mut seen, &configs[HUB], &audit).await;
             if account == UAT && !replayed {
                 replayed = replay_the_refused_request(&configs[UAT], spoke).await;
             }
             let missing: Vec<&String> = expected
                 .iter()
-                .filter(|n| !outcomes.contains_key(&(account.to_owned(), (*n).clone())))
+                .filter(|n| seen.outcomes(account, n, &candidate).is_none())
                 .collect();
             if missing.is_empty() && (account != UAT || replayed) {
                 break;
             }
             assert!(
                 Instant::now() < deadline,
-                "{}: no AsgRefreshFinished for {missing:?} (refused request replayed: {replayed})\nseen: {outcomes:#?}\n{}",
+                "{}: no AsgRefreshFinished for {missing:?} (refused request replayed: {replayed})\nseen: {:#?}\n{}",
                 stage_of(account),
+                seen.finished,
                 logs()
             );
             tokio::time::sleep(Duration::from_millis(300)).await;
@@ -427,34 +352,34 @@ async fn the_deploy_stacks_carry_a_rollout_and_a_missing_permission_dead_letters
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    record(
-        &mut outcomes,
-        &mut published,
-        drain(&configs[HUB], &audit).await,
-    );
+    collect(&mut seen, &configs[HUB], &audit).await;
     for account in [HUB, UAT] {
         let config = &configs[account];
-        assert_eq!(parameter(config).await, candidate, "{account}: parameter");
+        assert_eq!(
+            golden_parameter(config).await.0,
+            candidate,
+            "{account}: parameter"
+        );
         for g in world["accounts"][account]["groups"].as_array().unwrap() {
             let name = g["name"].as_str().unwrap();
             let label = format!("{}/{name} ({})", stage_of(account), g["kind"]);
-            let seen = outcomes.get(&(account.to_owned(), name.to_owned()));
-            let amis = instance_amis(config, name).await;
+            let said = seen.outcomes(account, name, &candidate);
+            let amis = BTreeSet::from_iter(instance_amis(config, name).await);
             match g["expected"].as_str().unwrap() {
                 "refresh" => {
                     assert_eq!(amis, BTreeSet::from([candidate.clone()]), "{label}");
-                    assert_eq!(seen.unwrap()[0].0, "succeeded", "{label}: {seen:?}");
+                    assert_eq!(said.unwrap()[0].0, "succeeded", "{label}: {said:?}");
                 }
                 "rolled-back" => {
                     assert!(!amis.contains(&candidate), "{label}: rolled back: {amis:?}");
-                    assert_eq!(seen.unwrap()[0].0, "rolled-back", "{label}: {seen:?}");
+                    assert_eq!(said.unwrap()[0].0, "rolled-back", "{label}: {said:?}");
                 }
                 "skip" => {
-                    assert_eq!(seen.unwrap()[0].0, "skipped", "{label}: {seen:?}");
+                    assert_eq!(said.unwrap()[0].0, "skipped", "{label}: {said:?}");
                     assert!(!amis.contains(&candidate), "{label}: untouched: {amis:?}");
                 }
                 "untouched" => {
-                    assert!(seen.is_none(), "{label}: no request: {seen:?}");
+                    assert!(said.is_none(), "{label}: no request: {said:?}");
                     let was = g["ami_id"].as_str().unwrap().to_owned();
                     assert_eq!(amis, BTreeSet::from([was]), "{label}");
                 }
@@ -463,7 +388,7 @@ async fn the_deploy_stacks_carry_a_rollout_and_a_missing_permission_dead_letters
         }
     }
     assert_eq!(
-        published,
+        seen.published(&candidate),
         BTreeSet::from([HUB.to_owned(), UAT.to_owned()]),
         "ParamUpdated of both stages reached the hub's audit queue (uat's through its forwarding rule)"
     );

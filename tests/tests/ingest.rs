@@ -6,13 +6,13 @@
 //! The events are delivered to the hub's ingest queue as EventBridge would deliver them from the
 //! default-bus rules (the emulator does not let a client put `aws.*` events on a bus).
 
+mod support;
+
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use e2e::world::World;
 use serde_json::json;
-
-const PARAMETER: &str = "/golden/al2023/ami-id";
 
 async fn new_ami(world: &World, name: &str, tags: &[(&str, &str)]) -> String {
     let ec2 = aws_sdk_ec2::Client::new(world.config(&world.hub()));
@@ -32,19 +32,6 @@ async fn new_ami(world: &World, name: &str, tags: &[(&str, &str)]) -> String {
         .to_owned()
 }
 
-async fn parameter(world: &World, account: &str) -> String {
-    aws_sdk_ssm::Client::new(world.config(account))
-        .get_parameter()
-        .name(PARAMETER)
-        .send()
-        .await
-        .unwrap()
-        .parameter()
-        .and_then(|p| p.value())
-        .unwrap_or_default()
-        .to_owned()
-}
-
 async fn deliver(world: &World, event: serde_json::Value) {
     let hub = world.hub();
     let sqs = aws_sdk_sqs::Client::new(world.config(&hub));
@@ -61,7 +48,7 @@ async fn everywhere(world: &World, ami: &str) {
         e2e::eventually(
             &format!("{account}'s golden parameter to hold {ami}"),
             Duration::from_secs(90),
-            || async { (parameter(world, &account).await == ami).then_some(()) },
+            || async { (support::parameter(world, &account).await.0 == ami).then_some(()) },
         )
         .await;
     }
@@ -131,7 +118,7 @@ async fn ami_state_change_and_image_builder_events_publish_the_new_golden_ami() 
     );
     for account in world.accounts() {
         assert_eq!(
-            parameter(&world, &account).await,
+            support::parameter(&world, &account).await.0,
             built,
             "the experiment AMI never got in"
         );

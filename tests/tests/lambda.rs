@@ -4,7 +4,8 @@
 //! reason exactly as in long-polling mode; emitted events are published before success.
 
 use std::path::Path;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::sqs::SqsEvent;
 use aws_sdk_sqs::types::MessageSystemAttributeName;
@@ -41,24 +42,14 @@ fn fixture(path: &str) -> String {
     std::fs::read_to_string(root.join(path)).unwrap()
 }
 
-#[tokio::test]
-async fn a_batch_reports_only_the_records_that_must_come_back() {
-    let local = Local::start().await;
-    let (queue, dlq) = local.queue_with_dlq("lambda-share", 30).await;
-    let capture = local.bus_with_capture("amiflow").await;
-    let valid = fixture("valid/ami-built.json");
-    let failing = valid.replace("ami-0a1b2c3d4e5f60718", FAILING_AMI);
-    let poison = fixture("invalid/invalid-json--truncated.json");
-    for body in [&valid, &failing, &poison] {
-        local.send(&queue, body).await;
-    }
-    // Receive them as the event source mapping would, and hand them over in Lambda's shape.
+/// Receive `n` messages as the event source mapping would, in Lambda's record shape.
+async fn receive_records(local: &Local, queue: &str, n: usize) -> Vec<serde_json::Value> {
     let sqs = local.sqs();
     let mut records = Vec::new();
-    while records.len() < 3 {
+    while records.len() < n {
         let got = sqs
             .receive_message()
-            .queue_url(&queue)
+            .queue_url(queue)
             .max_number_of_messages(10)
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .send()
@@ -79,6 +70,21 @@ async fn a_batch_reports_only_the_records_that_must_come_back() {
             }));
         }
     }
+    records
+}
+
+#[tokio::test]
+async fn a_batch_reports_only_the_records_that_must_come_back() {
+    let local = Local::start().await;
+    let (queue, dlq) = local.queue_with_dlq("lambda-share", 30).await;
+    let capture = local.bus_with_capture("amiflow").await;
+    let valid = fixture("valid/ami-built.json");
+    let failing = valid.replace("ami-0a1b2c3d4e5f60718", FAILING_AMI);
+    let poison = fixture("invalid/invalid-json--truncated.json");
+    for body in [&valid, &failing, &poison] {
+        local.send(&queue, body).await;
+    }
+    let records = receive_records(&local, &queue, 3).await;
     let id_of = |body: &str| {
         records
             .iter()
@@ -133,4 +139,173 @@ async fn a_batch_reports_only_the_records_that_must_come_back() {
     let again = local.collect(&queue, 1, Duration::from_secs(40)).await;
     assert_eq!(again[0].body(), Some(failing.as_str()));
     assert!(e2e::receive_count(&again[0]) >= 2);
+}
+
+/// Shares like [`Share`], but each record's work lasts until `until`.
+struct SlowShare {
+    until: Instant,
+    calls: AtomicUsize,
+}
+
+impl Step for SlowShare {
+    async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        // Work that outlasts the point after which no record may start: the step stands for
+        // a slow AWS call, and the time it takes is what the test is about.
+        tokio::time::sleep_until(self.until.into()).await;
+        Share.run(event).await
+    }
+}
+
+#[tokio::test]
+async fn records_not_started_before_the_deadline_margin_come_back_without_a_failure() {
+    let local = Local::start().await;
+    let (queue, dlq) = local.queue_with_dlq("lambda-share", 30).await;
+    let capture = local.bus_with_capture("amiflow").await;
+    let valid = fixture("valid/ami-built.json");
+    let amis = [
+        "ami-0000000000000000a",
+        "ami-0000000000000000b",
+        "ami-0000000000000000c",
+        "ami-0000000000000000d",
+        "ami-0000000000000000e",
+    ];
+    let bodies: Vec<String> = amis
+        .iter()
+        .map(|ami| valid.replace("ami-0a1b2c3d4e5f60718", ami))
+        .collect();
+    for body in &bodies {
+        local.send(&queue, body).await;
+    }
+    let mut records = receive_records(&local, &queue, bodies.len()).await;
+    // The batch in the order it was sent, so "the first records" are known.
+    records.sort_by_key(|r| bodies.iter().position(|b| r["body"] == b.as_str()));
+    let ids: Vec<String> = records
+        .iter()
+        .map(|r| r["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    let event: SqsEvent =
+        serde_json::from_value(serde_json::json!({ "Records": records })).unwrap();
+
+    // Two records at a time; the invocation ends in 4 s and none may start in its last 2 s. The
+    // first two start at once and work until past that point, so the other three never start.
+    let mut config = WorkerConfig::new("share-worker", &queue, "amiflow");
+    config.concurrency = 2;
+    config.lambda_margin = Some(Duration::from_secs(2));
+    let worker = Worker::connect(local.sqs(), local.eventbridge(), config)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(4);
+    let step = SlowShare {
+        until: deadline - Duration::from_millis(1500),
+        calls: AtomicUsize::new(0),
+    };
+    let response = worker
+        .handle_batch_within(&step, event, Some(deadline))
+        .await;
+
+    let failed: Vec<&str> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    assert_eq!(
+        failed,
+        ids[2..].iter().map(String::as_str).collect::<Vec<_>>(),
+        "exactly the unstarted records come back"
+    );
+    assert_eq!(step.calls.load(Ordering::SeqCst), 2);
+    let stats = worker.stats();
+    assert_eq!(runtime::WorkerStats::get(&stats.released), 3);
+    assert_eq!(runtime::WorkerStats::get(&stats.succeeded), 2);
+    let emitted = local.collect(&capture, 2, Duration::from_secs(10)).await;
+    let mut keys: Vec<String> = emitted
+        .iter()
+        .map(|m| e2e::detail(m)["key"].as_str().unwrap().to_owned())
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            "shared:ami-0000000000000000a:222222222222",
+            "shared:ami-0000000000000000b:222222222222"
+        ]
+    );
+    // Released at once, well before the 30 s visibility timeout, with no failure attached.
+    let again = local.collect(&queue, 3, Duration::from_secs(10)).await;
+    let mut returned: Vec<&str> = again.iter().filter_map(|m| m.body()).collect();
+    returned.sort();
+    assert_eq!(
+        returned,
+        bodies[2..].iter().map(String::as_str).collect::<Vec<_>>()
+    );
+    assert!(
+        again
+            .iter()
+            .all(|m| e2e::attr(m, runtime::ERROR_KIND_ATTR).is_none())
+    );
+    assert_eq!(local.depth(&dlq).await, 0, "nothing was dead-lettered");
+}
+
+/// Defers every event.
+struct Defer;
+
+impl Step for Defer {
+    async fn run(&self, _event: &Inbound) -> Result<StepOutput, StepError> {
+        Ok(StepOutput::Defer {
+            delay: Duration::ZERO,
+            reason: "refresh still running".into(),
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_record_deferred_too_often_is_dead_lettered_as_in_the_loop() {
+    let local = Local::start().await;
+    let (queue, dlq) = local.queue_with_dlq("lambda-share", 30).await;
+    let valid = fixture("valid/ami-built.json");
+    let fresh = valid.replace("ami-0a1b2c3d4e5f60718", "ami-0000000000000000f");
+    local.send(&queue, &valid).await;
+    local.send(&queue, &fresh).await;
+    let mut records = receive_records(&local, &queue, 2).await;
+    // The event source mapping hands over message attributes: one record has been deferred as
+    // often as allowed already, the other never.
+    for record in &mut records {
+        if record["body"] == valid.as_str() {
+            record["messageAttributes"] = serde_json::json!({
+                runtime::DEFERRALS_ATTR: {
+                    "stringValue": "3", "dataType": "String",
+                    "stringListValues": [], "binaryListValues": [],
+                },
+            });
+        }
+    }
+    let event: SqsEvent =
+        serde_json::from_value(serde_json::json!({ "Records": records })).unwrap();
+    let mut config = WorkerConfig::new("refresh-worker", &queue, "amiflow");
+    config.max_deferrals = 3;
+    let worker = Worker::connect(local.sqs(), local.eventbridge(), config)
+        .await
+        .unwrap();
+    let response = worker.handle_batch(&Defer, event).await;
+    assert!(response.batch_item_failures.is_empty(), "both were handled");
+    let dead = local.collect(&dlq, 1, Duration::from_secs(10)).await;
+    assert_eq!(dead[0].body(), Some(valid.as_str()));
+    assert_eq!(
+        e2e::attr(&dead[0], runtime::ERROR_KIND_ATTR).as_deref(),
+        Some(runtime::DEFERRED_TOO_OFTEN)
+    );
+    assert_eq!(
+        e2e::attr(&dead[0], runtime::ERROR_ATTR).as_deref(),
+        Some(
+            "deferred 3 times, the most AMIFLOW_MAX_DEFERRALS=3 allows; last deferral: refresh still running"
+        )
+    );
+    // The other one was re-sent with its first count.
+    let again = local.collect(&queue, 1, Duration::from_secs(10)).await;
+    assert_eq!(again[0].body(), Some(fresh.as_str()));
+    assert_eq!(
+        e2e::attr(&again[0], runtime::DEFERRALS_ATTR).as_deref(),
+        Some("1")
+    );
 }

@@ -1,4 +1,4 @@
-//! The fault proxy (issue 8) against the emulator with the real SDK: each fault comes back in the
+//! The fault proxy against the emulator with the real SDK: each fault comes back in the
 //! shape the service's SDK recognises (so the SDK's retry treats throttling as throttling), refused
 //! calls never reach the emulator, every call is counted by service and action, and in AWS-rate
 //! mode the runtime's own rate limits keep a worker under AWS's buckets.

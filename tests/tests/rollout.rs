@@ -1,10 +1,10 @@
-//! The whole rollout over qa, uat and prod in the local world (issue 5): the real worker binaries,
+//! The whole rollout over qa, uat and prod in the local world: the real worker binaries,
 //! one process per worker and account, over real SQS and EventBridge in the emulator.
 //!
 //! One `AmiBuilt` for the candidate AMI goes onto the hub bus; the windows are then opened stage by
 //! stage, as EventBridge Scheduler would. The test compares what AWS holds afterwards with what
 //! local/world.py says each group should end as, then re-injects every event of the rollout plus an
-//! older `AmiBuilt` and checks that nothing changes. (tests/chaos.rs runs the same rollout under
+//! older `AmiBuilt` and checks that nothing changes (the older AMI is refused by the share-worker). (tests/chaos.rs runs the same rollout under
 //! duplicates, crashes, faults and hostile input.)
 
 mod support;
@@ -38,11 +38,50 @@ async fn a_rollout_moves_every_eligible_group_once_and_a_replay_changes_nothing(
         "no dead letters"
     );
 
+    // Every line a worker wrote while handling a message names the message's rollout, key,
+    // account and worker (its span); only lines about the process itself or a whole batch do not.
+    const PROCESS_LINES: [&str; 8] = [
+        "worker started",
+        "receive failed",
+        "stopping: no new receives",
+        "worker stopped",
+        "poison message",
+        "delete failed; the message will be delivered again",
+        "DeleteMessageBatch failed; the messages will be delivered again",
+        "joint tag write failed; writing each alone",
+    ];
+    let lines = world.log_lines();
+    let mut in_span = 0;
+    for (log, line) in &lines {
+        let message = line["message"].as_str().unwrap_or_default();
+        if PROCESS_LINES.contains(&message) {
+            continue;
+        }
+        let span = &line["span"];
+        for field in ["worker", "rollout_id", "key", "account", "detail_type"] {
+            assert!(
+                span[field].is_string(),
+                "{log}: a line without the message's {field}: {line}"
+            );
+        }
+        in_span += 1;
+    }
+    assert!(
+        in_span > 50,
+        "the workers logged their steps ({in_span} lines)"
+    );
+
     // Every event of the rollout again, plus an older AMI built late: nothing may change.
     let mut replayed = 0;
+    // An AmiShared put by a stage account (as a replay there puts it) is a forged promotion: its
+    // param-worker refuses it permanently, naming the account (only the hub promotes).
+    let mut forged = BTreeMap::new();
     for account in &accounts {
         for body in world.drain(account, &taps[account]).await {
             let detail_type = body["detail-type"].as_str().unwrap().to_owned();
+            if detail_type == "AmiShared" && *account != hub {
+                *forged.entry(format!("{account}/param")).or_insert(0) += 1;
+            }
             world.put_raw(account, &detail_type, &body["detail"]).await;
             replayed += 1;
         }
@@ -74,9 +113,30 @@ async fn a_rollout_moves_every_eligible_group_once_and_a_replay_changes_nothing(
             );
         }
     }
+    // Replays are not poison; the older AMI built late is refused by the share-worker (it would
+    // never be promoted), and the AmiShared replayed by a stage account are refused as forged:
+    // those are the only dead letters.
+    assert!(
+        !forged.is_empty(),
+        "the stage accounts' taps saw their AmiShared"
+    );
+    for (queue, n) in &forged {
+        let account = queue.split('/').next().unwrap();
+        let letters = world.take_dead_letters(account, "param").await;
+        assert_eq!(letters.len(), *n, "{queue}: {letters:?}");
+        for l in &letters {
+            assert!(
+                l.reason.contains(&format!(
+                    "was put on the bus by account {account}, not the hub {hub}"
+                )),
+                "{queue}: {}",
+                l.reason
+            );
+        }
+    }
     assert_eq!(
         world.dead_letters().await,
-        BTreeMap::new(),
+        BTreeMap::from([(format!("{hub}/share"), 1)]),
         "replays are not poison"
     );
 }

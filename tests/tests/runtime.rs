@@ -1,4 +1,4 @@
-//! The worker runtime against the real emulator over real SQS and EventBridge (issue 3): delete
+//! The worker runtime against the real emulator over real SQS and EventBridge: delete
 //! only after emitted events are accepted, transient failures retried then redelivered, poison to
 //! the DLQ in one receive with its reason, partial PutEvents failures retried, duplicates yield
 //! the same keys, and a stop (in-process or SIGTERM) loses nothing.
@@ -252,6 +252,89 @@ async fn transient_failures_are_retried_then_redelivered_then_dead_lettered() {
     assert_eq!(WorkerStats::get(&stats.retried_later), 4);
     assert_eq!(dead.body(), sent.body(), "the original body is intact");
     assert_eq!(local.depth(&queue).await, 0);
+}
+
+/// Defers every event at once, counting its calls.
+struct AlwaysDefer {
+    calls: AtomicUsize,
+}
+
+impl Step for AlwaysDefer {
+    async fn run(&self, _event: &Inbound) -> Result<StepOutput, StepError> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst);
+        Ok(StepOutput::Defer {
+            delay: Duration::ZERO,
+            reason: format!("refresh still running (call {call})"),
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_message_deferred_too_often_is_dead_lettered_with_the_count_and_last_reason() {
+    let local = Local::start().await;
+    let (queue, dlq) = local.queue_with_dlq("refresh", 30).await;
+    local.bus_with_capture("amiflow").await;
+    let mut config = WorkerConfig::new("refresh-worker", &queue, "amiflow");
+    config.max_deferrals = 3;
+    let step = Arc::new(AlwaysDefer {
+        calls: AtomicUsize::new(0),
+    });
+    let worker = start_worker(&local, config, step.clone()).await;
+    let sent = body(&built("ami-0a1b2c3d4e5f60718").into());
+    // An incoming counter is the runtime's own: a sender cannot lengthen the chain by resetting
+    // it, and the value here is overridden from the first deferral on.
+    local
+        .sqs()
+        .send_message()
+        .queue_url(&queue)
+        .message_body(&sent)
+        .message_attributes(
+            runtime::DEFERRALS_ATTR,
+            MessageAttributeValue::builder()
+                .data_type("String")
+                .string_value("0")
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+
+    let dead = local.collect(&dlq, 1, WAIT).await;
+    eventually("the last copy to be deleted", WAIT, || async {
+        (local.depth(&queue).await == 0).then_some(())
+    })
+    .await;
+    let stats = worker.stop().await;
+    assert_eq!(dead.len(), 1);
+    let dead = &dead[0];
+    assert_eq!(
+        attr(dead, "amiflow-error-kind").as_deref(),
+        Some("deferred-too-often")
+    );
+    assert_eq!(
+        attr(dead, "amiflow-error").as_deref(),
+        Some(
+            "deferred 3 times, the most AMIFLOW_MAX_DEFERRALS=3 allows; last deferral: refresh still running (call 3)"
+        )
+    );
+    assert_eq!(attr(dead, runtime::DEFERRALS_ATTR).as_deref(), Some("3"));
+    assert_eq!(
+        dead.body(),
+        Some(sent.as_str()),
+        "the original body is intact"
+    );
+    assert_eq!(
+        WorkerStats::get(&stats.deferred),
+        3,
+        "exactly three re-sends"
+    );
+    assert_eq!(
+        step.calls.load(Ordering::SeqCst),
+        4,
+        "the original and its three re-sent copies"
+    );
+    assert_eq!(WorkerStats::get(&stats.dead_lettered), 1);
 }
 
 #[tokio::test]

@@ -1,13 +1,16 @@
 //! Compliance of one account, computed from AWS itself: each golden parameter's value, and every
 //! group judged the way the plan-worker judges it (`rollout::plan::judge_all`), plus what the
-//! refresh-worker's `amiflow:refresh` mark says about a refresh in flight or one that ended badly.
+//! refresh-worker's mark says about a refresh in flight or one that ended badly (read through
+//! `rollout::aws::Marks`: a group's tags, or a stack-owned group's SSM parameter).
+
+use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use aws_config::SdkConfig;
-use rollout::aws::{AwsGroups, LaunchSource, Parameters, SsmParameters};
+use rollout::aws::{AwsGroups, Groups, LaunchSource, Marks, Parameters, SsmParameters};
 use rollout::discovery::Verdict;
+use rollout::mark::MarkState;
 use rollout::policy::{Policy, Stage};
-use rollout::refresh::mark_of;
 use serde::Serialize;
 
 /// Where one group stands against its golden parameter.
@@ -54,8 +57,49 @@ pub struct GroupStatus {
     pub instances: usize,
     /// Whether the plan-worker asks for a refresh of this group now.
     pub needs_refresh: bool,
-    /// Instances not running the golden parameter's current AMI (0 for untouched groups).
+    /// Instances not running the golden parameter's current AMI (0 for untouched groups),
+    /// counted from the instances themselves whatever the group's state: a skipped group whose
+    /// instances run the golden AMI has none.
     pub instances_off_golden: usize,
+    /// The group's instances by the AMI each runs.
+    pub instances_by_ami: InstanceCounts,
+}
+
+/// Instances counted by the AMI they run, against their group's golden parameter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct InstanceCounts {
+    /// The parameter's current AMI.
+    pub golden: usize,
+    /// The value the parameter held before the current one.
+    pub previous_golden: usize,
+    /// Any earlier value of the parameter.
+    pub older_golden: usize,
+    /// Anything else: another family's AMI, an AMI never published, or an instance whose AMI
+    /// could not be read (every instance of a group that is none of ours).
+    pub other: usize,
+}
+
+impl InstanceCounts {
+    /// Count `amis` (one per instance) against a parameter's `history` (oldest first, the
+    /// current value last).
+    fn of<'a>(amis: impl IntoIterator<Item = Option<&'a String>>, history: &[String]) -> Self {
+        let current = history.last();
+        let previous = history.iter().rev().find(|h| Some(*h) != current);
+        let mut counts = InstanceCounts::default();
+        for ami in amis {
+            match ami {
+                Some(a) if Some(a) == current => counts.golden += 1,
+                Some(a) if Some(a) == previous => counts.previous_golden += 1,
+                Some(a) if history.contains(a) => counts.older_golden += 1,
+                _ => counts.other += 1,
+            }
+        }
+        counts
+    }
+
+    fn off_golden(&self) -> usize {
+        self.previous_golden + self.older_golden + self.other
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -106,6 +150,38 @@ pub async fn account(
     let judged = rollout::plan::judge_all(&groups, &params, policy, stage)
         .await
         .with_context(|| format!("reading the Auto Scaling groups of {}", stage.account))?;
+    // Every instance's own AMI (one batched DescribeInstances) and every family's history: an
+    // instance counts by what it runs, not by what its group's configuration says.
+    let mut histories = HashMap::new();
+    for family in &policy.families {
+        let mut history = params
+            .history(&family.parameter_name)
+            .await
+            .with_context(|| format!("reading the history of {}", family.parameter_name))?;
+        // The current value last, even if the history read lags the value read.
+        if let Some(current) = parameters
+            .iter()
+            .find(|p| p.name == family.parameter_name)
+            .and_then(|p| p.ami.clone())
+            && history.last() != Some(&current)
+        {
+            history.push(current);
+        }
+        histories.insert(family.parameter_name.clone(), history);
+    }
+    let ids: Vec<String> = judged
+        .iter()
+        .flat_map(|j| j.group.group.instance_ids.iter().cloned())
+        .collect();
+    let instance_amis = if ids.is_empty() {
+        HashMap::new()
+    } else {
+        groups
+            .instance_images(&ids)
+            .await
+            .with_context(|| format!("reading the instances of {}", stage.account))?
+    };
+    let marks = Marks::new(&groups, &params);
     let mut out = Vec::new();
     for j in judged {
         let target = j
@@ -113,35 +189,36 @@ pub async fn account(
             .as_ref()
             .and_then(|p| parameters.iter().find(|s| &s.name == p))
             .and_then(|s| s.ami.clone());
-        let mark = mark_of(&j.group.group).filter(|m| Some(&m.ami) == target.as_ref());
+        let record = marks
+            .read(&j.group.group)
+            .await
+            .with_context(|| format!("reading the mark of {}", j.group.group.name))?
+            .filter(|r| Some(&r.mark.ami) == target.as_ref());
+        let mark = record.as_ref().map(|r| &r.mark);
         let instances = j.group.group.instance_ids.len();
         let (state, reason) = match &j.verdict {
             Verdict::Untouched(why) => (GroupState::Untouched, why.clone()),
             Verdict::Skipped(why) => (GroupState::Skipped, why.clone()),
+            Verdict::Broken(why) => (GroupState::Failed, why.clone()),
             _ if !j.needs_refresh() => (GroupState::Current, String::new()),
-            _ => match (
-                &j.group.group.source,
-                mark.as_ref().map(|m| m.state.as_str()),
-            ) {
-                (_, Some("in-progress")) => (
+            _ => match (&j.group.group.source, mark.map(|m| m.state)) {
+                (_, Some(MarkState::InProgress)) => (
                     GroupState::Refreshing,
-                    format!("instance refresh {}", mark.as_ref().unwrap().refresh_id),
+                    format!("instance refresh {}", mark.unwrap().refresh_id),
                 ),
-                (_, Some("rolled-back")) => (
+                (_, Some(MarkState::RolledBack)) => (
                     GroupState::RolledBack,
                     "the last refresh to this AMI was rolled back".into(),
                 ),
-                (_, Some("failed")) => (
+                (_, Some(MarkState::Failed)) => (
                     GroupState::Failed,
                     "the last refresh to this AMI failed".into(),
                 ),
-                (_, Some("skipped")) => (
+                (_, Some(MarkState::Skipped)) => (
                     GroupState::Skipped,
-                    j.group
-                        .group
-                        .tags
-                        .get(rollout::refresh::REASON_TAG)
-                        .cloned()
+                    record
+                        .as_ref()
+                        .and_then(|r| r.reason.clone())
                         .unwrap_or_else(|| "the refresh-worker skipped it".into()),
                 ),
                 (LaunchSource::LaunchConfiguration(name), _) => (
@@ -153,11 +230,21 @@ pub async fn account(
                 _ => (GroupState::Stale, "on an earlier golden AMI".into()),
             },
         };
+        let no_history = Vec::new();
+        let instances_by_ami = InstanceCounts::of(
+            j.group
+                .group
+                .instance_ids
+                .iter()
+                .map(|id| instance_amis.get(id)),
+            j.parameter
+                .as_ref()
+                .and_then(|p| histories.get(p))
+                .unwrap_or(&no_history),
+        );
         let instances_off_golden = match state {
             GroupState::Untouched => 0,
-            GroupState::Current => j.lagging_instances,
-            _ if j.verdict == Verdict::Current => j.lagging_instances,
-            _ => instances,
+            _ => instances_by_ami.off_golden(),
         };
         out.push(GroupStatus {
             name: j.group.group.name.clone(),
@@ -168,6 +255,7 @@ pub async fn account(
             instances,
             needs_refresh: j.parameter.is_some() && j.needs_refresh(),
             instances_off_golden,
+            instances_by_ami,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -177,4 +265,31 @@ pub async fn account(
         parameters,
         groups: out,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_count_by_the_ami_they_run() {
+        let history: Vec<String> = ["ami-08", "ami-09", "ami-10", "ami-09", "ami-11"]
+            .map(String::from)
+            .to_vec();
+        let amis = ["ami-11", "ami-11", "ami-10", "ami-09", "ami-08", "ami-win"].map(String::from);
+        let counts = InstanceCounts::of(amis.iter().map(Some).chain([None]), &history);
+        assert_eq!(
+            counts,
+            InstanceCounts {
+                golden: 2,
+                // ami-09 was set again after ami-10: ami-09 is the value before the current one.
+                previous_golden: 1,
+                older_golden: 2,
+                other: 2,
+            }
+        );
+        assert_eq!(counts.off_golden(), 5);
+        // Without a family, every instance is another family's.
+        assert_eq!(InstanceCounts::of(amis.iter().map(Some), &[]).other, 6);
+    }
 }

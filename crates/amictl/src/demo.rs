@@ -6,16 +6,16 @@
 //!
 //! The demo only emits events and reads state: every change is made by the worker processes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use aws_config::SdkConfig;
 use chrono::Utc;
 use clap::Args;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
-use events::{AmiBuilt, Detail, RolloutWindowOpened};
+use events::AmiBuilt;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use local_world::{Audit, Driver, Stage};
 use rollout::policy::Policy;
 
 use crate::compliance::{self, AccountCompliance, GroupState};
@@ -70,7 +70,9 @@ fn ensure_workers_built() -> Result<()> {
     let dir = exe
         .parent()
         .ok_or_else(|| anyhow!("{} has no parent folder", exe.display()))?;
-    let missing: Vec<&str> = local::worker_binaries()
+    let missing: Vec<&str> = local_world::WORKERS
+        .iter()
+        .map(|w| w.binary)
         .filter(|b| !dir.join(b).is_file())
         .collect();
     let cargo = std::env::var_os("CARGO");
@@ -108,15 +110,6 @@ fn ensure_workers_built() -> Result<()> {
     }
 }
 
-struct Stage {
-    name: String,
-    account: String,
-    config: SdkConfig,
-    bar: ProgressBar,
-    /// Groups that must report an outcome in this stage's window (stale at the window's start).
-    expected: usize,
-}
-
 async fn rollout_in_world(args: &DemoArgs) -> Result<()> {
     let state = local::current_state()?
         .ok_or_else(|| anyhow!("the local world did not record its state"))?;
@@ -125,6 +118,35 @@ async fn rollout_in_world(args: &DemoArgs) -> Result<()> {
     let hub = state.hub_account.clone();
     let hub_config = local::account_config(&state, &hub).await?;
     let candidate = candidate_ami(&state)?;
+    let audit_queue = state
+        .accounts
+        .iter()
+        .find(|a| a.hub)
+        .and_then(|a| a.queues.get("audit"))
+        .map(|q| q.url.clone())
+        .ok_or_else(|| anyhow!("the hub has no audit queue in the world state"))?;
+    let mut stages = Vec::new();
+    for account in &state.accounts {
+        let policy_stage = policy.stage_for_account(&account.id).ok_or_else(|| {
+            anyhow!(
+                "account {} is not in {}",
+                account.id,
+                state.config_file.display()
+            )
+        })?;
+        stages.push(Stage {
+            account: account.id.clone(),
+            name: account.stage.clone(),
+            config: local::account_config(&state, &account.id).await?,
+            window_hours: policy_stage.window.duration_hours,
+        });
+    }
+    let driver = Driver {
+        hub: hub_config.clone(),
+        bus: state.bus.clone(),
+        audit_queue,
+        stages,
+    };
 
     // 1. The month's AMI is built: inject what ingest would emit.
     let image = aws_sdk_ec2::Client::new(&hub_config)
@@ -153,123 +175,165 @@ async fn rollout_in_world(args: &DemoArgs) -> Result<()> {
         "\ninjecting AmiBuilt {candidate} ({}) on the hub bus; rollout {}",
         built.image_name, built.meta.rollout_id
     );
-    put(&hub_config, &state.bus, &Detail::from(built)).await?;
 
     let multi = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>5} {bar:30} {pos}/{len} groups  {msg}")
         .expect("a valid progress template");
-    let mut stages = Vec::new();
-    for account in &state.accounts {
-        let config = local::account_config(&state, &account.id).await?;
-        let bar = multi.add(ProgressBar::new(0));
-        bar.set_style(style.clone());
-        bar.set_prefix(account.stage.clone());
-        bar.set_message("waiting for the golden parameter");
-        stages.push(Stage {
-            name: account.stage.clone(),
-            account: account.id.clone(),
-            config,
-            bar,
-            expected: 0,
-        });
-    }
-
-    // 2. Shared, then published in every stage.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for stage in &stages {
-        loop {
-            if parameter(&stage.config).await? == candidate {
-                stage
-                    .bar
-                    .set_message(format!("parameter {candidate}; waiting for the window"));
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{}'s golden parameter did not reach {candidate} within 2 minutes; see the share and param worker logs in {}",
-                    stage.name,
-                    state.logs_dir.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-    }
-
-    // 3. The windows, stage by stage: each must finish before the next opens.
-    let audit = state
-        .accounts
+    let bars: BTreeMap<String, ProgressBar> = driver
+        .stages
         .iter()
-        .find(|a| a.hub)
-        .and_then(|a| a.queues.get("audit"))
-        .map(|q| q.url.clone())
-        .ok_or_else(|| anyhow!("the hub has no audit queue in the world state"))?;
-    let mut outcomes: BTreeMap<(String, String), (String, String)> = BTreeMap::new();
-    for stage in &mut stages {
-        let policy_stage = policy.stage_for_account(&stage.account).ok_or_else(|| {
-            anyhow!(
-                "account {} is not in {}",
-                stage.account,
-                state.config_file.display()
+        .map(|stage| {
+            let bar = multi.add(ProgressBar::new(0));
+            bar.set_style(style.clone());
+            bar.set_prefix(stage.name.clone());
+            bar.set_message("waiting for the golden parameter");
+            (stage.account.clone(), bar)
+        })
+        .collect();
+
+    // 2. Shared with every stage, published in the first.
+    let mut audit = Audit::default();
+    driver
+        .publish(built, &mut audit, Duration::from_secs(120), |stage| {
+            bars[&stage.account]
+                .set_message(format!("parameter {candidate}; waiting for the window"));
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "see the share and param worker logs in {}",
+                state.logs_dir.display()
             )
         })?;
-        let before = compliance::account(&stage.config, &policy, policy_stage).await?;
-        stage.expected = before.groups.iter().filter(|g| g.needs_refresh).count();
-        stage.bar.set_length(stage.expected as u64);
-        stage.bar.set_message("window open");
-        let opens = Utc::now();
-        let window = RolloutWindowOpened::new(
-            &stage.account,
-            &stage.name,
-            opens,
-            opens + chrono::Duration::hours(i64::from(policy_stage.window.duration_hours)),
-        );
-        put(&stage.config, &state.bus, &Detail::from(window)).await?;
-        let opened = Instant::now();
-        if stage.bar.is_hidden() {
-            eprintln!(
-                "amictl: {}: window open, {} groups to refresh or report",
-                stage.name, stage.expected
-            );
+
+    // 3. The windows, stage by stage: each must finish before the next opens.
+    for stage in &driver.stages {
+        let policy_stage = policy
+            .stage_for_account(&stage.account)
+            .expect("checked above");
+        let bar = &bars[&stage.account];
+        // The gate decides at the window: print its state before (for the demo's family).
+        let line = gate_line(&stage.name).await?;
+        if bar.is_hidden() {
+            eprintln!("amictl: {line}");
+        } else {
+            multi.println(&line).ok();
         }
-        let deadline = Instant::now() + Duration::from_secs(args.stage_timeout);
-        loop {
-            drain_outcomes(&hub_config, &audit, &mut outcomes).await?;
-            let done = outcomes.keys().filter(|(a, _)| *a == stage.account).count();
-            stage.bar.set_position(done as u64);
-            if done >= stage.expected {
-                let took = format!("done in {:.0} s", opened.elapsed().as_secs_f64());
-                stage.bar.finish_with_message(took.clone());
-                if stage.bar.is_hidden() {
-                    eprintln!("amictl: {}: {done} groups finished, {took}", stage.name);
+        let within = Duration::from_secs(args.stage_timeout);
+        let opened = std::time::Instant::now();
+        bar.set_message("window open; the hub's gate decides");
+        // A later stage is promoted by the hub's gate at its window: what it must refresh is
+        // known once its parameter holds the candidate.
+        let promoted = async {
+            driver.open(stage).await?;
+            driver.promoted(stage, &candidate, &mut audit, within).await
+        }
+        .await;
+        let took = match promoted {
+            Err(e) => Err(e),
+            Ok(()) => {
+                let before = compliance::account(&stage.config, &policy, policy_stage).await?;
+                let expected: BTreeSet<String> = before
+                    .groups
+                    .iter()
+                    .filter(|g| g.needs_refresh)
+                    .map(|g| g.name.clone())
+                    .collect();
+                bar.set_length(expected.len() as u64);
+                bar.set_message("promoted; refreshing");
+                if bar.is_hidden() {
+                    eprintln!(
+                        "amictl: {}: promoted, {} groups to refresh or report",
+                        stage.name,
+                        expected.len()
+                    );
                 }
-                break;
+                driver
+                    .outcomes(
+                        stage,
+                        &candidate,
+                        &expected,
+                        &mut audit,
+                        within.saturating_sub(opened.elapsed()),
+                        |done| bar.set_position(done as u64),
+                    )
+                    .await
+                    .map(|()| (opened.elapsed(), expected.len()))
             }
-            if Instant::now() > deadline {
-                stage.bar.abandon_with_message("timed out");
-                bail!(
-                    "stage {}: {done} of {} groups finished within {} s; see `amictl local env` and the refresh-worker log in {}",
-                    stage.name,
-                    stage.expected,
-                    args.stage_timeout,
+        };
+        match took {
+            Ok((took, groups)) => {
+                let took = format!("done in {:.0} s", took.as_secs_f64());
+                bar.finish_with_message(took.clone());
+                if bar.is_hidden() {
+                    eprintln!("amictl: {}: {groups} groups finished, {took}", stage.name);
+                }
+            }
+            Err(err) => {
+                bar.abandon_with_message("timed out");
+                return Err(err.context(format!(
+                    "see `amictl local env` and the refresh-worker log in {}",
                     state.logs_dir.display()
-                );
+                )));
             }
-            tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
     drop(multi);
+    println!();
+    for stage in &driver.stages {
+        println!("{}", gate_line(&stage.name).await?);
+    }
 
     // 4. Compliance, from AWS itself.
     let mut reports = Vec::new();
-    for stage in &stages {
+    for stage in &driver.stages {
         let policy_stage = policy
             .stage_for_account(&stage.account)
             .expect("checked above");
         reports.push(compliance::account(&stage.config, &policy, policy_stage).await?);
     }
+    // The first outcome each group reported for the candidate.
+    let outcomes: BTreeMap<(String, String), (String, String)> = audit
+        .finished
+        .iter()
+        .filter(|((_, _, ami), _)| *ami == candidate)
+        .filter_map(|((account, group, _), said)| {
+            said.first()
+                .map(|o| ((account.clone(), group.clone()), o.clone()))
+        })
+        .collect();
     println!("\n{}", summary_table(&reports, &outcomes));
     println!("\n{}", reasons_table(&reports, &outcomes));
     Ok(())
+}
+
+/// One line from a stage's gate for the demo's family, as `amictl plan` judges it.
+async fn gate_line(stage: &str) -> Result<String> {
+    let scope = crate::scope::Scope::open(&crate::scope::ScopeArgs {
+        local: true,
+        config: None,
+    })
+    .await?;
+    let preview = crate::plan::preview(&scope, Some(stage), None).await?;
+    let mut line = format!("gate {stage}:");
+    for s in &preview.stages {
+        for g in s.gates.iter().filter(|g| g.parameter == PARAMETER) {
+            line.push_str(&format!(
+                " {} -> {}",
+                g.ami.as_deref().unwrap_or("(no AMI)"),
+                g.detail
+            ));
+        }
+        for r in s.runs.iter().filter(|r| r.parameter == PARAMETER) {
+            line.push_str(&format!(
+                "; {} failed of {} tolerated{}",
+                r.failed,
+                r.tolerated,
+                if r.halted { ", HALTED" } else { "" }
+            ));
+        }
+    }
+    Ok(line)
 }
 
 fn candidate_ami(state: &State) -> Result<String> {
@@ -281,66 +345,6 @@ fn candidate_ami(state: &State) -> Result<String> {
         .as_str()
         .map(str::to_owned)
         .ok_or_else(|| anyhow!("{} names no candidate AMI", state.world_file.display()))
-}
-
-async fn parameter(config: &SdkConfig) -> Result<String> {
-    let out = aws_sdk_ssm::Client::new(config)
-        .get_parameter()
-        .name(PARAMETER)
-        .send()
-        .await
-        .with_context(|| format!("reading {PARAMETER}"))?;
-    Ok(out
-        .parameter()
-        .and_then(|p| p.value())
-        .unwrap_or_default()
-        .to_owned())
-}
-
-async fn put(config: &SdkConfig, bus: &str, detail: &Detail) -> Result<()> {
-    crate::inject::put_with(config, "the local world", bus, detail)
-        .await
-        .map(drop)
-}
-
-/// Read (and delete) the `AsgRefreshFinished` events the stages forwarded to the hub's audit queue.
-async fn drain_outcomes(
-    hub: &SdkConfig,
-    queue: &str,
-    outcomes: &mut BTreeMap<(String, String), (String, String)>,
-) -> Result<()> {
-    let sqs = aws_sdk_sqs::Client::new(hub);
-    loop {
-        let got = sqs
-            .receive_message()
-            .queue_url(queue)
-            .max_number_of_messages(10)
-            .send()
-            .await
-            .context("reading the hub's audit queue")?;
-        if got.messages().is_empty() {
-            return Ok(());
-        }
-        for m in got.messages() {
-            let body: serde_json::Value =
-                serde_json::from_str(m.body().unwrap_or("null")).unwrap_or_default();
-            if body["detail-type"] == "AsgRefreshFinished" {
-                let d = &body["detail"];
-                let text = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
-                outcomes
-                    .entry((text("account"), text("asg_name")))
-                    .or_insert((text("outcome"), text("reason")));
-            }
-            if let Some(receipt) = m.receipt_handle() {
-                sqs.delete_message()
-                    .queue_url(queue)
-                    .receipt_handle(receipt)
-                    .send()
-                    .await
-                    .context("deleting from the hub's audit queue")?;
-            }
-        }
-    }
 }
 
 fn summary_table(

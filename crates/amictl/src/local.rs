@@ -1,7 +1,9 @@
 //! `amictl local`: the local AWS world of DESIGN.md section 7. `up` starts the emulator detached,
 //! has `local/world.py` provision a hub and three stage accounts in it, starts every built worker
-//! binary once per account it serves, and records all of it in a state file; `env` turns that file
-//! into shell exports for outside clients; `down` stops what the file lists and removes it.
+//! binary once per account it serves (as `local_world` describes them), and records all of it in a
+//! state file, each worker with the `Launch` it was started from; `up` on a world that runs starts
+//! again, from those records, only the workers that died; `env` turns that file into shell
+//! exports for outside clients; `down` stops what the file lists and removes it.
 //!
 //! Never leaves a half-started world: a failure or ctrl-c during `up` stops whatever it had
 //! started before the error is reported, and a state file whose processes are all gone (a killed
@@ -12,22 +14,17 @@ use std::fs::{File, TryLockError};
 use std::io::ErrorKind;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use aws_sdk_sts::error::DisplayErrorContext;
 use clap::{Args, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
 use crate::procs::{self, Tracked};
 
-const REGION: &str = "us-east-1";
-/// moto accepts any key; these act in its default account (123456789012) until a role is assumed.
-const BASE_KEY: &str = "testing";
-/// Longest role session AWS allows (with a raised MaxSessionDuration): a local world left up for
-/// an afternoon keeps working.
-const SESSION_SECONDS: i32 = 12 * 3600;
+use local_world::{BASE_KEY, REGION, Setting, Timings, WORKERS};
+
 /// Seed scale builds about 4,500 instances; this only guards against a provisioner that hangs.
 const PROVISION_DEADLINE: Duration = Duration::from_secs(30 * 60);
 /// A worker finishes in-flight steps on SIGTERM (runtime default stop timeout 25 s).
@@ -36,45 +33,6 @@ const EMULATOR_GRACE: Duration = Duration::from_secs(10);
 /// How long a just-started worker must stay up to count as started (config errors exit at once).
 const WORKER_SETTLE: Duration = Duration::from_millis(1500);
 
-/// Which worker binaries run where (DESIGN.md section 2): the hub consumes AMI builds and shares
-/// them; every stage account (the hub is also qa) publishes, plans and refreshes.
-const WORKERS: &[WorkerSpec] = &[
-    WorkerSpec::hub("ingest-worker", "ingest"),
-    WorkerSpec::hub("share-worker", "share"),
-    WorkerSpec::every_stage("param-worker", "param"),
-    WorkerSpec::every_stage("plan-worker", "plan"),
-    WorkerSpec::every_stage("refresh-worker", "refresh"),
-];
-
-/// The worker binaries `up` starts (when they were built).
-pub fn worker_binaries() -> impl Iterator<Item = &'static str> {
-    WORKERS.iter().map(|w| w.binary)
-}
-
-#[derive(Debug, Clone, Copy)]
-struct WorkerSpec {
-    binary: &'static str,
-    queue: &'static str,
-    hub_only: bool,
-}
-
-impl WorkerSpec {
-    const fn hub(binary: &'static str, queue: &'static str) -> Self {
-        Self {
-            binary,
-            queue,
-            hub_only: true,
-        }
-    }
-    const fn every_stage(binary: &'static str, queue: &'static str) -> Self {
-        Self {
-            binary,
-            queue,
-            hub_only: false,
-        }
-    }
-}
-
 /// Run amiflow on this machine against an emulated AWS (moto plus amiflow's shim): a hub and
 /// three stage accounts, their buses, queues, golden AMIs and Auto Scaling groups, and the workers.
 #[derive(Debug, Subcommand)]
@@ -82,13 +40,20 @@ impl WorkerSpec {
     after_help = "Example:\n  amictl local up\n  eval \"$(amictl local env)\"\n  aws sqs list-queues --queue-name-prefix amiflow   # any AWS client now talks to the emulator\n  amictl local down"
 )]
 pub enum Local {
-    /// Start the emulator, provision the world and start every worker binary that was built.
+    /// Start the emulator, provision the world and start every built worker; on a running world,
+    /// start again only its workers that died.
     ///
     /// The emulator and the workers keep running after this command returns; their logs go to
     /// .amiflow/logs/ and everything is recorded in .amiflow/local/state.json (set
     /// AMIFLOW_STATE_DIR to keep a second world's state elsewhere).
+    ///
+    /// A worker that crashed (or was killed) is brought back by running `amictl local up` again:
+    /// it starts with the environment recorded for it in the state file, and the emulator, the
+    /// world and the other workers are left as they are (the other options are ignored then). The
+    /// messages the dead worker held in flight return to its queue after the queue's visibility
+    /// timeout (10 s in the local world), so the rollout resumes within seconds.
     #[command(
-        after_help = "Examples:\n  amictl local up                      # small world on a free port, all built workers\n  amictl local up --scale seed         # ~1,000 / 1,500 / 2,000 instances in qa / uat / prod\n  amictl local up --port 4566 --no-workers"
+        after_help = "Examples:\n  amictl local up                      # small world on a free port, all built workers\n  amictl local up --scale seed         # ~1,000 / 1,500 / 2,000 instances in qa / uat / prod\n  amictl local up --port 4566 --no-workers\n  kill -9 <pid of a worker> && amictl local up   # starts that worker again, nothing else"
     )]
     Up(UpArgs),
     /// Print shell exports that point AWS clients (SDKs, the AWS CLI, boto3) at the local world.
@@ -283,8 +248,20 @@ pub struct WorkerState {
     pub stage: String,
     pub account: String,
     pub pid: u32,
-    pub binary: PathBuf,
-    pub log: PathBuf,
+    /// How it was started (binary, environment, log): `up` on a running world starts a worker
+    /// that died again from exactly this.
+    #[serde(flatten)]
+    pub launch: local_world::Launch,
+}
+
+impl WorkerState {
+    fn tracked(&self) -> Tracked {
+        Tracked {
+            label: format!("{} ({})", self.name, self.stage),
+            pid: self.pid,
+            cmdline_contains: self.name.clone(),
+        }
+    }
 }
 
 impl State {
@@ -298,14 +275,7 @@ impl State {
     }
 
     fn worker_procs(&self) -> Vec<Tracked> {
-        self.workers
-            .iter()
-            .map(|w| Tracked {
-                label: format!("{} ({})", w.name, w.stage),
-                pid: w.pid,
-                cmdline_contains: w.name.clone(),
-            })
-            .collect()
+        self.workers.iter().map(WorkerState::tracked).collect()
     }
 
     fn all_procs(&self) -> Vec<Tracked> {
@@ -329,8 +299,14 @@ pub fn current_state() -> Result<Option<State>> {
 /// An SDK configuration acting in `account` of the local world, through sts:AssumeRole as the
 /// workers do.
 pub async fn account_config(state: &State, account: &str) -> Result<aws_config::SdkConfig> {
-    let sts = sts_client(&state.endpoint, &state.region).await;
-    let creds = assume_role(&sts, account, &state.role_name, "amictl").await?;
+    let creds = local_world::assume_role(
+        &state.endpoint,
+        &state.region,
+        account,
+        &state.role_name,
+        "amictl",
+    )
+    .await?;
     Ok(aws_config::defaults(aws_config::BehaviorVersion::latest())
         .endpoint_url(&state.endpoint)
         .region(aws_config::Region::new(state.region.clone()))
@@ -415,7 +391,9 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
             return Err(e).with_context(|| format!("locking {}", paths.lock().display()));
         }
     }
-    clear_stale(&paths)?;
+    if let Some(state) = running_world(&paths)? {
+        return revive(&paths, state).await;
+    }
     if let Some(port) = args.port.filter(|p| *p != 0) {
         ensure_port_free(port)?;
     }
@@ -428,7 +406,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         );
     }
 
-    let mut launch = Launch::default();
+    let mut launch = Started::default();
     let outcome = tokio::select! {
         outcome = bring_up(&paths, &args, &mut launch) => outcome,
         _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
@@ -451,11 +429,11 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
 
 /// What an `up` in progress has started, so a failure can stop it.
 #[derive(Debug, Default)]
-struct Launch {
+struct Started {
     procs: Vec<Tracked>,
 }
 
-impl Launch {
+impl Started {
     fn stop(&self) {
         // Workers first: they may still need the emulator to release their messages.
         let (emulator, workers): (Vec<_>, Vec<_>) = self
@@ -468,12 +446,17 @@ impl Launch {
     }
 }
 
-/// A state file whose processes are all gone is left over from a killed run: remove it. One whose
-/// processes still run means a world is up.
-fn clear_stale(paths: &Paths) -> Result<()> {
+/// The world recorded in the state file, if its emulator still runs. A state file whose
+/// processes are all gone is left over from a killed run: it is removed. Workers that outlived
+/// their emulator cannot be brought back (their world is gone): those must be stopped first.
+fn running_world(paths: &Paths) -> Result<Option<State>> {
     let Some(state) = read_state(paths)? else {
-        return Ok(());
+        return Ok(None);
     };
+    let emulator = state.emulator_proc();
+    if procs::is_running(emulator.pid, &emulator.cmdline_contains) {
+        return Ok(Some(state));
+    }
     let alive: Vec<Tracked> = state
         .all_procs()
         .into_iter()
@@ -482,16 +465,17 @@ fn clear_stale(paths: &Paths) -> Result<()> {
     if !alive.is_empty() {
         let pids: Vec<String> = alive.iter().map(|p| p.pid.to_string()).collect();
         bail!(
-            "a local world is already running (pid {}; endpoint {}); run `amictl local down` first",
-            pids.join(", "),
-            state.endpoint
+            "the emulator of the local world at {} is gone but some of its workers run (pid {}); run `amictl local down` first",
+            state.endpoint,
+            pids.join(", ")
         );
     }
     eprintln!(
         "amictl: removing the state of an earlier local world that is no longer running ({})",
         paths.state().display()
     );
-    remove_state(paths)
+    remove_state(paths)?;
+    Ok(None)
 }
 
 fn ensure_port_free(port: u16) -> Result<()> {
@@ -508,7 +492,7 @@ fn port_in_use(port: u16) -> anyhow::Error {
     )
 }
 
-async fn bring_up(paths: &Paths, args: &UpArgs, launch: &mut Launch) -> Result<String> {
+async fn bring_up(paths: &Paths, args: &UpArgs, launch: &mut Started) -> Result<String> {
     let started = Instant::now();
 
     // 1. The emulator, detached: it outlives this command.
@@ -578,7 +562,7 @@ async fn bring_up(paths: &Paths, args: &UpArgs, launch: &mut Launch) -> Result<S
     state.bus = state
         .accounts
         .first()
-        .map(|a| bus_name(&a.bus_arn))
+        .map(|a| bus_name(&a.bus_arn).to_owned())
         .unwrap_or_default();
     write_state(paths, &state)?;
 
@@ -586,15 +570,20 @@ async fn bring_up(paths: &Paths, args: &UpArgs, launch: &mut Launch) -> Result<S
     if !args.no_workers {
         // A deferred refresh (concurrency limit reached) retries after about two refresh phases,
         // not the production minute: the emulated refreshes are that much faster.
-        let defer = (2.0 * args.refresh_step).clamp(1.0, 60.0);
-        start_workers(paths, &mut state, launch, defer, args.retry_base_seconds).await?;
+        let timings = Timings {
+            wait_seconds: 5.0,
+            defer_seconds: (2.0 * args.refresh_step).clamp(1.0, 60.0),
+            retry_base_seconds: args.retry_base_seconds,
+            read_back_seconds: None,
+        };
+        start_workers(paths, &mut state, launch, timings).await?;
     }
 
     Ok(summary(paths, &state, started.elapsed(), args.no_workers))
 }
 
-fn bus_name(arn: &str) -> String {
-    arn.rsplit('/').next().unwrap_or(arn).to_owned()
+fn bus_name(arn: &str) -> &str {
+    arn.rsplit('/').next().unwrap_or(arn)
 }
 
 /// `world.json` as written by local/world.py (only the parts amictl uses).
@@ -638,13 +627,7 @@ impl World {
             })
             .collect();
         // Rollout order, not account-id order.
-        let rank = |stage: &str| {
-            ["qa", "uat", "prod"]
-                .iter()
-                .position(|s| *s == stage)
-                .unwrap_or(usize::MAX)
-        };
-        accounts.sort_by_key(|a| (rank(&a.stage), a.id.clone()));
+        accounts.sort_by_key(|a| (local_world::rollout_rank(&a.stage), a.id.clone()));
         accounts
     }
 }
@@ -663,21 +646,9 @@ async fn provision(paths: &Paths, endpoint: &str, scale: Scale) -> Result<World>
         "amictl: provisioning the {} world: hub and stage accounts, buses, queues, golden AMIs, Auto Scaling groups",
         scale.as_str()
     );
-    let mut command = tokio::process::Command::new(&python);
-    command
-        .arg(paths.root.join("local/world.py"))
-        .args(["provision", "--endpoint", endpoint, "--region", REGION])
-        .args(["--scale", scale.as_str(), "--out"])
-        .arg(paths.world())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true);
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("AWS_") {
-            command.env_remove(name);
-        }
-    }
+    let mut command =
+        local_world::provision_command(&python, endpoint, scale.as_str(), &[], &paths.world());
+    command.stdout(log.try_clone()?).stderr(log);
     let mut child = command
         .spawn()
         .with_context(|| format!("starting {}", python.display()))?;
@@ -712,77 +683,23 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-struct RoleCredentials {
-    access_key_id: String,
-    secret_access_key: String,
-    session_token: String,
-}
-
-async fn sts_client(endpoint: &str, region: &str) -> aws_sdk_sts::Client {
-    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(endpoint)
-        .region(aws_config::Region::new(region.to_owned()))
-        .credentials_provider(aws_sdk_sts::config::Credentials::new(
-            BASE_KEY,
-            BASE_KEY,
-            None,
-            None,
-            "amictl-local",
-        ))
-        .timeout_config(
-            aws_config::timeout::TimeoutConfig::builder()
-                .operation_timeout(Duration::from_secs(30))
-                .build(),
-        )
-        .load()
-        .await;
-    aws_sdk_sts::Client::new(&config)
-}
-
-/// Credentials acting in `account`, the way the workers get them in AWS: sts:AssumeRole.
-async fn assume_role(
-    sts: &aws_sdk_sts::Client,
-    account: &str,
-    role_name: &str,
-    session: &str,
-) -> Result<RoleCredentials> {
-    let arn = format!("arn:aws:iam::{account}:role/{role_name}");
-    let out = sts
-        .assume_role()
-        .role_arn(&arn)
-        .role_session_name(session)
-        .duration_seconds(SESSION_SECONDS)
-        .send()
-        .await
-        .map_err(|e| {
-            anyhow!(
-                "sts:AssumeRole into {arn} failed: {}",
-                DisplayErrorContext(e)
-            )
-        })?;
-    let creds = out
-        .credentials()
-        .ok_or_else(|| anyhow!("sts:AssumeRole into {arn} returned no credentials"))?;
-    Ok(RoleCredentials {
-        access_key_id: creds.access_key_id().to_owned(),
-        secret_access_key: creds.secret_access_key().to_owned(),
-        session_token: creds.session_token().to_owned(),
-    })
+/// The folder amictl was run from: the worker binaries are built beside it.
+fn bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the amictl executable")?;
+    Ok(exe
+        .parent()
+        .ok_or_else(|| anyhow!("{} has no parent folder", exe.display()))?
+        .to_path_buf())
 }
 
 async fn start_workers(
     paths: &Paths,
     state: &mut State,
-    launch: &mut Launch,
-    defer_seconds: f64,
-    retry_base_seconds: f64,
+    launch: &mut Started,
+    timings: Timings,
 ) -> Result<()> {
-    let exe = std::env::current_exe().context("locating the amictl executable")?;
-    let bin_dir = exe
-        .parent()
-        .ok_or_else(|| anyhow!("{} has no parent folder", exe.display()))?
-        .to_path_buf();
-    let (present, missing): (Vec<&WorkerSpec>, Vec<&WorkerSpec>) = WORKERS
+    let bin_dir = bin_dir()?;
+    let (present, missing): (Vec<&local_world::Worker>, Vec<_>) = WORKERS
         .iter()
         .partition(|w| bin_dir.join(w.binary).is_file());
     state.missing_workers = missing.iter().map(|w| w.binary.to_owned()).collect();
@@ -791,89 +708,83 @@ async fn start_workers(
         return Ok(());
     }
 
-    let sts = sts_client(&state.endpoint, &state.region).await;
-    let mut credentials = BTreeMap::new();
+    let mut workers = Vec::new();
     for account in &state.accounts {
-        let creds =
-            assume_role(&sts, &account.id, &state.role_name, "amiflow-local-worker").await?;
-        credentials.insert(account.id.clone(), creds);
-    }
-
-    let mut children: Vec<(Child, WorkerState)> = Vec::new();
-    for spec in present {
-        for account in state.accounts.iter().filter(|a| a.hub || !spec.hub_only) {
-            let queue = account.queues.get(spec.queue).ok_or_else(|| {
+        let creds = local_world::assume_role(
+            &state.endpoint,
+            &state.region,
+            &account.id,
+            &state.role_name,
+            "amiflow-local-worker",
+        )
+        .await?;
+        let setting = Setting {
+            endpoint: &state.endpoint,
+            region: &state.region,
+            role_name: &state.role_name,
+            bus: bus_name(&account.bus_arn),
+            config: &state.config_file,
+            timings,
+        };
+        for worker in present.iter().filter(|w| w.serves(account.hub)) {
+            let queue = account.queues.get(worker.queue).ok_or_else(|| {
                 anyhow!(
                     "{} has no `{}` queue for account {}; local/world.py and amictl disagree on the world",
                     paths.world().display(),
-                    spec.queue,
+                    worker.queue,
                     account.id
                 )
             })?;
-            let creds = &credentials[&account.id];
-            let binary = bin_dir.join(spec.binary);
-            let log_path = paths
-                .logs
-                .join(format!("{}-{}.log", spec.binary, account.stage));
-            let log = File::create(&log_path)
-                .with_context(|| format!("creating {}", log_path.display()))?;
-            let mut command = std::process::Command::new(&binary);
-            // A clean AWS/amiflow environment: a developer's AWS_PROFILE or AMIFLOW_* must not leak
-            // into a local worker and point it at a real account.
-            for (name, _) in std::env::vars_os() {
-                let name_str = name.to_string_lossy();
-                if name_str.starts_with("AWS_") || name_str.starts_with("AMIFLOW_") {
-                    command.env_remove(&name);
-                }
-            }
-            command
-                .env("AWS_ENDPOINT_URL", &state.endpoint)
-                .env("AWS_REGION", &state.region)
-                .env("AWS_ACCESS_KEY_ID", &creds.access_key_id)
-                .env("AWS_SECRET_ACCESS_KEY", &creds.secret_access_key)
-                .env("AWS_SESSION_TOKEN", &creds.session_token)
-                .env("AMIFLOW_QUEUE_URL", &queue.url)
-                .env("AMIFLOW_DLQ_URL", &queue.dlq_url)
-                .env("AMIFLOW_BUS", bus_name(&account.bus_arn))
-                .env("AMIFLOW_ROLE_NAME", &state.role_name)
-                .env("AMIFLOW_CONFIG", &state.config_file)
-                .env("AMIFLOW_WAIT_SECONDS", "5")
-                .env("AMIFLOW_DEFER_SECONDS", format!("{defer_seconds}"))
-                .env(
-                    "AMIFLOW_RETRY_BASE_SECONDS",
-                    format!("{retry_base_seconds}"),
-                )
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-                )
-                .stdin(Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log);
-            let child = command
-                .spawn()
-                .with_context(|| format!("starting {}", binary.display()))?;
-            let worker = WorkerState {
-                name: spec.binary.to_owned(),
+            let plan = local_world::Launch::new(
+                &setting,
+                worker,
+                &account.stage,
+                &creds,
+                &queue.url,
+                &queue.dlq_url,
+                &bin_dir,
+                &paths.logs,
+            );
+            // A fresh world starts fresh logs (a restart appends to them).
+            File::create(&plan.log).with_context(|| format!("creating {}", plan.log.display()))?;
+            workers.push(WorkerState {
+                name: worker.binary.to_owned(),
                 stage: account.stage.clone(),
                 account: account.id.clone(),
-                pid: child.id(),
-                binary,
-                log: log_path,
-            };
-            launch.procs.push(Tracked {
-                label: format!("{} ({})", worker.name, worker.stage),
-                pid: worker.pid,
-                cmdline_contains: worker.name.clone(),
+                pid: 0,
+                launch: plan,
             });
-            children.push((child, worker));
         }
     }
-    state.workers = children.iter().map(|(_, w)| w.clone()).collect();
+    let children = spawn_all(&mut workers, launch)?;
+    state.workers = workers;
     write_state(paths, state)?;
+    settle(children).await
+}
 
-    // A worker with a bad configuration exits at once, naming the setting; report it rather than
-    // claim a world whose workers are dead.
+/// Start every worker of `workers` (recording its pid there), tracked by `launch` so a failure
+/// stops them again.
+fn spawn_all<'a>(
+    workers: impl IntoIterator<Item = &'a mut WorkerState>,
+    launch: &mut Started,
+) -> Result<Vec<(Child, WorkerState)>> {
+    let mut children = Vec::new();
+    for worker in workers {
+        let child = worker
+            .launch
+            .command()?
+            .spawn()
+            .with_context(|| format!("starting {}", worker.launch.binary.display()))?;
+        worker.pid = child.id();
+        launch.procs.push(worker.tracked());
+        children.push((child, worker.clone()));
+    }
+    Ok(children)
+}
+
+/// A worker with a bad configuration exits at once, naming the setting; report it rather than
+/// claim a world whose workers are dead.
+async fn settle(mut children: Vec<(Child, WorkerState)>) -> Result<()> {
     tokio::time::sleep(WORKER_SETTLE).await;
     for (child, worker) in &mut children {
         if let Some(status) = child.try_wait()? {
@@ -882,14 +793,74 @@ async fn start_workers(
                 worker.name,
                 worker.stage,
                 worker.account,
-                tail(&worker.log, 15),
-                worker.log.display()
+                tail(&worker.launch.log, 15),
+                worker.launch.log.display()
             );
         }
     }
     // Dropping a std Child neither kills nor waits: the workers run on, and whoever inherits
     // them (init) reaps them after this command exits.
     Ok(())
+}
+
+/// `up` on a world that is running: start again, each as it was first started, the workers that
+/// are not running; the emulator, the world and the live workers are left alone.
+async fn revive(paths: &Paths, mut state: State) -> Result<()> {
+    if state.accounts.is_empty() {
+        bail!(
+            "the local world in {} was never fully provisioned (an interrupted `amictl local up`); run `amictl local down`, then `amictl local up`",
+            paths.state().display()
+        );
+    }
+    let mut launch = Started::default();
+    let mut dead: Vec<&mut WorkerState> = state
+        .workers
+        .iter_mut()
+        .filter(|w| !procs::is_running(w.pid, &w.name))
+        .collect();
+    let names: Vec<String> = dead
+        .iter()
+        .map(|w| format!("{} ({})", w.name, w.stage))
+        .collect();
+    if dead.is_empty() {
+        println!(
+            "the local world at {} is already up and its {} workers are running; nothing to start (`amictl local down` stops it)",
+            state.endpoint,
+            state.workers.len()
+        );
+        return Ok(());
+    }
+    let outcome = async {
+        let children = spawn_all(dead.iter_mut().map(|w| &mut **w), &mut launch)?;
+        let pids: Vec<String> = children
+            .iter()
+            .map(|(c, w)| format!("{} ({}) pid {}", w.name, w.stage, c.id()))
+            .collect();
+        settle(children).await.map(|()| pids)
+    }
+    .await;
+    match outcome {
+        Ok(pids) => {
+            write_state(paths, &state)?;
+            println!(
+                "the local world at {} is already up; started again {} worker{} that {} not running: {}",
+                state.endpoint,
+                names.len(),
+                if names.len() == 1 { "" } else { "s" },
+                if names.len() == 1 { "was" } else { "were" },
+                pids.join(", ")
+            );
+            println!(
+                "  their in-flight messages return to their queues within the queues' visibility timeout"
+            );
+            Ok(())
+        }
+        Err(err) => {
+            // Leave the world as it was: what this run started is stopped again.
+            launch.stop();
+            Err(err)
+        }
+    }
 }
 
 fn summary(paths: &Paths, state: &State, elapsed: Duration, no_workers: bool) -> String {
@@ -931,10 +902,10 @@ fn summary(paths: &Paths, state: &State, elapsed: Duration, no_workers: bool) ->
         }
         let started: Vec<String> = WORKERS
             .iter()
-            .filter_map(|spec| {
+            .filter_map(|w| {
                 by_name
-                    .get(spec.binary)
-                    .map(|stages| format!("{} ({})", spec.binary, stages.join(", ")))
+                    .get(w.binary)
+                    .map(|stages| format!("{} ({})", w.binary, stages.join(", ")))
             })
             .collect();
         let _ = writeln!(
@@ -1009,9 +980,14 @@ async fn env(args: EnvArgs) -> Result<()> {
                     known.join(", ")
                 )
             })?;
-            let sts = sts_client(&state.endpoint, &state.region).await;
-            let creds =
-                assume_role(&sts, &account.id, &state.role_name, "amictl-local-env").await?;
+            let creds = local_world::assume_role(
+                &state.endpoint,
+                &state.region,
+                &account.id,
+                &state.role_name,
+                "amictl-local-env",
+            )
+            .await?;
             put("AWS_ACCESS_KEY_ID", &creds.access_key_id);
             put("AWS_SECRET_ACCESS_KEY", &creds.secret_access_key);
             Some(creds.session_token)
@@ -1137,16 +1113,6 @@ mod tests {
     fn shell_quoting_survives_quotes() {
         assert_eq!(shell_quote("http://x:1"), "'http://x:1'");
         assert_eq!(shell_quote("a'b"), r"'a'\''b'");
-    }
-
-    #[test]
-    fn hub_workers_run_in_the_hub_only() {
-        let hub: Vec<_> = WORKERS
-            .iter()
-            .filter(|w| w.hub_only)
-            .map(|w| w.binary)
-            .collect();
-        assert_eq!(hub, ["ingest-worker", "share-worker"]);
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //! non-zero exit. Errors are `anyhow` chains whose last line says what to do next.
 
 mod compliance;
+mod control;
 mod demo;
 mod dlq;
+mod exit;
 mod inject;
 mod local;
+mod plan;
 mod procs;
 mod queues;
 mod rerun;
@@ -24,7 +27,7 @@ use clap::{CommandFactory, Parser, Subcommand};
     version,
     about = "Operate amiflow: run it locally against an emulated AWS, inspect and drive rollouts",
     long_about = "Operate amiflow: run it locally against an emulated AWS, inspect and drive rollouts.\n\nEvery command that reads or changes AWS acts on the local world (amictl local up) unless --config names the rollout policy; then it uses the standard AWS credential chain (AWS_PROFILE, SSO, environment) and assumes the policy's role_name in the other accounts.",
-    after_help = "Examples:\n  amictl demo                                   # a whole rollout, locally\n  amictl local up && eval \"$(amictl local env)\"\n  amictl status --stage prod\n  amictl dlq list\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0\n  amictl completions bash > /etc/bash_completion.d/amictl"
+    after_help = "Examples:\n  amictl demo                                   # a whole rollout, locally\n  amictl local up && eval \"$(amictl local env)\"\n  amictl status --stage prod\n  amictl plan --stage prod\n  amictl pause --all --reason \"incident 42\"\n  amictl dlq list\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0\n  amictl completions bash > /etc/bash_completion.d/amictl"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -51,6 +54,14 @@ enum Command {
     Status(status::StatusArgs),
     /// The story of one rollout: which step happened when, in which account, with which result.
     Trace(trace::TraceArgs),
+    /// What each stage's next window would do to every group, and each stage's gate.
+    Plan(plan::PlanArgs),
+    /// Stop a stage (or every stage): no worker changes anything there until `amictl resume`.
+    Pause(control::PauseArgs),
+    /// Lift a pause, or let a halted stage go on with the failures it has.
+    Resume(control::ResumeArgs),
+    /// Approve an AMI for a stage that requires approval (`requires_approval` in the policy).
+    Approve(control::ApproveArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(
         after_help = "Examples:\n  amictl completions bash > ~/.local/share/bash-completion/completions/amictl\n  amictl completions zsh > \"${fpath[1]}/_amictl\""
@@ -72,6 +83,10 @@ async fn main() -> ExitCode {
         Command::Rerun(command) => rerun::run(command).await,
         Command::Status(args) => status::run(args).await,
         Command::Trace(args) => trace::run(args).await,
+        Command::Plan(args) => plan::run(args).await,
+        Command::Pause(args) => control::pause(args).await,
+        Command::Resume(args) => control::resume(args).await,
+        Command::Approve(args) => control::approve(args).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "amictl", &mut std::io::stdout());
             Ok(())
@@ -81,7 +96,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("amictl: {err:#}");
-            ExitCode::FAILURE
+            exit::code(&err)
         }
     }
 }
@@ -133,7 +148,8 @@ mod tests {
         );
         let script = String::from_utf8(out).unwrap();
         for command in [
-            "inject", "dlq", "replay", "rerun", "trace", "status", "local",
+            "inject", "dlq", "replay", "rerun", "trace", "status", "local", "plan", "pause",
+            "resume", "approve",
         ] {
             assert!(
                 script.contains(command),

@@ -1,6 +1,6 @@
 //! `amictl status`: compliance per account, computed from AWS itself (the golden parameters,
 //! every group's effective AMI judged the way the plan-worker judges it, refreshes in flight and
-//! ended, instances not on the golden AMI). Against the local world by default when one is
+//! ended, instances counted by the AMI each runs: golden, previous golden, older golden, other). Against the local world by default when one is
 //! running; against AWS with `--config` (the rollout policy) and the standard credential chain,
 //! assuming the policy's role in each stage account.
 
@@ -8,7 +8,10 @@ use anyhow::{Result, bail};
 use clap::Args;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 
+use serde::Serialize;
+
 use crate::compliance::{self, AccountCompliance, GroupState};
+use crate::plan::{GatePreview, Preview, RunPreview};
 use crate::scope::{Scope, ScopeArgs};
 
 /// Show each stage's compliance with its golden parameters.
@@ -45,16 +48,123 @@ pub async fn run(args: StatusArgs) -> Result<()> {
         };
         reports.push(compliance::account(&account.config, &scope.policy, stage).await?);
     }
+    let only = match &args.stage {
+        Some(one) => Some(scope.account(one)?.stage.clone()),
+        None => None,
+    };
+    let gates = crate::plan::preview(&scope, only.as_deref(), None).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
-        return Ok(());
+        let stages: Vec<StageStatus> = reports
+            .iter()
+            .map(|r| StageStatus {
+                compliance: r,
+                gate: gates
+                    .stages
+                    .iter()
+                    .find(|s| s.stage == r.stage)
+                    .map(|s| GateStatus {
+                        paused: s.paused.clone(),
+                        runs: s.runs.clone(),
+                        gates: s.gates.clone(),
+                    }),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&stages)?);
+    } else {
+        println!("{}", summary(&reports));
+        println!("\n{}", gates_table(&gates));
+        let details = groups_table(&reports, args.all);
+        if details.row_count() > 0 {
+            println!("\n{details}");
+        }
     }
-    println!("{}", summary(&reports));
-    let details = groups_table(&reports, args.all);
-    if details.row_count() > 0 {
-        println!("\n{details}");
-    }
+    // Exit code: 0 whatever the stages' state (issue 19's verdict codes for status are not
+    // settled yet); `amictl plan` exits 3 when a stage is halted.
     Ok(())
+}
+
+/// One stage in `status --json`: its compliance, and how its rollouts stand at the gates.
+#[derive(Serialize)]
+struct StageStatus<'a> {
+    #[serde(flatten)]
+    compliance: &'a AccountCompliance,
+    #[serde(flatten)]
+    gate: Option<GateStatus>,
+}
+
+#[derive(Serialize)]
+struct GateStatus {
+    /// The pause that stops the stage (who, when, why), if any.
+    paused: Option<rollout::control::Pause>,
+    /// Each family's AMI in the stage: failures against tolerance, halted or not.
+    runs: Vec<RunPreview>,
+    /// The stage's gate for the AMI the stage before holds: promoted or not, and why.
+    gates: Vec<GatePreview>,
+}
+
+/// Per stage and rollout: the gate (promoted or not, why), paused or halted (who, when, why),
+/// failures against tolerance.
+fn gates_table(preview: &Preview) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header([
+            "stage",
+            "rollout",
+            "gate",
+            "failed / tolerated",
+            "halted or paused",
+        ]);
+    if table.width().is_none() {
+        table.set_width(140);
+    }
+    for s in &preview.stages {
+        let paused = s
+            .paused
+            .as_ref()
+            .map(|p| format!("paused by {} at {}: {}", p.by, p.at.to_rfc3339(), p.reason));
+        for g in &s.gates {
+            let run = g
+                .ami
+                .as_ref()
+                .and_then(|ami| {
+                    s.runs
+                        .iter()
+                        .find(|r| r.parameter == g.parameter && r.ami == *ami)
+                })
+                .or_else(|| s.runs.iter().find(|r| r.parameter == g.parameter));
+            let failures = run.map_or_else(
+                || "-".to_owned(),
+                |r| format!("{} / {} ({} pending)", r.failed, r.tolerated, r.pending),
+            );
+            let mut state = Vec::new();
+            if let Some(r) = run.filter(|r| r.halted) {
+                state.push(format!("halted for {}", r.ami));
+            }
+            if let Some(r) = run.and_then(|r| r.resumed.as_ref()) {
+                state.push(format!(
+                    "resumed by {} at {}: {}",
+                    r.by,
+                    r.at.to_rfc3339(),
+                    r.reason
+                ));
+            }
+            state.extend(paused.clone());
+            table.add_row([
+                s.stage.clone(),
+                format!("{}@{}", g.parameter, g.ami.as_deref().unwrap_or("(none)")),
+                g.detail.clone(),
+                failures,
+                if state.is_empty() {
+                    "-".into()
+                } else {
+                    state.join("\n")
+                },
+            ]);
+        }
+    }
+    table
 }
 
 fn summary(reports: &[AccountCompliance]) -> Table {
@@ -102,7 +212,15 @@ fn groups_table(reports: &[AccountCompliance], all: bool) -> Table {
     table
         .load_preset(UTF8_FULL_CONDENSED)
         .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(["stage", "group", "state", "AMI", "off golden", "why"]);
+        .set_header([
+            "stage",
+            "group",
+            "state",
+            "AMI",
+            "off golden",
+            "instances on golden/previous/older/other",
+            "why",
+        ]);
     if table.width().is_none() {
         table.set_width(140);
     }
@@ -118,6 +236,13 @@ fn groups_table(reports: &[AccountCompliance], all: bool) -> Table {
                 g.state.as_str().into(),
                 g.ami.clone().unwrap_or_else(|| "-".into()),
                 format!("{}/{}", g.instances_off_golden, g.instances),
+                {
+                    let n = &g.instances_by_ami;
+                    format!(
+                        "{}/{}/{}/{}",
+                        n.golden, n.previous_golden, n.older_golden, n.other
+                    )
+                },
                 g.reason.clone(),
             ]);
         }

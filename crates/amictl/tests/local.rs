@@ -16,6 +16,30 @@ fn running(pid: u64) -> bool {
         .unwrap_or(false)
 }
 
+/// SIGKILL `pid` and wait (polling) until it is gone.
+fn kill_9(pid: u64) {
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_gone(&[pid], Duration::from_secs(10), "SIGKILL");
+}
+
+/// Poll until none of `pids` runs; a process in its last moments of exit has no command line yet
+/// is not a zombie, so this allows it `within`.
+fn wait_gone(pids: &[u64], within: Duration, after: &str) {
+    let deadline = std::time::Instant::now() + within;
+    for pid in pids {
+        while running(*pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} still runs after {after}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 fn port_open(port: u64) -> bool {
     TcpStream::connect_timeout(
         &std::net::SocketAddr::from(([127, 0, 0, 1], port as u16)),
@@ -146,18 +170,7 @@ async fn local_world_serves_any_client_and_down_leaves_nothing_behind() {
 
     let down = ok(&amictl(dir.path(), &["local", "down"]), "local down");
     assert!(down.contains("stopped 11 workers"), "{down}");
-    // A process in its last moments of exit has no command line yet is not a zombie: allow it
-    // a moment, polling.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    for pid in &pids {
-        while running(*pid) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "pid {pid} still runs after local down"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    wait_gone(&pids, Duration::from_secs(5), "local down");
     assert!(!port_open(port), "port {port} still open after local down");
     assert!(!dir.path().join("state.json").exists());
     let again = ok(&amictl(dir.path(), &["local", "down"]), "second local down");
@@ -202,18 +215,7 @@ fn a_stale_state_file_from_a_killed_run_is_cleaned_up() {
             .unwrap();
     let pid = state["emulator"]["pid"].as_u64().unwrap();
     // A killed run: the emulator dies, the state file stays.
-    Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while running(pid) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pid {pid} survived SIGKILL"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    kill_9(pid);
     let env = amictl(dir.path(), &["local", "env"]);
     assert!(!env.status.success());
     assert!(
@@ -252,4 +254,93 @@ fn demo_rolls_out_every_stage_and_prints_the_compliance_table() {
         !dir.path().join("state.json").exists(),
         "the demo tears its world down"
     );
+}
+
+#[test]
+fn local_up_on_a_running_world_starts_again_only_the_worker_that_was_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&amictl(dir.path(), &["local", "up"]), "local up");
+    let read_state = || -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("state.json")).unwrap())
+            .unwrap()
+    };
+    let before = read_state();
+    let world_before = std::fs::read_to_string(before["world_file"].as_str().unwrap()).unwrap();
+    let pid_of = |state: &serde_json::Value, name: &str, stage: &str| {
+        state["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["name"] == name && w["stage"] == stage)
+            .map(|w| w["pid"].as_u64().unwrap())
+            .unwrap()
+    };
+    let victim = pid_of(&before, "refresh-worker", "uat");
+    kill_9(victim);
+
+    let again = ok(&amictl(dir.path(), &["local", "up"]), "local up again");
+    assert!(
+        again.contains("started again 1 worker") && again.contains("refresh-worker (uat)"),
+        "{again}"
+    );
+    let after = read_state();
+    // The emulator and the world are untouched; every other worker keeps its process.
+    assert_eq!(after["emulator"], before["emulator"]);
+    assert_eq!(after["endpoint"], before["endpoint"]);
+    assert_eq!(
+        std::fs::read_to_string(after["world_file"].as_str().unwrap()).unwrap(),
+        world_before,
+        "the world was not provisioned again"
+    );
+    let workers = |s: &serde_json::Value| s["workers"].as_array().unwrap().clone();
+    assert_eq!(workers(&after).len(), workers(&before).len());
+    for (was, now) in workers(&before).iter().zip(workers(&after).iter()) {
+        assert_eq!((&was["name"], &was["stage"]), (&now["name"], &now["stage"]));
+        assert_eq!(
+            was["env"], now["env"],
+            "started with the recorded environment"
+        );
+        let pid = now["pid"].as_u64().unwrap();
+        if was["pid"].as_u64() == Some(victim) {
+            assert_ne!(pid, victim);
+        } else {
+            assert_eq!(now["pid"], was["pid"], "{} ({})", now["name"], now["stage"]);
+        }
+        assert!(running(pid), "{} ({}) runs", now["name"], now["stage"]);
+    }
+    let revived = pid_of(&after, "refresh-worker", "uat");
+    assert_eq!(
+        std::fs::read_to_string(format!("/proc/{revived}/cmdline"))
+            .unwrap()
+            .split('\0')
+            .next()
+            .unwrap(),
+        before["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["pid"].as_u64() == Some(victim))
+            .unwrap()["binary"]
+            .as_str()
+            .unwrap()
+    );
+    // The world still answers, as it did before: the uat parameter is where it was.
+    let uat = exports(&ok(
+        &amictl(dir.path(), &["local", "env", "--account", "uat"]),
+        "local env",
+    ));
+    assert_eq!(
+        uat["AWS_ENDPOINT_URL"],
+        before["endpoint"].as_str().unwrap()
+    );
+
+    // Nothing dead: a third `up` starts nothing.
+    let third = ok(
+        &amictl(dir.path(), &["local", "up"]),
+        "local up a third time",
+    );
+    assert!(third.contains("nothing to start"), "{third}");
+    assert_eq!(read_state()["workers"], after["workers"]);
+    let down = ok(&amictl(dir.path(), &["local", "down"]), "local down");
+    assert!(down.contains("stopped 11 workers"), "{down}");
 }

@@ -3,6 +3,9 @@
 //! against what the test reads from AWS itself.
 
 mod common;
+// The reads the e2e tests judge a rollout by (one copy for both suites).
+#[path = "../../../tests/tests/support/reads.rs"]
+mod reads;
 
 use std::collections::BTreeSet;
 use std::io::Write;
@@ -15,8 +18,7 @@ use aws_sdk_sqs::types::{MessageAttributeValue, QueueAttributeName, SendMessageB
 use serde_json::{Value, json};
 
 use common::{amictl, command, config_from, exports, ok, text};
-
-const PARAMETER: &str = "/golden/al2023/ami-id";
+use reads::{PARAMETER, golden_parameter, instance_amis};
 
 /// A local world that is taken down however the test ends.
 struct World {
@@ -165,49 +167,6 @@ async fn visible_messages(sqs: &aws_sdk_sqs::Client, url: &str) -> (u64, u64) {
     )
 }
 
-async fn parameter(config: &SdkConfig) -> String {
-    aws_sdk_ssm::Client::new(config)
-        .get_parameter()
-        .name(PARAMETER)
-        .send()
-        .await
-        .unwrap()
-        .parameter()
-        .and_then(|p| p.value())
-        .unwrap_or_default()
-        .to_owned()
-}
-
-/// The AMI of every instance of `group`, read from Auto Scaling and EC2.
-async fn instance_amis(config: &SdkConfig, group: &str) -> Vec<String> {
-    let groups = aws_sdk_autoscaling::Client::new(config)
-        .describe_auto_scaling_groups()
-        .auto_scaling_group_names(group)
-        .send()
-        .await
-        .unwrap();
-    let ids: Vec<String> = groups.auto_scaling_groups()[0]
-        .instances()
-        .iter()
-        .filter_map(|i| i.instance_id().map(str::to_owned))
-        .collect();
-    if ids.is_empty() {
-        return Vec::new();
-    }
-    let reservations = aws_sdk_ec2::Client::new(config)
-        .describe_instances()
-        .set_instance_ids(Some(ids))
-        .send()
-        .await
-        .unwrap();
-    reservations
-        .reservations()
-        .iter()
-        .flat_map(|r| r.instances())
-        .filter_map(|i| i.image_id().map(str::to_owned))
-        .collect()
-}
-
 /// Let the stage accounts launch the AMI: what the share-worker would have done.
 async fn share(hub: &SdkConfig, ami: &str, accounts: &[&str]) {
     let ec2 = aws_sdk_ec2::Client::new(hub);
@@ -260,6 +219,24 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
             "created_at": "2026-11-01T00:00:00Z",
         })
     };
+    // The hub's gate promoted both stages (the records the share-worker writes at their
+    // windows): without them a param-worker refuses an AmiShared as a forged promotion.
+    let records = rollout::aws::SsmRecords(aws_sdk_ssm::Client::new(&hub));
+    for stage in ["uat", "prod"] {
+        rollout::control::write(
+            &records,
+            &rollout::control::promotion_path(&candidate, stage),
+            &rollout::control::Promotion {
+                ami: candidate.clone(),
+                stage: stage.into(),
+                parameter: PARAMETER.into(),
+                at: chrono::Utc::now(),
+                reason: "e2e: promoted by the test".into(),
+            },
+        )
+        .await
+        .unwrap();
+    }
     let file = w.path().join("uat-shared.json");
     std::fs::write(&file, shared("uat", "222222222222").to_string()).unwrap();
     let sent = w.json(&[
@@ -439,7 +416,7 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
     // The replayed events now succeed: both stages publish the AMI.
     for (stage, config) in [("uat", &uat), ("prod", &prod)] {
         let deadline = Instant::now() + Duration::from_secs(60);
-        while parameter(config).await != candidate {
+        while golden_parameter(config).await.0 != candidate {
             assert!(
                 Instant::now() < deadline,
                 "{stage}'s parameter never became {candidate}"
@@ -778,6 +755,29 @@ fn bad_input_is_refused_with_what_to_fix() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.contains("/ami_id") && err.contains("ami-XYZ"), "{err}");
+    // A misspelt field is refused by name, not dropped (here `target` for `targets`).
+    let out = amictl(
+        dir.path(),
+        &[
+            "inject",
+            "AmiBuilt",
+            "-f",
+            "ami_id=ami-0123456789abcdef0",
+            "-f",
+            "region=us-east-1",
+            "-f",
+            "image_name=golden-al2023-2026-12",
+            "-f",
+            "created_at=2026-12-01T00:00:00Z",
+            "-f",
+            "parameter_name=/golden/al2023/ami-id",
+            "-f",
+            "target=222222222222",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("/target: unknown field \"target\""), "{err}");
     let out = amictl(dir.path(), &["inject", "AmiBuilt", "-f", "ami_id"]);
     assert!(
         text(&out.stderr).contains("NAME=TEXT"),
@@ -818,5 +818,507 @@ fn bad_input_is_refused_with_what_to_fix() {
     assert!(
         err.contains("no usable AWS credentials") && err.contains("AWS_PROFILE"),
         "{err}"
+    );
+}
+
+/// A hub record (`rollout::control`) as the workers read it: the JSON text, or `None`.
+async fn record(hub: &SdkConfig, name: &str) -> Option<Value> {
+    match aws_sdk_ssm::Client::new(hub)
+        .get_parameter()
+        .name(name)
+        .send()
+        .await
+    {
+        Ok(out) => Some(serde_json::from_str(out.parameter().unwrap().value().unwrap()).unwrap()),
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_parameter_not_found()) =>
+        {
+            None
+        }
+        Err(e) => panic!("reading {name}: {e:?}"),
+    }
+}
+
+/// The usage-error exit code and message of a command that must be refused.
+fn refused(out: &std::process::Output) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "expected a usage refusal (exit 2):\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stderr)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are_refused() {
+    let w = World::up(&["--no-workers"]);
+    let hub = w.config("qa").await;
+    let uat = w.config("uat").await;
+    let candidate = w.candidate();
+
+    // Pause prod: a record in the hub with who, when and why; plan and status say so.
+    let before = chrono::Utc::now();
+    let out = ok(
+        &w.run(&["pause", "--stage", "prod", "--reason", "change freeze"]),
+        "pause",
+    );
+    assert!(out.contains("paused prod"), "{out}");
+    let pause = record(&hub, "/amiflow/control/pause/prod")
+        .await
+        .expect("the pause is a record in the hub");
+    assert_eq!(pause["reason"], "change freeze");
+    assert!(
+        pause["by"].as_str().unwrap().starts_with("arn:aws:"),
+        "signed with the caller's ARN: {pause}"
+    );
+    let at: chrono::DateTime<chrono::Utc> = pause["at"].as_str().unwrap().parse().unwrap();
+    assert!(at >= before - chrono::Duration::seconds(1), "{pause}");
+    let plan = w.json(&["plan", "--stage", "prod", "--json"]);
+    assert_eq!(plan["stages"][0]["paused"]["reason"], "change freeze");
+    assert_eq!(plan["stages"][0]["paused"]["by"], pause["by"]);
+    let status = w.json(&["status", "--stage", "prod", "--json"]);
+    assert_eq!(status[0]["paused"]["reason"], "change freeze");
+    assert!(status[0]["paused"].get("at").is_some(), "{:#}", status[0]);
+    let status = w.json(&["status", "--stage", "uat", "--json"]);
+    assert!(status[0]["paused"].is_null(), "{:#}", status[0]);
+
+    // Bad input: each refused with what to do, exit code 2.
+    let err = refused(&w.run(&["pause", "--stage", "staging", "--reason", "x"]));
+    assert!(
+        err.contains("no stage `staging`") && err.contains("qa, uat, prod"),
+        "{err}"
+    );
+    let err = refused(&w.run(&["pause", "--stage", "prod", "--all", "--reason", "x"]));
+    assert!(err.contains("cannot be used with"), "{err}");
+    let err = refused(&w.run(&["pause", "--reason", "x"]));
+    assert!(err.contains("--stage") && err.contains("--all"), "{err}");
+    let err = refused(&w.run(&["pause", "--all", "--reason", "  "]));
+    assert!(err.contains("--reason is empty: say why"), "{err}");
+    let err = refused(&w.run(&["resume", "--stage", "uat"]));
+    assert!(
+        err.contains("uat is neither paused nor halted: nothing to resume"),
+        "{err}"
+    );
+    let err = refused(&w.run(&["resume", "--all"]));
+    assert!(
+        err.contains("no pause of every stage to lift; paused one by one: prod"),
+        "{err}"
+    );
+
+    // Resume prod: the record is gone.
+    let out = ok(&w.run(&["resume", "--stage", "prod"]), "resume");
+    assert!(
+        out.contains("resumed prod") && out.contains("change freeze"),
+        "{out}"
+    );
+    assert_eq!(record(&hub, "/amiflow/control/pause/prod").await, None);
+    let plan = w.json(&["plan", "--stage", "prod", "--json"]);
+    assert!(plan["stages"][0]["paused"].is_null(), "{plan:#}");
+
+    // Pause every stage, then a stage-only resume is refused naming the pause of every stage.
+    ok(
+        &w.run(&["pause", "--all", "--reason", "incident 42"]),
+        "pause --all",
+    );
+    let err = refused(&w.run(&["resume", "--stage", "qa"]));
+    assert!(
+        err.contains("qa is paused by the pause of every stage")
+            && err.contains("incident 42")
+            && err.contains("amictl resume --all"),
+        "{err}"
+    );
+    ok(&w.run(&["resume", "--all"]), "resume --all");
+    assert_eq!(record(&hub, "/amiflow/control/pause/all").await, None);
+
+    // Approvals: the local policy has no stage that requires one.
+    let err = refused(&w.run(&["approve", &candidate, "--stage", "prod", "--reason", "x"]));
+    assert!(
+        err.contains("prod does not require approval (requires_approval is false")
+            && err.contains("no stage requires approval"),
+        "{err}"
+    );
+    // A policy where prod does, used through the standard credential chain as against AWS.
+    let original = std::fs::read_to_string(w.policy_file()).unwrap();
+    let at = original.find("name = \"prod\"").unwrap();
+    let policy = w.path().join("approval.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "{}name = \"prod\"\nrequires_approval = true{}",
+            &original[..at],
+            &original[at + "name = \"prod\"".len()..]
+        ),
+    )
+    .unwrap();
+    let base_env = exports(&ok(&w.run(&["local", "env"]), "local env"));
+    let approve = |args: &[&str]| {
+        let mut all = vec!["approve"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--config", policy.to_str().unwrap()]);
+        let mut c = command(w.path(), &all);
+        c.envs(base_env.iter().filter(|(k, _)| k.starts_with("AWS_")));
+        let out = c.output().unwrap();
+        eprintln!("amictl {} ({})", all.join(" "), out.status);
+        out
+    };
+    let rollout = format!("{PARAMETER}@{candidate}");
+    let err = refused(&approve(&[
+        "ami-0000000000000dead",
+        "--stage",
+        "prod",
+        "--reason",
+        "x",
+    ]));
+    assert!(
+        err.contains("no AMI ami-0000000000000dead in the hub qa (111111111111)"),
+        "{err}"
+    );
+    let err = refused(&approve(&[
+        "/golden/nope@ami-1",
+        "--stage",
+        "prod",
+        "--reason",
+        "x",
+    ]));
+    assert!(
+        err.contains("/golden/nope in /golden/nope@ami-1 is no golden parameter")
+            || err.contains("is neither a rollout id"),
+        "{err}"
+    );
+    let err = refused(&approve(&[
+        &format!("/golden/nope@{candidate}"),
+        "--stage",
+        "prod",
+        "--reason",
+        "x",
+    ]));
+    assert!(
+        err.contains("/golden/nope in /golden/nope@ami-")
+            && err.contains("is no golden parameter")
+            && err.contains("/golden/al2023/ami-id"),
+        "{err}"
+    );
+    let err = refused(&approve(&[&rollout, "--stage", "uat", "--reason", "x"]));
+    assert!(
+        err.contains("uat does not require approval") && err.contains("stages that do: prod"),
+        "{err}"
+    );
+    let err = refused(&approve(&[&rollout, "--stage", "prod", "--reason", ""]));
+    assert!(err.contains("--reason is empty"), "{err}");
+    let out = approve(&[&rollout, "--stage", "prod"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "no --reason: {}",
+        text(&out.stderr)
+    );
+    // Out of order: uat does not even hold the AMI.
+    let uat_holds = reads::golden_parameter(&uat).await.0;
+    let err = refused(&approve(&[
+        &rollout, "--stage", "prod", "--reason", "CAB-1",
+    ]));
+    assert!(
+        err.contains(&format!(
+            "{candidate} cannot be approved for prod yet: uat has not passed it (waiting for uat to be promoted (it holds {uat_holds}))"
+        )),
+        "{err}"
+    );
+    assert_eq!(
+        record(&hub, &format!("/amiflow/control/approval/{candidate}/prod")).await,
+        None
+    );
+
+    // uat holds the AMI and one of its groups rolled back (written here as the workers would):
+    // uat halted, so prod cannot be approved, and plan exits 3 saying why.
+    // (The AMI is shared first: an aws:ec2:image value the account cannot launch is refused.)
+    share(&hub, &candidate, &["222222222222"]).await;
+    aws_sdk_ssm::Client::new(&uat)
+        .put_parameter()
+        .name(PARAMETER)
+        .value(&candidate)
+        .r#type(aws_sdk_ssm::types::ParameterType::String)
+        .data_type("aws:ec2:image")
+        .overwrite(true)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reads::golden_parameter(&uat).await.0, candidate);
+    // uat tolerates one failed group (local/amiflow.toml): two rolled back halt it.
+    for kind in ["pinned", "latest"] {
+        let failed_group = w.world["accounts"]["222222222222"]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["kind"] == kind)
+            .unwrap()["name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let tag = |key: &str, value: &str| {
+            aws_sdk_autoscaling::types::Tag::builder()
+                .resource_id(&failed_group)
+                .resource_type("auto-scaling-group")
+                .key(key)
+                .value(value)
+                .propagate_at_launch(false)
+                .build()
+        };
+        aws_sdk_autoscaling::Client::new(&uat)
+            .create_or_update_tags()
+            .tags(tag(
+                "amiflow:refresh",
+                &format!("{candidate}|rolled-back|ir-test|-|{PARAMETER}"),
+            ))
+            .tags(tag("amiflow:refresh-state", "rolled-back"))
+            .send()
+            .await
+            .unwrap();
+    }
+    let err = refused(&approve(&[
+        &rollout, "--stage", "prod", "--reason", "CAB-1",
+    ]));
+    assert!(
+        err.contains(&format!(
+            "{candidate} cannot be approved for prod: uat halted: 2 groups failed or rolled back, it tolerates 1"
+        )),
+        "{err}"
+    );
+    let out = w.run(&["plan", "--stage", "uat", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = &plan["stages"][0]["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["parameter"] == PARAMETER)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (
+            run["failed"].as_u64(),
+            run["tolerated"].as_u64(),
+            run["halted"].as_bool()
+        ),
+        (Some(2), Some(1), Some(true)),
+        "{run:#}"
+    );
+    assert!(
+        text(&out.stderr).contains(&format!("halted: uat for {candidate}")),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Resume uat: its failure is accepted, recorded with who and why; plan exits 0 again.
+    let err = refused(&w.run(&["resume", "--stage", "uat"]));
+    assert!(
+        err.contains("uat is halted for") && err.contains("say why with --reason"),
+        "{err}"
+    );
+    let out = ok(
+        &w.run(&["resume", "--stage", "uat", "--reason", "health check fixed"]),
+        "resume a halted stage",
+    );
+    assert!(out.contains("2 failed groups accepted"), "{out}");
+    let resume = record(&hub, &format!("/amiflow/control/resume/{candidate}/uat"))
+        .await
+        .expect("the resume is a record in the hub");
+    assert_eq!(resume["accepted_failures"], 2);
+    assert_eq!(resume["reason"], "health check fixed");
+    assert!(
+        resume["by"].as_str().unwrap().starts_with("arn:aws:"),
+        "{resume}"
+    );
+    let plan = w.json(&["plan", "--stage", "uat", "--json"]);
+    let run = plan["stages"][0]["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["parameter"] == PARAMETER)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (run["tolerated"].as_u64(), run["halted"].as_bool()),
+        (Some(3), Some(false)),
+        "{run:#}"
+    );
+    // Not halted any more, but uat's other groups have not moved: still out of order.
+    let err = refused(&approve(&[
+        &rollout, "--stage", "prod", "--reason", "CAB-1",
+    ]));
+    assert!(
+        err.contains("uat has not passed it (waiting for uat:"),
+        "{err}"
+    );
+}
+
+/// What `amictl plan` predicts for a window is what the window does, group by group: refreshed
+/// (with the strategy and rollback it said), skipped with the reason it gave (by the plan-worker
+/// or the refresh-worker), or left alone because it is current.
+#[tokio::test(flavor = "multi_thread")]
+async fn plan_predicts_what_the_window_does_to_every_group() {
+    let w = World::up(&[]);
+    let qa = w.config("qa").await;
+    let candidate = w.candidate();
+    let rollout = format!("{PARAMETER}@{candidate}");
+    ok(
+        &w.run(&["rerun", "ami", &candidate, "--targets", "qa"]),
+        "rerun ami",
+    );
+    wait_for("qa's golden parameter", Duration::from_secs(60), || {
+        let status = w.json(&["status", "--stage", "qa", "--json"]);
+        let holds = status[0]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == PARAMETER)
+            .unwrap()["ami"]
+            .clone();
+        if holds == candidate.as_str() {
+            Ok(())
+        } else {
+            Err(format!("holds {holds}"))
+        }
+    });
+    // The preview, before the window.
+    let started = Instant::now();
+    let plan = w.json(&["plan", "--stage", "qa", "--json"]);
+    eprintln!("plan took {:.1} s", started.elapsed().as_secs_f64());
+    let groups = plan["stages"][0]["groups"].as_array().unwrap().clone();
+    let world = w.world["accounts"]["111111111111"]["groups"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let predicted = |name: &str| {
+        groups
+            .iter()
+            .find(|g| g["group"] == name)
+            .unwrap_or_else(|| panic!("plan lists no {name}: {plan:#}"))
+            .clone()
+    };
+    // The world's own expectations agree with the preview (a pinned version is the only one AWS
+    // can roll back to: the pinned kind, and the override kinds, whose versions are pinned).
+    for g in &world {
+        let p = predicted(g["name"].as_str().unwrap());
+        assert_eq!(p["instances"], g["instances"], "{p:#}");
+        match g["expected"].as_str().unwrap() {
+            "refresh" => {
+                assert_eq!(p["action"], "refresh", "{p:#}");
+                assert_eq!(p["strategy"], g["strategy"], "{p:#}");
+                let rollback = matches!(
+                    g["kind"].as_str(),
+                    Some("pinned" | "override-old" | "override-other")
+                );
+                if g["kind"] != "mixed" {
+                    assert_eq!(p["auto_rollback"], rollback, "{p:#}");
+                }
+            }
+            "skip" => {
+                assert_eq!(
+                    (&p["action"], &p["requested"]),
+                    (&json!("skip"), &json!(true)),
+                    "{p:#}"
+                );
+                assert_eq!(p["strategy"], g["strategy"], "{p:#}");
+            }
+            _ => assert!(!p["requested"].as_bool().unwrap(), "{p:#}"),
+        }
+    }
+    let kinds: BTreeSet<&str> = groups
+        .iter()
+        .map(|g| g["action"].as_str().unwrap())
+        .collect();
+    assert!(
+        ["refresh", "skip", "current"]
+            .iter()
+            .all(|k| kinds.contains(k)),
+        "a stale, a skipped and a current group: {kinds:?}"
+    );
+    let requested: BTreeSet<String> = groups
+        .iter()
+        .filter(|g| g["requested"] == true)
+        .map(|g| g["group"].as_str().unwrap().to_owned())
+        .collect();
+
+    // The window.
+    ok(
+        &w.run(&["rerun", "window", "--stage", "qa"]),
+        "rerun window",
+    );
+    let finished = |steps: &[Value], name: &str| -> Vec<String> {
+        steps
+            .iter()
+            .filter(|s| {
+                s["step"] == "AsgRefreshFinished" && s["stage"] == "qa" && s["subject"] == name
+            })
+            .map(|s| s["result"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let trace = wait_for(
+        "every requested group's outcome",
+        Duration::from_secs(240),
+        || {
+            let out = w.run(&["trace", &rollout, "--json", "--no-dlq"]);
+            let trace: Value = serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+            let steps = trace["steps"].as_array().unwrap();
+            match requested.iter().find(|g| finished(steps, g).is_empty()) {
+                None => Ok(trace),
+                Some(g) => Err(format!("no outcome for {g} yet")),
+            }
+        },
+    );
+    let steps = trace["steps"].as_array().unwrap();
+    let status = w.json(&["status", "--stage", "qa", "--json", "--all"]);
+    let state = |name: &str| {
+        status[0]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g["name"] == name)
+            .unwrap()["state"]
+            .clone()
+    };
+    for p in &groups {
+        let name = p["group"].as_str().unwrap();
+        let outcomes = finished(steps, name);
+        match (
+            p["action"].as_str().unwrap(),
+            p["requested"].as_bool().unwrap(),
+        ) {
+            ("refresh", true) => {
+                assert_eq!(outcomes.len(), 1, "{name} refreshed once: {outcomes:?}");
+                assert!(outcomes[0].starts_with("succeeded"), "{name}: {outcomes:?}");
+                assert_eq!(state(name), "current", "{name}");
+                let amis = instance_amis(&qa, name).await;
+                assert!(amis.iter().all(|a| *a == candidate), "{name}: {amis:?}");
+            }
+            ("skip", true) => assert_eq!(
+                outcomes,
+                vec![format!("skipped: {}", p["reason"].as_str().unwrap())],
+                "{name}: the refresh-worker skipped it for the reason plan gave"
+            ),
+            ("skip", false) => {
+                assert!(outcomes.is_empty(), "{name}: {outcomes:?}");
+                assert_eq!(state(name), "skipped", "{name}");
+            }
+            ("current", false) => {
+                assert!(outcomes.is_empty(), "{name}: {outcomes:?}");
+                assert_eq!(state(name), "current", "{name}");
+            }
+            ("untouched", false) => assert!(outcomes.is_empty(), "{name}: {outcomes:?}"),
+            other => panic!("{name}: plan predicted {other:?} before a fresh window: {p:#}"),
+        }
+    }
+    // Afterwards, the plan has nothing left to refresh.
+    let after = w.json(&["plan", "--stage", "qa", "--json"]);
+    assert!(
+        after["stages"][0]["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|g| g["action"] != "refresh"),
+        "{after:#}"
     );
 }

@@ -110,6 +110,10 @@ pub struct AmiShared {
     #[schemars(regex(pattern = PARAMETER_NAME), length(max = 1011))]
     pub parameter_name: String,
     pub created_at: DateTime<Utc>,
+    /// The stage was promoted at its window opening: when that window closes, so the refreshes
+    /// it plans still run in it. Absent for the first stage (promoted when the AMI is built).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closes_at: Option<DateTime<Utc>>,
 }
 
 impl AmiShared {
@@ -127,6 +131,7 @@ impl AmiShared {
             stage: stage.to_owned(),
             parameter_name: built.parameter_name.clone(),
             created_at: built.created_at,
+            closes_at: None,
         }
     }
 }
@@ -148,6 +153,10 @@ pub struct ParamUpdated {
     pub previous_ami_id: Option<String>,
     #[schemars(range(min = 1))]
     pub parameter_version: i64,
+    /// The window the stage was promoted in closes then ([`AmiShared::closes_at`]): the plan-worker
+    /// plans at once while it is open, even where refreshes wait for a window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub closes_at: Option<DateTime<Utc>>,
 }
 
 impl ParamUpdated {
@@ -170,6 +179,7 @@ impl ParamUpdated {
             ami_id: ami_id.to_owned(),
             previous_ami_id,
             parameter_version,
+            closes_at: None,
         }
     }
 }
@@ -408,6 +418,9 @@ pub enum Outcome {
     RolledBack,
     Cancelled,
     Skipped,
+    /// Not started: the stage failed more groups for the AMI than it tolerates
+    /// (`max_failed_groups`), so it halted for it until `amictl resume --stage`.
+    Halted,
 }
 
 impl Outcome {
@@ -418,6 +431,7 @@ impl Outcome {
             Outcome::RolledBack => "rolled-back",
             Outcome::Cancelled => "cancelled",
             Outcome::Skipped => "skipped",
+            Outcome::Halted => "halted",
         }
     }
 }

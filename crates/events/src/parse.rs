@@ -143,7 +143,7 @@ pub fn parse_message(body: &str) -> Result<Inbound, Rejection> {
     }
     match detail.get("schema_version").and_then(Value::as_u64) {
         Some(v) if v == u64::from(SCHEMA_VERSION) => {}
-        Some(v) => {
+        Some(v) if v > 0 => {
             return Err(Rejection::new(
                 UnknownSchemaVersion,
                 format!(
@@ -151,14 +151,20 @@ pub fn parse_message(body: &str) -> Result<Inbound, Rejection> {
                 ),
             ));
         }
-        None => {
+        _ => {
             return Err(Rejection::new(
                 InvalidDetail,
                 "/schema_version: missing or not a positive integer",
             ));
         }
     }
-    let violations = schema::validate(&detail_type, &detail).unwrap_or_default();
+    // Fail closed: a detail-type this build cannot check is not accepted unchecked.
+    let Some(violations) = schema::validate(&detail_type, &detail) else {
+        return Err(Rejection::new(
+            InvalidDetail,
+            format!("{detail_type} has no schema validator in this build; refusing it unchecked"),
+        ));
+    };
     if !violations.is_empty() {
         let mut listed: Vec<String> = violations
             .iter()

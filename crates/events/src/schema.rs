@@ -17,7 +17,33 @@ fn titled<T: JsonSchema>(name: &str) -> Schema {
         "$id".into(),
         format!("https://amiflow.dev/schemas/{name}.json").into(),
     );
+    if let Some(map) = schema.as_object_mut() {
+        let mut value = serde_json::Value::Object(std::mem::take(map));
+        closed(&mut value);
+        if let serde_json::Value::Object(closed) = value {
+            *map = closed;
+        }
+    }
     schema
+}
+
+/// Refuse properties a type does not know: a misspelt field (`target` for `targets`) would
+/// otherwise be dropped in silence and the event act on the default. serde's
+/// `deny_unknown_fields` cannot be used (it does not work with the `#[serde(flatten)]` of the
+/// common fields), so the schemas say it. Every object schema lists all of its properties in
+/// its own `properties` (flattening merges them, and `anyOf` branches only add `required`), so
+/// `additionalProperties` sees them all.
+fn closed(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            if map.contains_key("properties") && !map.contains_key("additionalProperties") {
+                map.insert("additionalProperties".into(), false.into());
+            }
+            map.values_mut().for_each(closed);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(closed),
+        _ => {}
+    }
 }
 
 /// Every detail schema by detail-type, in a stable order.
@@ -77,7 +103,9 @@ static VALIDATORS: LazyLock<BTreeMap<&'static str, jsonschema::Validator>> = Laz
     all()
         .into_iter()
         .filter_map(|(name, schema)| {
-            // Generated from our own types: a failure here is a bug caught by this crate's tests.
+            // Generated from our own types: a failure here is a bug, caught by
+            // `every_detail_type_has_a_validator`, and a detail-type without a validator is
+            // refused by `parse_message` (fail closed), never let through unchecked.
             // Formats are checked too (draft 2020-12 makes them annotations by default), so a
             // bad timestamp is reported with its field's path rather than by serde without one.
             jsonschema::options()
@@ -107,16 +135,61 @@ impl std::fmt::Display for Violation {
     }
 }
 
-/// Validate a detail against its detail-type's schema. `None` for an unknown detail-type.
+/// Validate a detail against its detail-type's schema. `None` for an unknown detail-type, or one
+/// whose schema did not compile: callers must refuse the detail then, not accept it unchecked.
+/// A field the type does not know is reported at its own path (`/target: unknown field ...`).
 pub fn validate(detail_type: &str, detail: &serde_json::Value) -> Option<Vec<Violation>> {
     let validator = VALIDATORS.get(detail_type)?;
-    Some(
-        validator
-            .iter_errors(detail)
-            .map(|e| Violation {
-                path: e.instance_path.to_string(),
+    let mut violations = Vec::new();
+    for e in validator.iter_errors(detail) {
+        let path = e.instance_path.to_string();
+        match &e.kind {
+            jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected }
+            | jsonschema::error::ValidationErrorKind::UnevaluatedProperties { unexpected } => {
+                violations.extend(unexpected.iter().map(|field| Violation {
+                    path: format!("{path}/{}", escape(field)),
+                    message: format!("unknown field {field:?}: {detail_type} has no such field"),
+                }));
+            }
+            _ => violations.push(Violation {
+                path,
                 message: e.to_string(),
-            })
-            .collect(),
-    )
+            }),
+        }
+    }
+    Some(violations)
+}
+
+/// A property name as a JSON pointer token (RFC 6901).
+fn escape(field: &str) -> String {
+    field.replace('~', "~0").replace('/', "~1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Detail;
+
+    #[test]
+    fn every_detail_type_has_a_validator() {
+        for detail_type in Detail::TYPES {
+            assert!(
+                VALIDATORS.contains_key(detail_type),
+                "{detail_type} has no schema validator: its schema does not compile"
+            );
+        }
+        assert_eq!(VALIDATORS.len(), Detail::TYPES.len());
+        assert_eq!(validate("NoSuchType", &serde_json::json!({})), None);
+    }
+
+    #[test]
+    fn every_detail_schema_is_closed() {
+        for (name, schema) in all() {
+            assert_eq!(
+                schema.as_value()["additionalProperties"],
+                serde_json::Value::Bool(false),
+                "{name}"
+            );
+        }
+    }
 }

@@ -89,6 +89,75 @@ fn a_schema_violation_names_the_json_path() {
 }
 
 #[test]
+fn an_unknown_field_is_refused_by_name() {
+    let body = std::fs::read_to_string(
+        root().join("fixtures/invalid/invalid-detail--unknown-field-target.json"),
+    )
+    .unwrap();
+    let rejection = parse_message(&body).unwrap_err();
+    assert_eq!(
+        rejection.message,
+        "AmiBuilt detail fails its schema: /target: unknown field \"target\": AmiBuilt has no such field"
+    );
+    // Both wire shapes of a window are closed.
+    let body = std::fs::read_to_string(
+        root().join("fixtures/invalid/invalid-detail--window-unknown-field.json"),
+    )
+    .unwrap();
+    let rejection = parse_message(&body).unwrap_err();
+    assert!(
+        rejection
+            .message
+            .contains("/window_hour: unknown field \"window_hour\""),
+        "{rejection}"
+    );
+    let closes_at = serde_json::json!({
+        "version": "0", "id": "x", "detail-type": "RolloutWindowOpened", "source": "amiflow",
+        "account": "222222222222", "time": "2026-11-14T02:00:00Z", "region": "us-east-1",
+        "resources": [], "detail": {
+            "schema_version": 1, "rollout_id": "", "caused_by": "",
+            "key": "window:222222222222:uat:2026-11-14", "emitted_at": "2026-11-14T02:00:00Z",
+            "account": "222222222222", "stage": "uat", "closes_at": "2026-11-14T06:00:00Z",
+            "close_at": "2026-11-14T08:00:00Z",
+        },
+    });
+    let rejection = parse_message(&closes_at.to_string()).unwrap_err();
+    assert!(
+        rejection.message.contains("/close_at: unknown field"),
+        "{rejection}"
+    );
+}
+
+#[test]
+fn a_schema_version_that_is_not_a_positive_integer_is_invalid() {
+    for name in ["string", "float", "zero"] {
+        let body = std::fs::read_to_string(root().join(format!(
+            "fixtures/invalid/invalid-detail--schema-version-{name}.json"
+        )))
+        .unwrap();
+        let rejection = parse_message(&body).unwrap_err();
+        assert_eq!(
+            rejection.message, "/schema_version: missing or not a positive integer",
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn aws_events_keep_the_fields_amiflow_does_not_read() {
+    // AWS's own events carry many fields no parser reads; closing the detail schemas must not
+    // touch them. An extra field in an AWS detail is still accepted.
+    let ami = std::fs::read_to_string(root().join("fixtures/valid/aws-ec2-ami-state-change.json"))
+        .unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&ami).unwrap();
+    value["detail"]["SomethingAwsAddedLater"] = serde_json::json!({"nested": true});
+    assert!(matches!(
+        parse_message(&value.to_string()).unwrap(),
+        Inbound::Aws(AwsEvent::AmiStateChange(_))
+    ));
+}
+
+#[test]
 fn oversized_bodies_are_rejected_before_parsing() {
     let body = format!("{{\"pad\":\"{}\"}}", "x".repeat(events::MAX_EVENT_BYTES));
     assert_eq!(parse_message(&body).unwrap_err().kind.as_str(), "too-large");

@@ -1,10 +1,19 @@
 //! Desired state versus actual state: which AMI each group really launches, and whether that
 //! makes it current, stale (an earlier value of the golden parameter), skipped or none of ours.
 //! Shared by the plan worker and `amictl status`, so both judge a group the same way.
+//!
+//! A group launches from every launch template it names: its main one and, in a mixed-instances
+//! policy, each override that names a template of its own (AWS launches that instance type from
+//! it). Each is resolved (`$Latest`, `$Default`, `resolve:ssm:`), and a group is current only when
+//! none of them still holds an earlier golden AMI of the family. A template on an AMI of no golden
+//! family is left alone; an override whose template cannot be read makes the group broken, with
+//! the reason.
 
 use std::collections::HashMap;
 
 use runtime::StepError;
+
+use aws_sdk_autoscaling::types::MixedInstancesPolicy;
 
 use crate::aws::{Group, Groups, LaunchSource, Parameters};
 
@@ -36,6 +45,67 @@ pub struct GroupAmi {
     pub group: Group,
     pub ami: Option<String>,
     pub source: AmiSource,
+    /// The mixed-instances overrides that launch from a template of their own.
+    pub overrides: Vec<OverrideAmi>,
+}
+
+/// A mixed-instances override that names its own launch template, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverrideAmi {
+    pub instance_type: String,
+    pub ami: Option<String>,
+    /// `Missing` when the template no longer exists or the override names none.
+    pub source: AmiSource,
+}
+
+/// An override of a mixed-instances policy with a launch template of its own, as the group names
+/// it: (instance type, template id or name, version). `None` for the template when the
+/// specification names neither an id nor a name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverrideTemplate {
+    pub instance_type: String,
+    pub template: Option<String>,
+    pub version: String,
+}
+
+/// The overrides of `mixed` that launch from their own template.
+pub fn override_templates(mixed: &MixedInstancesPolicy) -> Vec<OverrideTemplate> {
+    mixed
+        .launch_template()
+        .map(|lt| lt.overrides())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|o| {
+            let spec = o.launch_template_specification()?;
+            Some(OverrideTemplate {
+                instance_type: o.instance_type().unwrap_or("(no instance type)").to_owned(),
+                template: spec
+                    .launch_template_id()
+                    .or(spec.launch_template_name())
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned),
+                version: spec.version().unwrap_or("$Default").to_owned(),
+            })
+        })
+        .collect()
+}
+
+impl GroupAmi {
+    /// The AMI of every template the group can launch from (main first); `None` where unreadable.
+    pub fn template_amis(&self) -> impl Iterator<Item = Option<&String>> {
+        std::iter::once(self.ami.as_ref()).chain(self.overrides.iter().map(|o| o.ami.as_ref()))
+    }
+
+    /// Why an override cannot be launched from, if one cannot.
+    pub fn broken_override(&self) -> Option<String> {
+        self.overrides.iter().find_map(|o| match &o.source {
+            AmiSource::Missing(why) => Some(format!(
+                "the mixed-instances override for {}: {why}; fix the group's MixedInstancesPolicy",
+                o.instance_type
+            )),
+            _ => None,
+        })
+    }
 }
 
 /// Resolves effective AMIs, caching template versions and parameters across groups.
@@ -52,6 +122,7 @@ impl Resolver {
         params: &impl Parameters,
         group: Group,
     ) -> Result<GroupAmi, StepError> {
+        let mut overrides = Vec::new();
         let (ami, source) = match &group.source {
             LaunchSource::LaunchConfiguration(name) => (
                 groups.launch_configuration_image(name).await?,
@@ -62,53 +133,90 @@ impl Resolver {
                 AmiSource::Missing("the group has no launch template or configuration".into()),
             ),
             LaunchSource::Template { id, version, mixed } => {
-                let key = (id.clone(), version.clone());
-                if !self.versions.contains_key(&key) {
-                    let found = groups
-                        .template_version(id, version)
-                        .await?
-                        .map(|v| (v.number, v.image_id));
-                    self.versions.insert(key.clone(), found);
-                }
-                match self.versions[&key].clone() {
-                    None => (
-                        None,
-                        AmiSource::Missing(format!(
-                            "launch template {id} version {version} does not exist"
-                        )),
-                    ),
-                    Some((number, image)) => match image.strip_prefix("resolve:ssm:") {
-                        Some(parameter) => {
-                            let parameter = parameter.to_owned();
-                            if !self.parameters.contains_key(&parameter) {
-                                let value = params.get(&parameter).await?.map(|p| p.value);
-                                self.parameters.insert(parameter.clone(), value);
-                            }
-                            let ami = self.parameters[&parameter].clone();
-                            (
-                                ami,
-                                AmiSource::ResolveSsm {
-                                    template: id.clone(),
-                                    spec: version.clone(),
-                                    number,
-                                    parameter,
-                                },
-                            )
+                for o in mixed.as_deref().map(override_templates).unwrap_or_default() {
+                    let (ami, source) = match &o.template {
+                        Some(template) => {
+                            self.template(groups, params, template, &o.version, false)
+                                .await?
                         }
                         None => (
-                            Some(image),
-                            AmiSource::Template {
-                                template: id.clone(),
-                                spec: version.clone(),
-                                number,
-                                mixed: mixed.is_some(),
-                            },
+                            None,
+                            AmiSource::Missing(
+                                "its launch template specification names no template".into(),
+                            ),
                         ),
-                    },
+                    };
+                    overrides.push(OverrideAmi {
+                        instance_type: o.instance_type,
+                        ami,
+                        source,
+                    });
                 }
+                self.template(groups, params, id, version, mixed.is_some())
+                    .await?
             }
         };
-        Ok(GroupAmi { group, ami, source })
+        Ok(GroupAmi {
+            group,
+            ami,
+            source,
+            overrides,
+        })
+    }
+
+    /// The AMI a template version launches, cached across groups.
+    async fn template(
+        &mut self,
+        groups: &impl Groups,
+        params: &impl Parameters,
+        id: &str,
+        version: &str,
+        mixed: bool,
+    ) -> Result<(Option<String>, AmiSource), StepError> {
+        let key = (id.to_owned(), version.to_owned());
+        if !self.versions.contains_key(&key) {
+            let found = groups
+                .template_version(id, version)
+                .await?
+                .map(|v| (v.number, v.image_id));
+            self.versions.insert(key.clone(), found);
+        }
+        Ok(match self.versions[&key].clone() {
+            None => (
+                None,
+                AmiSource::Missing(format!(
+                    "launch template {id} version {version} does not exist"
+                )),
+            ),
+            Some((number, image)) => match image.strip_prefix("resolve:ssm:") {
+                Some(parameter) => {
+                    let parameter = parameter.to_owned();
+                    if !self.parameters.contains_key(&parameter) {
+                        let value = params.get(&parameter).await?.map(|p| p.value);
+                        self.parameters.insert(parameter.clone(), value);
+                    }
+                    let ami = self.parameters[&parameter].clone();
+                    (
+                        ami,
+                        AmiSource::ResolveSsm {
+                            template: id.to_owned(),
+                            spec: version.to_owned(),
+                            number,
+                            parameter,
+                        },
+                    )
+                }
+                None => (
+                    Some(image),
+                    AmiSource::Template {
+                        template: id.to_owned(),
+                        spec: version.to_owned(),
+                        number,
+                        mixed,
+                    },
+                ),
+            },
+        })
     }
 }
 
@@ -122,6 +230,9 @@ pub enum Verdict {
     Skipped(String),
     /// Not of this family (another family's AMI, or no readable AMI), with the reason.
     Untouched(String),
+    /// Ours, but one of the templates it launches from cannot be read (an override naming a
+    /// template that no longer exists, or none): nothing can be moved until it is fixed.
+    Broken(String),
 }
 
 /// Judge a group against the parameter's current value and its history (earlier values).
@@ -141,9 +252,111 @@ pub fn verdict(g: &GroupAmi, current: &str, history: &[String], skip_tag: &str) 
     if g.group.tags.get(skip_tag).is_some_and(|v| v != "false") {
         return Verdict::Skipped(format!("tagged {skip_tag}"));
     }
-    if ami == current {
-        Verdict::Current
-    } else {
+    if let Some(why) = g.broken_override() {
+        return Verdict::Broken(why);
+    }
+    // Every template on an earlier golden AMI is to move; one on another AMI is left alone.
+    let earlier = |a: &String| a != current && history.iter().any(|h| h == a);
+    if g.template_amis().flatten().any(earlier) {
         Verdict::Stale
+    } else {
+        Verdict::Current
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeAws;
+    use aws_sdk_autoscaling::types::{
+        LaunchTemplate, LaunchTemplateOverrides, LaunchTemplateSpecification,
+    };
+
+    const OLD: &str = "ami-0000000000000000a";
+    const NEW: &str = "ami-0000000000000000b";
+    const WIN: &str = "ami-00000000000000win";
+
+    fn mixed_group(overrides: Vec<LaunchTemplateOverrides>) -> Group {
+        let policy = MixedInstancesPolicy::builder()
+            .launch_template(
+                LaunchTemplate::builder()
+                    .launch_template_specification(
+                        LaunchTemplateSpecification::builder()
+                            .launch_template_id("lt-main")
+                            .version("1")
+                            .build(),
+                    )
+                    .set_overrides(Some(overrides))
+                    .build(),
+            )
+            .build();
+        Group {
+            name: "web".into(),
+            source: LaunchSource::Template {
+                id: "lt-main".into(),
+                version: "1".into(),
+                mixed: Some(Box::new(policy)),
+            },
+            tags: Default::default(),
+            instance_ids: vec![],
+        }
+    }
+
+    fn override_with(template: Option<&str>, version: Option<&str>) -> LaunchTemplateOverrides {
+        let mut spec = LaunchTemplateSpecification::builder().set_version(version.map(Into::into));
+        if let Some(t) = template {
+            spec = spec.launch_template_id(t);
+        }
+        LaunchTemplateOverrides::builder()
+            .instance_type("t3.small")
+            .launch_template_specification(spec.build())
+            .build()
+    }
+
+    async fn judge(aws: &FakeAws, group: Group) -> Verdict {
+        let g = Resolver::default().resolve(aws, aws, group).await.unwrap();
+        verdict(&g, NEW, &[OLD.into(), NEW.into()], "amiflow:skip")
+    }
+
+    #[tokio::test]
+    async fn a_group_is_judged_by_every_template_it_can_launch_from() {
+        let aws = FakeAws::default();
+        aws.template("lt-main", &[NEW], 1);
+        aws.template("lt-old", &[OLD, NEW], 2);
+        aws.template("lt-win", &[WIN], 1);
+        // The main template is current, the override's $Default is an earlier golden AMI.
+        let stale = mixed_group(vec![
+            override_with(Some("lt-old"), Some("1")),
+            LaunchTemplateOverrides::builder()
+                .instance_type("t3.micro")
+                .build(),
+        ]);
+        assert_eq!(judge(&aws, stale).await, Verdict::Stale);
+        // Overrides on the new AMI ($Default is 2), or on another family's AMI (left alone).
+        let current = mixed_group(vec![
+            override_with(Some("lt-old"), None),
+            override_with(Some("lt-win"), Some("$Latest")),
+        ]);
+        assert_eq!(judge(&aws, current).await, Verdict::Current);
+    }
+
+    #[tokio::test]
+    async fn an_override_whose_template_cannot_be_read_makes_the_group_broken() {
+        let aws = FakeAws::default();
+        aws.template("lt-main", &[OLD], 1);
+        let gone = mixed_group(vec![override_with(Some("lt-gone"), Some("1"))]);
+        assert_eq!(
+            judge(&aws, gone).await,
+            Verdict::Broken(
+                "the mixed-instances override for t3.small: launch template lt-gone version 1 does not exist; fix the group's MixedInstancesPolicy".into()
+            )
+        );
+        let nameless = mixed_group(vec![override_with(None, Some("1"))]);
+        assert_eq!(
+            judge(&aws, nameless).await,
+            Verdict::Broken(
+                "the mixed-instances override for t3.small: its launch template specification names no template; fix the group's MixedInstancesPolicy".into()
+            )
+        );
     }
 }

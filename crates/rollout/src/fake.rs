@@ -1,5 +1,6 @@
-//! In-memory AWS for the steps' unit tests: groups, launch template versions, refreshes, stacks,
-//! images and parameters, with a record of every change a step made. Only behaviour the steps
+//! In-memory AWS for the steps' unit tests: launch template versions, groups and their refreshes,
+//! stacks, images, parameters and keys (one impl per capability of `aws`), with a record of every
+//! change a step made. Only behaviour the steps
 //! rely on is modelled; the real APIs are covered end to end against the emulator.
 
 use std::collections::HashMap;
@@ -8,8 +9,9 @@ use std::sync::Mutex;
 use runtime::StepError;
 
 use crate::aws::{
-    Group, Groups, Image, Images, Keys, LaunchSource, ParamValue, Parameters, Refresh,
-    RefreshRequest, Stack, Stacks, TemplateVersion,
+    Group, Groups, Image, Images, Instance, Keys, LaunchSource, MARKS_PATH, MarkParameters,
+    ParamValue, Parameters, Records, Refresh, RefreshRequest, Stack, Stacks, StoredRecord,
+    TemplateVersion, Templates, parameter_name,
 };
 
 #[derive(Default)]
@@ -19,11 +21,15 @@ pub struct FakeAws {
     pub templates: Mutex<HashMap<String, Vec<TemplateVersion>>>,
     pub refreshes: Mutex<HashMap<String, Vec<Refresh>>>,
     pub instance_amis: Mutex<HashMap<String, String>>,
+    /// Launch times of instances (none: unknown).
+    pub instance_launched: Mutex<HashMap<String, chrono::DateTime<chrono::Utc>>>,
     pub stacks: Mutex<HashMap<String, Stack>>,
     pub images: Mutex<HashMap<String, Image>>,
     /// Image Builder image ARN -> the AMI tagged with it.
     pub built_by: Mutex<HashMap<String, String>>,
     pub params: Mutex<HashMap<String, ParamValue>>,
+    /// Earlier values of a parameter, oldest first (its history is these, then its value).
+    pub earlier_values: Mutex<HashMap<String, Vec<String>>>,
     /// Every change a step asked for, in order (`create_version lt-1 2 ami-..`, ...).
     pub changes: Mutex<Vec<String>>,
     pub started: Mutex<Vec<(String, RefreshRequest)>>,
@@ -31,6 +37,8 @@ pub struct FakeAws {
     pub group_reads: std::sync::atomic::AtomicUsize,
     /// Make `ensure_grant` answer AccessDenied.
     pub refuse_grants: Mutex<bool>,
+    /// amiflow's records (`aws::Records`), by name.
+    pub records: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl FakeAws {
@@ -73,6 +81,38 @@ impl FakeAws {
             .insert(id.to_owned(), versions);
     }
 
+    /// End the group's newest refresh successfully, as AWS does: the group takes the refresh's
+    /// desired version (if it had one) and every instance is replaced from what the group's
+    /// template version resolves to now.
+    pub fn succeed(&self, group: &str) {
+        let desired = {
+            let mut refreshes = self.refreshes.lock().unwrap();
+            let newest = &mut refreshes.get_mut(group).unwrap()[0];
+            newest.status = "Successful".into();
+            newest.desired_version.clone()
+        };
+        let mut groups = self.groups.lock().unwrap();
+        let g = groups.get_mut(group).unwrap();
+        let LaunchSource::Template { id, version, .. } = &mut g.source else {
+            return;
+        };
+        if let Some(desired) = desired {
+            *version = desired;
+        }
+        let templates = self.templates.lock().unwrap();
+        let versions = &templates[id.as_str()];
+        let resolved = match version.as_str() {
+            "$Latest" => versions.last(),
+            "$Default" => versions.iter().find(|v| v.is_default),
+            n => versions.iter().find(|v| v.number.to_string() == n),
+        };
+        let image = resolved.map(|v| v.image_id.clone()).unwrap_or_default();
+        let mut amis = self.instance_amis.lock().unwrap();
+        for id in &g.instance_ids {
+            amis.insert(id.clone(), image.clone());
+        }
+    }
+
     pub fn changes(&self) -> Vec<String> {
         self.changes.lock().unwrap().clone()
     }
@@ -87,38 +127,7 @@ impl FakeAws {
     }
 }
 
-impl Groups for FakeAws {
-    async fn list(&self) -> Result<Vec<Group>, StepError> {
-        let mut groups: Vec<Group> = self.groups.lock().unwrap().values().cloned().collect();
-        groups.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(groups)
-    }
-
-    async fn get(&self, name: &str) -> Result<Option<Group>, StepError> {
-        self.read();
-        Ok(self.groups.lock().unwrap().get(name).cloned())
-    }
-
-    async fn with_tag_value(&self, key: &str, value: &str) -> Result<Vec<Group>, StepError> {
-        self.read();
-        Ok(self
-            .list()
-            .await?
-            .into_iter()
-            .filter(|g| g.tags.get(key).is_some_and(|v| v == value))
-            .collect())
-    }
-
-    async fn set_tags(&self, group: &str, tags: &[(&str, &str)]) -> Result<(), StepError> {
-        for (key, value) in tags {
-            self.record(format!("set_tag {group} {key}={value}"));
-            if let Some(g) = self.groups.lock().unwrap().get_mut(group) {
-                g.tags.insert((*key).to_owned(), (*value).to_owned());
-            }
-        }
-        Ok(())
-    }
-
+impl Templates for FakeAws {
     async fn template_version(
         &self,
         template: &str,
@@ -180,6 +189,39 @@ impl Groups for FakeAws {
         }
         Ok(())
     }
+}
+
+impl Groups for FakeAws {
+    async fn list(&self) -> Result<Vec<Group>, StepError> {
+        let mut groups: Vec<Group> = self.groups.lock().unwrap().values().cloned().collect();
+        groups.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(groups)
+    }
+
+    async fn get(&self, name: &str) -> Result<Option<Group>, StepError> {
+        self.read();
+        Ok(self.groups.lock().unwrap().get(name).cloned())
+    }
+
+    async fn with_tag_value(&self, key: &str, value: &str) -> Result<Vec<Group>, StepError> {
+        self.read();
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|g| g.tags.get(key).is_some_and(|v| v == value))
+            .collect())
+    }
+
+    async fn set_tags(&self, group: &str, tags: &[(&str, &str)]) -> Result<(), StepError> {
+        for (key, value) in tags {
+            self.record(format!("set_tag {group} {key}={value}"));
+            if let Some(g) = self.groups.lock().unwrap().get_mut(group) {
+                g.tags.insert((*key).to_owned(), (*value).to_owned());
+            }
+        }
+        Ok(())
+    }
 
     async fn launch_configuration_image(&self, _name: &str) -> Result<Option<String>, StepError> {
         Ok(None)
@@ -224,11 +266,22 @@ impl Groups for FakeAws {
         Ok(id)
     }
 
-    async fn instance_images(&self, ids: &[String]) -> Result<HashMap<String, String>, StepError> {
+    async fn instances(&self, ids: &[String]) -> Result<HashMap<String, Instance>, StepError> {
         let amis = self.instance_amis.lock().unwrap();
+        let launched = self.instance_launched.lock().unwrap();
         Ok(ids
             .iter()
-            .filter_map(|id| amis.get(id).map(|a| (id.clone(), a.clone())))
+            .filter_map(|id| {
+                amis.get(id).map(|a| {
+                    (
+                        id.clone(),
+                        Instance {
+                            image: a.clone(),
+                            launched_at: launched.get(id).copied(),
+                        },
+                    )
+                })
+            })
             .collect())
     }
 }
@@ -302,13 +355,98 @@ impl Parameters for FakeAws {
     }
 
     async fn history(&self, name: &str) -> Result<Vec<String>, StepError> {
+        let mut values = self
+            .earlier_values
+            .lock()
+            .unwrap()
+            .get(name)
+            .cloned()
+            .unwrap_or_default();
+        values.extend(
+            self.params
+                .lock()
+                .unwrap()
+                .get(name)
+                .map(|p| p.value.clone()),
+        );
+        Ok(values)
+    }
+}
+
+impl Records for FakeAws {
+    async fn read_record(&self, name: &str) -> Result<Option<String>, StepError> {
+        Ok(self.records.lock().unwrap().get(name).cloned())
+    }
+
+    async fn list_records(&self, path: &str) -> Result<Vec<StoredRecord>, StepError> {
+        let prefix = format!("{}/", path.trim_end_matches('/'));
+        Ok(self
+            .records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(name, _)| name.starts_with(&prefix))
+            .map(|(name, value)| StoredRecord {
+                name: name.clone(),
+                value: value.clone(),
+                written_by: None,
+            })
+            .collect())
+    }
+
+    async fn write_record(&self, name: &str, value: &str) -> Result<(), StepError> {
+        self.record(format!("put_record {name}"));
+        self.records
+            .lock()
+            .unwrap()
+            .insert(name.to_owned(), value.to_owned());
+        Ok(())
+    }
+
+    async fn remove_record(&self, name: &str) -> Result<(), StepError> {
+        self.record(format!("delete_record {name}"));
+        self.records.lock().unwrap().remove(name);
+        Ok(())
+    }
+}
+
+impl MarkParameters for FakeAws {
+    async fn mark_value(&self, group: &str) -> Result<Option<String>, StepError> {
         Ok(self
             .params
             .lock()
             .unwrap()
-            .get(name)
-            .map(|p| vec![p.value.clone()])
-            .unwrap_or_default())
+            .get(&parameter_name(group))
+            .map(|p| p.value.clone()))
+    }
+
+    async fn put_mark_value(&self, group: &str, value: &str) -> Result<(), StepError> {
+        let name = parameter_name(group);
+        self.record(format!("put_parameter {name} {value}"));
+        let mut params = self.params.lock().unwrap();
+        let version = params.get(&name).map_or(1, |p| p.version + 1);
+        params.insert(
+            name,
+            ParamValue {
+                value: value.to_owned(),
+                version,
+                data_type: "text".into(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn mark_values(&self) -> Result<Vec<String>, StepError> {
+        self.read();
+        let prefix = format!("{MARKS_PATH}/");
+        Ok(self
+            .params
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(name, _)| name.starts_with(&prefix))
+            .map(|(_, p)| p.value.clone())
+            .collect())
     }
 }
 

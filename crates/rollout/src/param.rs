@@ -109,15 +109,17 @@ fn updated(
     previous: Option<String>,
     version: i64,
 ) -> Detail {
-    ParamUpdated::new(
+    let mut updated = ParamUpdated::new(
         &shared.meta.key,
         account,
         &shared.parameter_name,
         &ami,
         previous,
         version,
-    )
-    .into()
+    );
+    // Promoted at a window: the plan-worker plans in it.
+    updated.closes_at = shared.closes_at;
+    updated.into()
 }
 
 #[cfg(test)]

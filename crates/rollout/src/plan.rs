@@ -8,10 +8,10 @@ use chrono::{DateTime, Utc};
 use events::{AsgRefreshRequested, Detail, Strategy};
 use runtime::StepError;
 
-use crate::aws::{Groups, Parameters};
+use crate::aws::{Group, Groups, Marks, Parameters, STACK_TAG};
 use crate::discovery::{GroupAmi, Resolver, Verdict, verdict};
+use crate::mark::Mark;
 use crate::policy::{Policy, Stage};
-use crate::refresh::{STACK_TAG, mark_of};
 
 /// One group's standing, for logs and `amictl status`.
 #[derive(Debug, Clone)]
@@ -22,12 +22,19 @@ pub struct Judged {
     /// Instances of a `Current` group still running another AMI (a `resolve:ssm:` template or a
     /// stack re-resolved the configuration, but nothing replaced the instances yet).
     pub lagging_instances: usize,
+    /// When the last of the group's instances running its configured AMI was launched (read for
+    /// `Current` groups only): a stage's bake counts from the last of these.
+    pub last_launch: Option<DateTime<Utc>>,
+    /// The refresh-worker's mark on a group of a family, wherever it is kept (tags, or SSM for a
+    /// stack-owned group: one `GetParameter` each).
+    pub mark: Option<Mark>,
 }
 
 impl Judged {
-    /// Stale by configuration, or current by configuration with instances left behind.
+    /// Stale by configuration, current by configuration with instances left behind, or broken
+    /// (the refresh-worker then reports why, each window, rather than the group passing quietly).
     pub fn needs_refresh(&self) -> bool {
-        self.verdict == Verdict::Stale
+        matches!(self.verdict, Verdict::Stale | Verdict::Broken(_))
             || (self.verdict == Verdict::Current && self.lagging_instances > 0)
     }
 }
@@ -64,11 +71,20 @@ pub async fn judge_all(
             Some((name, v)) => (Some(name), v),
             None => (None, verdict(&g, "", &[], &stage.skip_tag)),
         };
+        let mark = match parameter {
+            Some(_) => Marks::new(groups, params)
+                .read(&g.group)
+                .await?
+                .map(|r| r.mark),
+            None => None,
+        };
         judged.push(Judged {
             group: g,
             parameter,
             verdict,
             lagging_instances: 0,
+            last_launch: None,
+            mark,
         });
     }
     // One batched DescribeInstances for every group whose configuration is already current.
@@ -78,22 +94,29 @@ pub async fn judge_all(
         .flat_map(|j| j.group.group.instance_ids.iter().cloned())
         .collect();
     if !ids.is_empty() {
-        let images = groups.instance_images(&ids).await?;
+        let instances = groups.instances(&ids).await?;
         for j in judged
             .iter_mut()
             .filter(|j| j.parameter.is_some() && j.verdict == Verdict::Current)
         {
-            j.lagging_instances = j
+            let (mut lagging, mut last_launch) = (0, None);
+            for i in j
                 .group
                 .group
                 .instance_ids
                 .iter()
-                .filter(|id| {
-                    images
-                        .get(*id)
-                        .is_some_and(|ami| Some(ami) != j.group.ami.as_ref())
-                })
-                .count();
+                .filter_map(|id| instances.get(id))
+            {
+                // An instance lags when it runs none of the AMIs the group's templates hold (an
+                // override on another family's AMI launches that AMI legitimately).
+                if j.group.template_amis().all(|t| t != Some(&i.image)) {
+                    lagging += 1;
+                } else if j.group.ami.as_deref() == Some(i.image.as_str()) {
+                    last_launch = last_launch.max(i.launched_at);
+                }
+            }
+            j.lagging_instances = lagging;
+            j.last_launch = last_launch;
         }
     }
     for j in &judged {
@@ -101,6 +124,55 @@ pub async fn judge_all(
             verdict = ?j.verdict, lagging = j.lagging_instances, "judged");
     }
     Ok(judged)
+}
+
+/// What the plan-worker does with one judged group when its window opens.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GroupPlan {
+    /// Of no golden family: never planned.
+    NotOurs,
+    /// Ours, left alone (skip tag), with the reason.
+    Skipped(String),
+    /// Configuration and instances already on the golden AMI.
+    Current,
+    /// An amiflow refresh to the golden AMI is running: no new request.
+    Refreshing { refresh_id: String },
+    /// One `AsgRefreshRequested` with this strategy.
+    Request(Strategy),
+}
+
+/// How a stale group is moved: through its stack when CloudFormation owns it (never change a
+/// stack's resources behind its back), else through its launch template.
+pub fn strategy(group: &Group) -> Strategy {
+    if group.tags.contains_key(STACK_TAG) {
+        Strategy::Cloudformation
+    } else {
+        Strategy::LaunchTemplate
+    }
+}
+
+/// The plan of one judged group whose parameter holds `target`: the plan-worker's decision, and
+/// what `amictl plan` shows before a window.
+pub fn group_plan(j: &Judged, target: &str) -> GroupPlan {
+    if j.parameter.is_none() {
+        return GroupPlan::NotOurs;
+    }
+    if !j.needs_refresh() {
+        return match &j.verdict {
+            Verdict::Skipped(reason) => GroupPlan::Skipped(reason.clone()),
+            _ => GroupPlan::Current,
+        };
+    }
+    match j
+        .mark
+        .as_ref()
+        .filter(|m| m.ami == target && m.is_running())
+    {
+        Some(m) => GroupPlan::Refreshing {
+            refresh_id: m.refresh_id.clone(),
+        },
+        None => GroupPlan::Request(strategy(&j.group.group)),
+    }
 }
 
 /// Emit one `AsgRefreshRequested` per stale group not already refreshing to the same AMI.
@@ -127,13 +199,8 @@ pub async fn plan(
         let Some(target) = params.get(parameter).await?.map(|p| p.value) else {
             continue;
         };
-        if mark_of(&j.group.group).is_some_and(|m| m.ami == target && m.state == "in-progress") {
+        let GroupPlan::Request(strategy) = group_plan(&j, &target) else {
             continue;
-        }
-        let strategy = if j.group.group.tags.contains_key(STACK_TAG) {
-            Strategy::Cloudformation
-        } else {
-            Strategy::LaunchTemplate
         };
         requests.push(
             AsgRefreshRequested::new(

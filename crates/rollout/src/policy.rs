@@ -17,6 +17,19 @@ pub enum CloudFormationMode {
     Skip,
 }
 
+/// What a later window does with a group whose refresh was superseded by a hand-made change
+/// (its `$Default` version set by hand while amiflow refreshed it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HandMadeChanges {
+    /// Leave the group as the operator set it, and report it skipped with the reason, until the
+    /// next golden AMI.
+    #[default]
+    Respect,
+    /// Move the group again next window (the worker logs what it undoes).
+    Override,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Window {
@@ -55,7 +68,95 @@ pub struct Stage {
     /// Pin `$Latest`/`$Default` groups to the new version number so the refresh can roll back.
     #[serde(default)]
     pub pin_unpinned_groups: bool,
+    /// `respect` (default) or `override` a hand-made change that superseded a refresh.
+    #[serde(default)]
+    pub hand_made_changes: HandMadeChanges,
+    /// The most of the group's desired capacity a refresh may run at once, in percent (100 to
+    /// 200; AWS's default, 100, when absent). Above 100 new instances launch before old ones are
+    /// terminated (capacity never drops below `min_healthy_percentage`, at the cost of extra
+    /// instances for a while); AWS refuses more than 100 points above `min_healthy_percentage`.
+    #[serde(default)]
+    pub max_healthy_percentage: Option<i32>,
+    /// How long, in seconds, a refresh waits after its last replacement before AWS calls it
+    /// successful (its `BakeTime`, 0 to 172800): alarms can still fail and roll it back meanwhile.
+    /// Per refresh; not the wait between stages.
+    #[serde(default)]
+    pub bake_time_seconds: Option<i32>,
+    /// How many of the stage's groups of a family may fail or roll back an AMI before the stage
+    /// halts for it (and the next stage stays closed): a count (`2`) or a percentage of the
+    /// stage's groups of the family (`"10%"`, rounded down). Default 0: the first failure halts.
+    #[serde(default)]
+    pub max_failed_groups: FailureTolerance,
+    /// How long the stage runs an AMI, after its last refresh ended, before the next stage may be
+    /// promoted to it. Default 0.
+    #[serde(default)]
+    pub bake_hours: f64,
+    /// The stage is promoted to an AMI only once an operator approved it (`amictl approve`).
+    #[serde(default)]
+    pub requires_approval: bool,
 }
+
+/// A stage's failure tolerance ([`Stage::max_failed_groups`]).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(try_from = "ToleranceWire")]
+pub enum FailureTolerance {
+    Groups(u32),
+    /// A percentage of the stage's groups of the family, 0 to 100.
+    Percent(f64),
+}
+
+impl Default for FailureTolerance {
+    fn default() -> Self {
+        FailureTolerance::Groups(0)
+    }
+}
+
+impl FailureTolerance {
+    /// The failed groups allowed among `groups` groups.
+    pub fn allowed(self, groups: usize) -> usize {
+        match self {
+            FailureTolerance::Groups(n) => n as usize,
+            FailureTolerance::Percent(p) => (groups as f64 * p / 100.0).floor() as usize,
+        }
+    }
+}
+
+impl std::fmt::Display for FailureTolerance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FailureTolerance::Groups(n) => write!(f, "{n}"),
+            FailureTolerance::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ToleranceWire {
+    Count(i64),
+    Text(String),
+}
+
+impl TryFrom<ToleranceWire> for FailureTolerance {
+    type Error = String;
+    fn try_from(w: ToleranceWire) -> Result<Self, String> {
+        const HOW: &str = "max_failed_groups must be a count of groups (0 or more, e.g. 2) or a percentage of the stage's groups as a string (e.g. \"10%\")";
+        match w {
+            ToleranceWire::Count(n) => u32::try_from(n)
+                .map(FailureTolerance::Groups)
+                .map_err(|_| format!("{HOW}, not {n}")),
+            ToleranceWire::Text(t) => t
+                .strip_suffix('%')
+                .and_then(|p| p.trim().parse::<f64>().ok())
+                .filter(|p| (0.0..=100.0).contains(p))
+                .map(FailureTolerance::Percent)
+                .ok_or_else(|| format!("{HOW}, not {t:?}")),
+        }
+    }
+}
+
+/// The longest bake amiflow accepts: 30 days.
+pub const MAX_BAKE_HOURS: f64 = 720.0;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +190,40 @@ fn skip_tag() -> String {
 }
 fn update_stack() -> CloudFormationMode {
     CloudFormationMode::UpdateStack
+}
+
+/// AWS's bounds for `BakeTime` (RefreshPreferences: 0 to 172800 seconds, two days).
+pub const MAX_BAKE_TIME_SECONDS: i32 = 172_800;
+
+impl Stage {
+    /// The refresh preferences AWS would refuse at `StartInstanceRefresh`, found at start instead,
+    /// with the fix.
+    fn validate_refresh_preferences(&self) -> Result<(), String> {
+        if let Some(max) = self.max_healthy_percentage {
+            let min = self.min_healthy_percentage;
+            // 100 or more is never below min_healthy_percentage (at most 100).
+            if !(100..=200).contains(&max) {
+                return Err(format!(
+                    "max_healthy_percentage = {max} is outside 100 to 200: use 100 to replace instances one batch at a time, up to 200 to launch every replacement before terminating"
+                ));
+            }
+            if max - min > 100 {
+                return Err(format!(
+                    "max_healthy_percentage = {max} is more than 100 above min_healthy_percentage = {min}, which AWS refuses: lower it to {} or raise min_healthy_percentage to {}",
+                    min + 100,
+                    max - 100
+                ));
+            }
+        }
+        if let Some(bake) = self.bake_time_seconds
+            && !(0..=MAX_BAKE_TIME_SECONDS).contains(&bake)
+        {
+            return Err(format!(
+                "bake_time_seconds = {bake} is outside 0 to {MAX_BAKE_TIME_SECONDS} (two days), what AWS accepts as a refresh's BakeTime"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A policy file that cannot be used, with the reason.
@@ -221,9 +356,23 @@ impl Policy {
             if !(0..=100).contains(&s.min_healthy_percentage) {
                 return Err(format!("{at}: min_healthy_percentage must be 0 to 100"));
             }
+            s.validate_refresh_preferences()
+                .map_err(|why| format!("{at}: {why}"))?;
             if s.checkpoints.iter().any(|c| !(1..=100).contains(c)) || !s.checkpoints.is_sorted() {
                 return Err(format!(
                     "{at}: checkpoints must be ascending percentages from 1 to 100"
+                ));
+            }
+            if s.requires_approval && std::ptr::eq(s, &self.stages[0]) {
+                return Err(format!(
+                    "{at}: requires_approval: the first stage is promoted when the AMI is built; require the approval on a later stage, or pause the first one (amictl pause --stage {})",
+                    s.name
+                ));
+            }
+            if !(0.0..=MAX_BAKE_HOURS).contains(&s.bake_hours) {
+                return Err(format!(
+                    "{at}: bake_hours = {} must be from 0 to {MAX_BAKE_HOURS} (30 days); 0.5 is half an hour",
+                    s.bake_hours
                 ));
             }
         }
@@ -236,6 +385,12 @@ impl Policy {
 
     pub fn stage_named(&self, name: &str) -> Option<&Stage> {
         self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// The stage before `name` in rollout order (`None` for the first stage, or an unknown one).
+    pub fn stage_before(&self, name: &str) -> Option<&Stage> {
+        let at = self.stages.iter().position(|s| s.name == name)?;
+        at.checked_sub(1).map(|i| &self.stages[i])
     }
 
     /// The family an AMI belongs to, by its `amiflow:family` tag or its name prefix.
@@ -307,5 +462,156 @@ mod tests {
                 .to_string()
                 .contains("already used")
         );
+    }
+
+    #[test]
+    fn gate_limits_default_to_todays_behaviour_and_absurd_ones_say_how_to_fix_them() {
+        let p = Policy::parse(LOCAL).unwrap();
+        for s in &p.stages {
+            // uat tolerates the local world's one group that rolls back by design.
+            let tolerated = if s.name == "uat" { 1 } else { 0 };
+            assert_eq!(s.max_failed_groups, FailureTolerance::Groups(tolerated));
+            assert_eq!(s.bake_hours, 0.0);
+            assert!(!s.requires_approval);
+        }
+        let with = |extra: &str| {
+            Policy::parse(&LOCAL.replacen(
+                "cloudformation = \"update-stack\"",
+                &format!("cloudformation = \"update-stack\"\n{extra}"),
+                1,
+            ))
+        };
+        let err = with("requires_approval = true").unwrap_err().to_string();
+        assert!(
+            err.contains("stage \"qa\": requires_approval: the first stage"),
+            "{err}"
+        );
+        let p = with("max_failed_groups = \"25%\"\nbake_hours = 0.5").unwrap();
+        assert_eq!(
+            p.stages[0].max_failed_groups,
+            FailureTolerance::Percent(25.0)
+        );
+        assert_eq!(p.stages[0].max_failed_groups.allowed(7), 1);
+        assert_eq!(p.stages[0].bake_hours, 0.5);
+        assert_eq!(
+            with("max_failed_groups = 2").unwrap().stages[0]
+                .max_failed_groups
+                .allowed(7),
+            2
+        );
+        for (bad, says) in [
+            (
+                "max_failed_groups = -1",
+                "max_failed_groups must be a count of groups",
+            ),
+            ("max_failed_groups = \"150%\"", "not \"150%\""),
+            ("max_failed_groups = \"some\"", "(e.g. \"10%\")"),
+            (
+                "bake_hours = -2.0",
+                "stage \"qa\": bake_hours = -2 must be from 0 to 720",
+            ),
+            (
+                "bake_hours = 9000.0",
+                "bake_hours = 9000 must be from 0 to 720",
+            ),
+        ] {
+            let err = with(bad).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        assert_eq!(p.stage_before("uat").unwrap().name, "qa");
+        assert!(p.stage_before("qa").is_none());
+    }
+
+    #[test]
+    fn hand_made_changes_are_respected_unless_the_stage_says_override() {
+        let policy = Policy::parse(include_str!("../../../local/amiflow.toml")).unwrap();
+        assert!(
+            policy
+                .stages
+                .iter()
+                .all(|s| s.hand_made_changes == HandMadeChanges::Respect)
+        );
+        let text = include_str!("../../../local/amiflow.toml").replacen(
+            "cloudformation = \"update-stack\"",
+            "cloudformation = \"update-stack\"\nhand_made_changes = \"override\"",
+            1,
+        );
+        let policy = Policy::parse(&text).unwrap();
+        assert_eq!(
+            policy.stages[0].hand_made_changes,
+            HandMadeChanges::Override
+        );
+        let text = include_str!("../../../local/amiflow.toml").replacen(
+            "cloudformation = \"update-stack\"",
+            "cloudformation = \"update-stack\"\nhand_made_changes = \"ignore\"",
+            1,
+        );
+        let err = Policy::parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("hand_made_changes") || err.contains("`respect`, `override`"),
+            "{err}"
+        );
+        assert!(err.contains("respect") && err.contains("override"), "{err}");
+    }
+
+    #[test]
+    fn refresh_preferences_default_to_what_aws_does_without_them() {
+        let policy = Policy::parse(LOCAL).unwrap();
+        assert!(
+            policy
+                .stages
+                .iter()
+                .all(|s| s.max_healthy_percentage.is_none() && s.bake_time_seconds.is_none())
+        );
+        let text = LOCAL.replacen(
+            "min_healthy_percentage = 90",
+            "min_healthy_percentage = 100\nmax_healthy_percentage = 200\nbake_time_seconds = 600",
+            1,
+        );
+        let prod = Policy::parse(&text)
+            .unwrap()
+            .stage_named("prod")
+            .unwrap()
+            .clone();
+        assert_eq!(
+            (prod.max_healthy_percentage, prod.bake_time_seconds),
+            (Some(200), Some(600))
+        );
+    }
+
+    #[test]
+    fn refresh_preferences_aws_would_refuse_are_refused_at_start_with_the_fix() {
+        // prod has min_healthy_percentage = 90.
+        let with = |extra: &str| {
+            Policy::parse(&LOCAL.replacen(
+                "min_healthy_percentage = 90",
+                &format!("min_healthy_percentage = 90\n{extra}"),
+                1,
+            ))
+            .map(|_| ())
+            .map_err(|e| {
+                let e = e.to_string();
+                e.split_once("stage \"prod\": ")
+                    .map_or(e.clone(), |(_, why)| why.to_owned())
+            })
+        };
+        assert_eq!(
+            with("max_healthy_percentage = 250"),
+            Err("max_healthy_percentage = 250 is outside 100 to 200: use 100 to replace instances one batch at a time, up to 200 to launch every replacement before terminating".into())
+        );
+        assert_eq!(
+            with("max_healthy_percentage = 195"),
+            Err("max_healthy_percentage = 195 is more than 100 above min_healthy_percentage = 90, which AWS refuses: lower it to 190 or raise min_healthy_percentage to 95".into())
+        );
+        assert_eq!(with("max_healthy_percentage = 190"), Ok(()));
+        assert_eq!(
+            with("bake_time_seconds = -1"),
+            Err("bake_time_seconds = -1 is outside 0 to 172800 (two days), what AWS accepts as a refresh's BakeTime".into())
+        );
+        assert_eq!(
+            with("bake_time_seconds = 172801").unwrap_err(),
+            "bake_time_seconds = 172801 is outside 0 to 172800 (two days), what AWS accepts as a refresh's BakeTime"
+        );
+        assert_eq!(with("bake_time_seconds = 172800"), Ok(()));
     }
 }

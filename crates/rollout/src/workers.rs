@@ -1,7 +1,9 @@
 //! Each worker's [`runtime::Step`]: route the parsed event to its step function, refuse what
-//! this worker must not handle (wrong detail-type, another account's event) with a reason, and
-//! build the AWS capabilities from one SDK configuration.
+//! this worker must not handle (wrong detail-type, another account's event) with a reason. Each
+//! step builds its AWS capabilities (SDK clients) once, from the worker's one SDK configuration,
+//! when the worker starts; every message reuses them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,9 +11,13 @@ use aws_config::SdkConfig;
 use events::{AwsEvent, Detail, Inbound};
 use runtime::{StepError, StepOutput};
 
-use crate::aws::{AwsGroups, CfnStacks, Ec2Images, KmsKeys, SsmParameters};
+use crate::aws::{
+    AwsGroups, CfnStacks, Ec2Images, KmsKeys, Parameters, Records, SsmParameters, SsmRecords,
+    TagBatch,
+};
+use crate::control::{PauseCache, Promotion};
 use crate::policy::{Policy, Stage};
-use crate::refresh::RefreshSettings;
+use crate::refresh::{Admission, RefreshContext, RefreshSettings};
 
 fn refuse(worker: &str, event: &Inbound) -> StepError {
     StepError::Permanent(format!(
@@ -59,50 +65,256 @@ pub struct Context {
     pub policy: Arc<Policy>,
     pub account: String,
     pub config: SdkConfig,
+    /// The same credentials, reaching other accounts through the policy's role (the share-worker
+    /// reads each target's golden parameter).
+    pub clients: runtime::Clients,
+    /// The hub's records: pauses, promotions.
+    pub control: Control,
 }
 
-pub struct IngestStep(pub Context);
+/// The hub's gate records as a worker reads them: its pauses at most every
+/// `AMIFLOW_CONTROL_SECONDS` (10 s: the documented delay within which a pause stops every
+/// worker), and a message of a paused stage deferred for `AMIFLOW_PAUSE_RECHECK_SECONDS` (60 s)
+/// at a time. A deferral counts against `AMIFLOW_MAX_DEFERRALS` (1,000): a pause longer than
+/// their product (about 16 hours with the defaults) sends the waiting messages to the DLQ, from
+/// where `amictl dlq redrive` brings them back.
+pub struct Control {
+    hub: tokio::sync::OnceCell<SsmRecords>,
+    pauses: PauseCache,
+    recheck: Duration,
+    /// The resumes' accepted failures by record name, read at most every [`RESUMES_MAX_AGE`].
+    resumes: tokio::sync::Mutex<Option<(std::time::Instant, HashMap<String, usize>)>>,
+}
+
+/// How old the refresh-worker's read of the resumes may be (as its read of the failures).
+const RESUMES_MAX_AGE: Duration = Duration::from_secs(30);
+
+impl Control {
+    pub fn from_env() -> anyhow::Result<Self> {
+        Ok(Self::new(
+            runtime::config::seconds_var("AMIFLOW_CONTROL_SECONDS", 10.0)?,
+            runtime::config::seconds_var("AMIFLOW_PAUSE_RECHECK_SECONDS", 60.0)?,
+        ))
+    }
+
+    pub fn new(max_age: Duration, recheck: Duration) -> Self {
+        Control {
+            hub: tokio::sync::OnceCell::new(),
+            pauses: PauseCache::new(max_age),
+            recheck,
+            resumes: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// The failures of `ami` an operator accepted in `stage` (`amictl resume --stage`).
+    pub async fn accepted_failures(
+        &self,
+        ctx: &Context,
+        ami: &str,
+        stage: &str,
+    ) -> Result<usize, StepError> {
+        let mut last = self.resumes.lock().await;
+        if last
+            .as_ref()
+            .is_none_or(|(at, _)| at.elapsed() >= RESUMES_MAX_AGE)
+        {
+            let records = self.records(ctx).await?;
+            let path = crate::control::resume_path("", "");
+            let root = path.trim_end_matches('/');
+            let mut found = HashMap::new();
+            for stored in records.list_records(root).await? {
+                // One written by hand is ignored here, refused by name where it is read alone.
+                if let Ok(r) = serde_json::from_str::<crate::control::Resume>(&stored.value) {
+                    found.insert(stored.name, r.accepted_failures);
+                }
+            }
+            *last = Some((std::time::Instant::now(), found));
+        }
+        let name = crate::control::resume_path(ami, stage);
+        Ok(last
+            .as_ref()
+            .and_then(|(_, found)| found.get(&name).copied())
+            .unwrap_or(0))
+    }
+
+    /// The hub's Parameter Store: its own in the hub, else through the policy's role.
+    async fn records(&self, ctx: &Context) -> Result<&SsmRecords, StepError> {
+        self.hub
+            .get_or_try_init(|| async {
+                let config = ctx
+                    .clients
+                    .for_account(&ctx.policy.hub_account)
+                    .await
+                    .map_err(|e| {
+                        StepError::Transient(format!(
+                            "cannot read the hub's records in {}: {e:#}",
+                            ctx.policy.hub_account
+                        ))
+                    })?;
+                Ok(SsmRecords(aws_sdk_ssm::Client::new(&config)))
+            })
+            .await
+    }
+
+    /// `Some(deferral)` while `stage` is paused: the message waits, neither lost nor acted on.
+    pub async fn hold_if_paused(
+        &self,
+        ctx: &Context,
+        stage: &Stage,
+    ) -> Result<Option<StepOutput>, StepError> {
+        let pauses = self.pauses.get(self.records(ctx).await?).await?;
+        Ok(pauses.of(&stage.name).map(|p| {
+            tracing::info!(stage = %stage.name, by = %p.by, reason = %p.reason, "stage paused; message deferred");
+            StepOutput::Defer {
+                delay: self.recheck,
+                reason: format!(
+                    "stage {} is paused by {} since {}: {}",
+                    stage.name,
+                    p.by,
+                    p.at.to_rfc3339(),
+                    p.reason
+                ),
+            }
+        }))
+    }
+}
+
+fn images(config: &SdkConfig) -> Ec2Images {
+    Ec2Images(aws_sdk_ec2::Client::new(config))
+}
+
+fn keys(config: &SdkConfig) -> KmsKeys {
+    KmsKeys(aws_sdk_kms::Client::new(config))
+}
+
+fn parameters(config: &SdkConfig) -> SsmParameters {
+    SsmParameters(aws_sdk_ssm::Client::new(config))
+}
+
+pub struct IngestStep {
+    ctx: Context,
+    images: Ec2Images,
+}
+
+impl IngestStep {
+    pub fn new(ctx: Context) -> Self {
+        IngestStep {
+            images: images(&ctx.config),
+            ctx,
+        }
+    }
+}
 
 impl runtime::Step for IngestStep {
     async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
-        let images = Ec2Images(aws_sdk_ec2::Client::new(&self.0.config));
+        let (images, policy) = (&self.images, &self.ctx.policy);
         match event {
             Inbound::Aws(AwsEvent::AmiStateChange(change)) => Ok(StepOutput::Emit(
-                crate::ingest::ingest_ami(change, &images, &self.0.policy).await?,
+                crate::ingest::ingest_ami(change, images, policy).await?,
             )),
             Inbound::Aws(AwsEvent::ImageBuilderStateChange(change)) => Ok(StepOutput::Emit(
-                crate::ingest::ingest_image_builder(change, &images, &self.0.policy).await?,
+                crate::ingest::ingest_image_builder(change, images, policy).await?,
             )),
             other => Err(refuse("ingest-worker", other)),
         }
     }
 }
 
-pub struct ShareStep(pub Context);
+pub struct ShareStep {
+    ctx: Context,
+    images: Ec2Images,
+    keys: KmsKeys,
+    goldens: crate::share::AccountGoldens,
+    records: SsmRecords,
+    /// Every stage account's groups and parameters, reached on the first window.
+    stages: tokio::sync::OnceCell<crate::gate::AccountStages>,
+}
+
+impl ShareStep {
+    pub fn new(ctx: Context) -> Self {
+        ShareStep {
+            images: images(&ctx.config),
+            keys: keys(&ctx.config),
+            goldens: crate::share::AccountGoldens::new(ctx.clients.clone()),
+            records: SsmRecords(aws_sdk_ssm::Client::new(&ctx.config)),
+            stages: tokio::sync::OnceCell::new(),
+            ctx,
+        }
+    }
+}
 
 impl runtime::Step for ShareStep {
     async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
-        let e = trusted("share-worker", &self.0.policy, event)?;
-        let Detail::AmiBuilt(built) = &e.detail else {
-            return Err(refuse("share-worker", event));
-        };
-        if self.0.account != self.0.policy.hub_account {
+        let e = trusted("share-worker", &self.ctx.policy, event)?;
+        if self.ctx.account != self.ctx.policy.hub_account {
             return Err(StepError::Permanent(format!(
                 "share-worker runs in {}, not the hub {}",
-                self.0.account, self.0.policy.hub_account
+                self.ctx.account, self.ctx.policy.hub_account
             )));
         }
-        let images = Ec2Images(aws_sdk_ec2::Client::new(&self.0.config));
-        let keys = KmsKeys(aws_sdk_kms::Client::new(&self.0.config));
-        Ok(StepOutput::Emit(
-            crate::share::share(built, &images, &keys, &self.0.policy).await?,
-        ))
+        let now = chrono::Utc::now();
+        match &e.detail {
+            Detail::AmiBuilt(built) => Ok(StepOutput::Emit(
+                crate::share::share(
+                    built,
+                    &self.images,
+                    &self.keys,
+                    &self.goldens,
+                    &self.records,
+                    &self.ctx.policy,
+                    now,
+                )
+                .await?,
+            )),
+            Detail::RolloutWindowOpened(window) => {
+                let stages = self
+                    .stages
+                    .get_or_try_init(|| {
+                        crate::gate::AccountStages::connect(&self.ctx.clients, &self.ctx.policy)
+                    })
+                    .await
+                    .map_err(|e| {
+                        StepError::Transient(format!("cannot reach the stage accounts: {e:#}"))
+                    })?;
+                // Fresh: a promotion is a change, judged on what the hub says now.
+                let pauses = crate::control::Pauses::read(&self.records).await?;
+                Ok(StepOutput::Emit(
+                    crate::share::promote_at_window(
+                        window,
+                        &self.images,
+                        stages,
+                        &self.records,
+                        &pauses,
+                        &self.ctx.policy,
+                        now,
+                    )
+                    .await?,
+                ))
+            }
+            _ => Err(refuse("share-worker", event)),
+        }
     }
 }
 
 pub struct ParamStep {
-    pub ctx: Context,
-    pub read_back_interval: Duration,
+    ctx: Context,
+    read_back_interval: Duration,
+    images: Ec2Images,
+    params: SsmParameters,
+    keys: KmsKeys,
+}
+
+impl ParamStep {
+    /// `read_back_interval`: how long to wait between reads of a written parameter.
+    pub fn new(ctx: Context, read_back_interval: Duration) -> Self {
+        ParamStep {
+            images: images(&ctx.config),
+            params: parameters(&ctx.config),
+            keys: keys(&ctx.config),
+            ctx,
+            read_back_interval,
+        }
+    }
 }
 
 impl runtime::Step for ParamStep {
@@ -111,7 +323,26 @@ impl runtime::Step for ParamStep {
         let Detail::AmiShared(shared) = &e.detail else {
             return Err(refuse("param-worker", event));
         };
-        own_stage(&self.ctx.policy, &self.ctx.account, &shared.target_account)?;
+        let stage = own_stage(&self.ctx.policy, &self.ctx.account, &shared.target_account)?;
+        // Only the hub promotes, and only what its gate recorded: anything else is a forgery.
+        if e.account != self.ctx.policy.hub_account {
+            return Err(StepError::Permanent(format!(
+                "AmiShared for {} in {} was put on the bus by account {}, not the hub {}: only the hub's gate promotes a stage; refused",
+                shared.ami_id, stage.name, e.account, self.ctx.policy.hub_account
+            )));
+        }
+        let records = self.ctx.control.records(&self.ctx).await?;
+        let path = crate::control::promotion_path(&shared.ami_id, &stage.name);
+        let promoted: Option<Promotion> = crate::control::read(records, &path).await?;
+        if promoted.is_none_or(|p| p.parameter != shared.parameter_name) {
+            return Err(StepError::Permanent(format!(
+                "AmiShared for {} in {}: the hub has no promotion record {path} for {}; a stage is promoted only by its gate; refused",
+                shared.ami_id, stage.name, shared.parameter_name
+            )));
+        }
+        if let Some(wait) = self.ctx.control.hold_if_paused(&self.ctx, stage).await? {
+            return Ok(wait);
+        }
         if self
             .ctx
             .policy
@@ -124,16 +355,13 @@ impl runtime::Step for ParamStep {
                 shared.parameter_name
             )));
         }
-        let images = Ec2Images(aws_sdk_ec2::Client::new(&self.ctx.config));
-        let params = SsmParameters(aws_sdk_ssm::Client::new(&self.ctx.config));
-        let keys = KmsKeys(aws_sdk_kms::Client::new(&self.ctx.config));
         Ok(StepOutput::Emit(
             crate::param::update_parameter(
                 shared,
                 &self.ctx.account,
-                &images,
-                &keys,
-                &params,
+                &self.images,
+                &self.keys,
+                &self.params,
                 self.read_back_interval,
             )
             .await?,
@@ -141,37 +369,115 @@ impl runtime::Step for ParamStep {
     }
 }
 
-pub struct PlanStep(pub Context);
+pub struct PlanStep {
+    ctx: Context,
+    groups: AwsGroups,
+    params: SsmParameters,
+    /// The golden parameters of the stages before this one, through the policy's role.
+    previous: tokio::sync::Mutex<HashMap<String, SsmParameters>>,
+}
+
+impl PlanStep {
+    pub fn new(ctx: Context) -> Self {
+        PlanStep {
+            groups: AwsGroups::new(&ctx.config),
+            params: parameters(&ctx.config),
+            previous: tokio::sync::Mutex::default(),
+            ctx,
+        }
+    }
+
+    /// A golden AMI an earlier stage holds and this stage has not held yet: it is on its way
+    /// here through the gates (the hub may promote it at this very window, and the promotion's
+    /// `ParamUpdated` plans then); planning now would move groups to the AMI being replaced, and
+    /// move them twice. `None` when none is (the first stage, or this stage holds what the ones
+    /// before hold, or held it and moved on).
+    async fn promotion_pending(&self, stage: &Stage) -> Result<Option<String>, StepError> {
+        let earlier = self
+            .ctx
+            .policy
+            .stages
+            .iter()
+            .take_while(|s| s.name != stage.name);
+        for before in earlier {
+            let theirs = {
+                let mut reached = self.previous.lock().await;
+                if !reached.contains_key(&before.account) {
+                    let config = self
+                        .ctx
+                        .clients
+                        .for_account(&before.account)
+                        .await
+                        .map_err(|e| {
+                            StepError::Transient(format!(
+                                "cannot read the golden parameters of {} ({}): {e:#}",
+                                before.name, before.account
+                            ))
+                        })?;
+                    reached.insert(before.account.clone(), parameters(&config));
+                }
+                reached[&before.account].clone()
+            };
+            for family in &self.ctx.policy.families {
+                let name = &family.parameter_name;
+                let Some(ahead) = theirs.get(name).await?.map(|p| p.value) else {
+                    continue;
+                };
+                let ours = self.params.get(name).await?.map(|p| p.value);
+                if ours.as_ref() == Some(&ahead)
+                    || (ours.is_some() && self.params.history(name).await?.contains(&ahead))
+                {
+                    continue;
+                }
+                return Ok(Some(format!(
+                    "{} holds {ahead} for {name}, which {} has not held yet",
+                    before.name, stage.name
+                )));
+            }
+        }
+        Ok(None)
+    }
+}
 
 impl runtime::Step for PlanStep {
     async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
-        let e = trusted("plan-worker", &self.0.policy, event)?;
+        let e = trusted("plan-worker", &self.ctx.policy, event)?;
         let (claimed, deadline, key) = match &e.detail {
-            Detail::ParamUpdated(p) => (p.account.as_str(), None, p.meta.key.as_str()),
+            Detail::ParamUpdated(p) => (p.account.as_str(), p.closes_at, p.meta.key.as_str()),
             Detail::RolloutWindowOpened(w) => {
                 (w.account.as_str(), Some(w.closes_at), w.meta.key.as_str())
             }
             _ => return Err(refuse("plan-worker", event)),
         };
-        let stage = own_stage(&self.0.policy, &self.0.account, claimed)?;
+        let stage = own_stage(&self.ctx.policy, &self.ctx.account, claimed)?;
         if let Some(closed) = deadline.filter(|d| *d <= chrono::Utc::now()) {
             // A window event delivered late (a replay, a backlog): its window is over.
             tracing::info!(stage = %stage.name, %closed, "window already closed; nothing to plan");
             return Ok(StepOutput::Emit(Vec::new()));
         }
-        if matches!(e.detail, Detail::ParamUpdated(_)) && stage.refresh_waits_for_window {
+        // A parameter promoted at a window (it carries the window's end) plans in that window.
+        if matches!(&e.detail, Detail::ParamUpdated(p) if p.closes_at.is_none())
+            && stage.refresh_waits_for_window
+        {
             tracing::info!(stage = %stage.name, "parameter updated; refreshes wait for the stage's window");
             return Ok(StepOutput::Emit(Vec::new()));
         }
-        let groups = AwsGroups::new(&self.0.config);
-        let params = SsmParameters(aws_sdk_ssm::Client::new(&self.0.config));
+        if let Some(wait) = self.ctx.control.hold_if_paused(&self.ctx, stage).await? {
+            return Ok(wait);
+        }
+        if matches!(e.detail, Detail::RolloutWindowOpened(_))
+            && let Some(why) = self.promotion_pending(stage).await?
+        {
+            tracing::info!(stage = %stage.name, %why, "window opened with a promotion pending at the hub's gate; its ParamUpdated plans if the gate opens");
+            return Ok(StepOutput::Emit(Vec::new()));
+        }
         let requests = crate::plan::plan(
             key,
-            &self.0.account,
+            &self.ctx.account,
             deadline,
-            &groups,
-            &params,
-            &self.0.policy,
+            &self.groups,
+            &self.params,
+            &self.ctx.policy,
             stage,
         )
         .await?;
@@ -180,15 +486,32 @@ impl runtime::Step for PlanStep {
 }
 
 pub struct RefreshStep {
-    pub ctx: Context,
-    pub settings: RefreshSettings,
-    pub admission: crate::refresh::Admission,
-    pub tag_batch: Arc<crate::aws::TagBatch>,
+    ctx: Context,
+    settings: RefreshSettings,
+    /// This process's ledger of the account's slots, kept across messages.
+    admission: Admission,
+    /// Its tag writes go out together with those of the other messages in flight (`tag_batch`).
+    groups: AwsGroups,
+    stacks: CfnStacks,
+    params: SsmParameters,
+}
+
+impl RefreshStep {
+    /// `tag_batch` joins the tag writes of every message this process handles at once.
+    pub fn new(ctx: Context, settings: RefreshSettings, tag_batch: &Arc<TagBatch>) -> Self {
+        RefreshStep {
+            settings,
+            admission: Admission::default(),
+            groups: AwsGroups::new(&ctx.config).batching_tags(tag_batch),
+            stacks: CfnStacks(aws_sdk_cloudformation::Client::new(&ctx.config)),
+            params: parameters(&ctx.config),
+            ctx,
+        }
+    }
 }
 
 impl runtime::Step for RefreshStep {
     async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
-        let groups = AwsGroups::new(&self.ctx.config).batching_tags(&self.tag_batch);
         match event {
             Inbound::Amiflow(_) => {
                 let e = trusted("refresh-worker", &self.ctx.policy, event)?;
@@ -196,19 +519,26 @@ impl runtime::Step for RefreshStep {
                     return Err(refuse("refresh-worker", event));
                 };
                 let stage = own_stage(&self.ctx.policy, &self.ctx.account, &req.account)?;
-                let stacks = CfnStacks(aws_sdk_cloudformation::Client::new(&self.ctx.config));
-                let params = SsmParameters(aws_sdk_ssm::Client::new(&self.ctx.config));
-                crate::refresh::request_refresh(
-                    req,
-                    chrono::Utc::now(),
-                    &groups,
-                    &stacks,
-                    &params,
+                // Running refreshes go on in AWS and their outcome events still close them; no
+                // request is acted on while the stage is paused.
+                if let Some(wait) = self.ctx.control.hold_if_paused(&self.ctx, stage).await? {
+                    return Ok(wait);
+                }
+                let accepted_failures = self
+                    .ctx
+                    .control
+                    .accepted_failures(&self.ctx, &req.ami_id, &stage.name)
+                    .await?;
+                let ctx = RefreshContext {
+                    groups: &self.groups,
+                    stacks: &self.stacks,
+                    params: &self.params,
                     stage,
-                    &self.settings,
-                    &self.admission,
-                )
-                .await
+                    settings: &self.settings,
+                    admission: &self.admission,
+                    accepted_failures,
+                };
+                crate::refresh::request_refresh(&ctx, req, chrono::Utc::now()).await
             }
             Inbound::Aws(AwsEvent::InstanceRefresh(r)) => {
                 if !r.account.is_empty() && r.account != self.ctx.account {
@@ -217,7 +547,14 @@ impl runtime::Step for RefreshStep {
                         r.account, self.ctx.account
                     )));
                 }
-                crate::refresh::refresh_event(r, &self.ctx.account, &groups, &self.admission).await
+                crate::refresh::refresh_event(
+                    r,
+                    &self.ctx.account,
+                    &self.groups,
+                    &self.params,
+                    &self.admission,
+                )
+                .await
             }
             other => Err(refuse("refresh-worker", other)),
         }
@@ -237,6 +574,8 @@ pub async fn start(
         policy,
         account: clients.own_account().to_owned(),
         config: sdk.clone(),
+        clients,
+        control: Control::from_env()?,
     };
     let consumer = runtime::Worker::connect(
         aws_sdk_sqs::Client::new(&sdk),

@@ -80,6 +80,23 @@ fn a_long_poll_beyond_what_sqs_allows_is_refused() {
 }
 
 #[test]
+fn a_negative_or_unreadable_duration_is_refused_with_the_variable_named() {
+    for (exe, name, value) in [
+        (WORKERS[4], "AMIFLOW_DEFER_SECONDS", "-5"),
+        (WORKERS[4], "AMIFLOW_POLL_SECONDS", "NaN"),
+        (WORKERS[2], "AMIFLOW_READ_BACK_SECONDS", "-1"),
+    ] {
+        let out = run(exe, &[(name, value)]);
+        refused(
+            &out,
+            &format!(
+                "environment variable {name}={value:?} is invalid: must be a number of seconds"
+            ),
+        );
+    }
+}
+
+#[test]
 fn an_unknown_admission_mode_is_refused_with_the_choices() {
     let out = run(WORKERS[4], &[("AMIFLOW_ADMISSION", "cluster")]);
     refused(&out, "AMIFLOW_ADMISSION");

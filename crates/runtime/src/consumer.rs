@@ -15,6 +15,7 @@ use backon::{ExponentialBuilder, Retryable};
 use events::{Detail, Inbound};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument;
 
 use crate::config::WorkerConfig;
 use crate::error::{StepError, describe};
@@ -28,6 +29,10 @@ pub const ERROR_ATTR: &str = "amiflow-error";
 pub const SOURCE_QUEUE_ATTR: &str = "amiflow-source-queue";
 /// Message attribute with how many times the message had been received when it was given up.
 pub const RECEIVE_COUNT_ATTR: &str = "amiflow-receive-count";
+/// Message attribute counting how often a message has been deferred (re-sent with a delay). A
+/// re-send is a new message to SQS, with a receive count of one, so this is what bounds a chain
+/// of deferrals ([`WorkerConfig::max_deferrals`]).
+pub const DEFERRALS_ATTR: &str = "amiflow-deferrals";
 /// SQS allows at most this many message attributes.
 const MAX_ATTRIBUTES: usize = 10;
 /// SQS `DelaySeconds` and a sensible cap for redelivery backoff.
@@ -348,6 +353,20 @@ async fn receive(inner: &Inner, max: usize) -> Result<Vec<Message>, String> {
     Ok(out.messages.unwrap_or_default())
 }
 
+/// The `amiflow-deferrals` a message carries (0 without one; an unreadable value counts as 0,
+/// which only lengthens the chain by the bound once).
+fn deferral_count(message: &Message) -> u32 {
+    message
+        .message_attributes()
+        .and_then(|a| a.get(DEFERRALS_ATTR))
+        .and_then(|v| v.string_value())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The `amiflow-error-kind` of a message given up after [`WorkerConfig::max_deferrals`].
+pub const DEFERRED_TOO_OFTEN: &str = "deferred-too-often";
+
 fn receive_count(message: &Message) -> u32 {
     message
         .attributes()
@@ -361,7 +380,7 @@ async fn process<S: Step>(
     step: &S,
     stats: &WorkerStats,
     message: Message,
-    mut release: watch::Receiver<bool>,
+    release: watch::Receiver<bool>,
 ) -> Disposition {
     let started = Instant::now();
     let body = message.body().unwrap_or_default();
@@ -381,6 +400,34 @@ async fn process<S: Step>(
         }
     };
     let (rollout_id, key, account) = identity(&inbound);
+    // Every line written while this message is handled (by the step too: "instance refresh
+    // started", "group skipped", ...) carries the message's identity in `span`, so one rollout's
+    // logs are found by filtering on `span.rollout_id`.
+    let span = tracing::info_span!(
+        "message",
+        worker,
+        rollout_id = %rollout_id,
+        key = %key,
+        account = %account,
+        detail_type = inbound.label()
+    );
+    handle(inner, step, stats, &message, release, &inbound, started)
+        .instrument(span)
+        .await
+}
+
+/// What [`process`] does with a message that parsed, inside the message's span.
+async fn handle<S: Step>(
+    inner: &Inner,
+    step: &S,
+    stats: &WorkerStats,
+    message: &Message,
+    mut release: watch::Receiver<bool>,
+    inbound: &Inbound,
+    started: Instant,
+) -> Disposition {
+    let worker = inner.config.worker.as_str();
+    let (rollout_id, key, account) = identity(inbound);
     let receipt = message.receipt_handle().unwrap_or_default();
 
     let work = async {
@@ -391,7 +438,7 @@ async fn process<S: Step>(
             .with_min_delay(Duration::from_millis(200))
             .with_max_delay(Duration::from_secs(5))
             .with_max_times(attempts - 1);
-        let output = (|| step.run(&inbound))
+        let output = (|| step.run(inbound))
             .retry(backoff)
             .when(StepError::is_retryable)
             .notify(|e, wait| tracing::debug!(worker, error = %e, wait_ms = wait.as_millis() as u64, "step failed transiently; retrying"))
@@ -424,13 +471,32 @@ async fn process<S: Step>(
             Disposition::Delete
         }
         Ok(StepOutput::Defer { delay, reason }) => {
-            tracing::info!(worker, %rollout_id, %key, %account, detail_type, duration_ms, outcome = "deferred", delay_s = delay.as_secs(), %reason, "step deferred");
+            let deferrals = deferral_count(message);
+            let max = inner.config.max_deferrals;
+            if deferrals >= max {
+                tracing::warn!(worker, %rollout_id, %key, %account, detail_type, duration_ms, outcome = "failed", deferrals, %reason, "deferred too often");
+                let why = format!(
+                    "deferred {deferrals} times, the most AMIFLOW_MAX_DEFERRALS={max} allows; last deferral: {reason}"
+                );
+                return dead_letter(inner, stats, message, DEFERRED_TOO_OFTEN, &why).await;
+            }
+            let attributes = message.message_attributes();
+            if attributes.map_or(0, HashMap::len) >= MAX_ATTRIBUTES
+                && !attributes.is_some_and(|a| a.contains_key(DEFERRALS_ATTR))
+            {
+                // No room for the counter: re-sent without it, the chain could never end.
+                let why = format!(
+                    "cannot count its deferrals: it carries SQS's maximum of {MAX_ATTRIBUTES} message attributes; last deferral: {reason}"
+                );
+                return dead_letter(inner, stats, message, DEFERRED_TOO_OFTEN, &why).await;
+            }
+            tracing::info!(worker, %rollout_id, %key, %account, detail_type, duration_ms, outcome = "deferred", delay_s = delay.as_secs(), deferrals = deferrals + 1, %reason, "step deferred");
             match send_copy(
                 inner,
-                &message,
+                message,
                 &inner.config.queue_url,
                 delay.min(MAX_DELAY),
-                &[],
+                &[(DEFERRALS_ATTR, (deferrals + 1).to_string())],
             )
             .await
             {
@@ -446,13 +512,13 @@ async fn process<S: Step>(
         }
         Err(StepError::Permanent(reason)) => {
             tracing::warn!(worker, %rollout_id, %key, %account, detail_type, duration_ms, outcome = "failed", %reason, "step failed permanently");
-            dead_letter(inner, stats, &message, "permanent", &reason).await
+            dead_letter(inner, stats, message, "permanent", &reason).await
         }
         Err(StepError::Transient(reason)) => {
-            let count = receive_count(&message);
+            let count = receive_count(message);
             if count >= inner.max_receive_count {
                 tracing::warn!(worker, %rollout_id, %key, %account, detail_type, duration_ms, outcome = "failed", receive_count = count, %reason, "transient failures exhausted");
-                return dead_letter(inner, stats, &message, "transient-exhausted", &reason).await;
+                return dead_letter(inner, stats, message, "transient-exhausted", &reason).await;
             }
             WorkerStats::bump(&stats.retried_later, 1);
             let delay = inner
@@ -552,8 +618,9 @@ async fn dead_letter(
     }
 }
 
-/// Send `message`'s body and attributes to `queue_url`, with `extra` attributes added where
-/// SQS's limit of ten leaves room (the original attributes always win).
+/// Send `message`'s body and attributes to `queue_url`, with `extra` attributes added (replacing
+/// an incoming value of the same name) where SQS's limit of ten leaves room: no original
+/// attribute is ever dropped to make room.
 async fn send_copy(
     inner: &Inner,
     message: &Message,
@@ -692,22 +759,61 @@ fn from_lambda(record: &SqsMessage) -> Message {
     message.build()
 }
 
+/// The `Instant` of a Lambda deadline given in milliseconds since the Unix epoch.
+fn instant_of(deadline_ms: u64) -> Instant {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Instant::now() + Duration::from_millis(deadline_ms.saturating_sub(now_ms))
+}
+
 impl Worker {
     /// Handle one batch from an SQS event source mapping with `ReportBatchItemFailures`: every
     /// record goes through exactly what the long-polling loop does (poison to the DLQ with its
-    /// reason, transient failures retried, deferrals re-sent with a delay), and a record is
-    /// reported as failed only when it must come back (what the loop would leave undeleted).
-    /// The event source mapping deletes the others.
+    /// reason, transient failures retried, deferrals re-sent with a delay), at most
+    /// `concurrency` at a time, and a record is reported as failed only when it must come back
+    /// (what the loop would leave undeleted). The event source mapping deletes the others.
     pub async fn handle_batch<S: Step>(&self, step: &S, event: SqsEvent) -> SqsBatchResponse {
+        self.handle_batch_within(step, event, None).await
+    }
+
+    /// [`Worker::handle_batch`] for an invocation that Lambda ends at `deadline`: a record is
+    /// started only while more than the margin is left ([`WorkerConfig::lambda_margin`], by
+    /// default a quarter of the time the batch arrived with), so a record is not cut off
+    /// halfway. The records not started are released at once and reported as failures: they come
+    /// back, carrying no failure and not dead-lettered.
+    pub async fn handle_batch_within<S: Step>(
+        &self,
+        step: &S,
+        event: SqsEvent,
+        deadline: Option<Instant>,
+    ) -> SqsBatchResponse {
         // Lambda ends the invocation itself; nothing ever asks for a release.
         let (_keep_open, release) = watch::channel(false);
+        let cutoff = deadline.map(|deadline| {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let margin = self.inner.config.lambda_margin.unwrap_or(left / 4);
+            deadline.checked_sub(margin).unwrap_or_else(Instant::now)
+        });
+        let permits = Semaphore::new(self.inner.config.concurrency);
+        WorkerStats::bump(&self.stats.received, event.records.len() as u64);
         let outcomes = futures::future::join_all(event.records.iter().map(|record| {
-            let release = release.clone();
+            let (release, permits) = (release.clone(), &permits);
             async move {
+                let id = record.message_id.clone().unwrap_or_default();
+                let Ok(_permit) = permits.acquire().await else {
+                    return (id, Disposition::Keep);
+                };
+                if cutoff.is_some_and(|cutoff| Instant::now() >= cutoff) {
+                    WorkerStats::bump(&self.stats.released, 1);
+                    let receipt = record.receipt_handle.as_deref().unwrap_or_default();
+                    release_now(&self.inner, receipt).await;
+                    tracing::info!(worker = %self.inner.config.worker, message_id = %id, "not started: too close to the invocation's deadline; released");
+                    return (id, Disposition::Keep);
+                }
                 let message = from_lambda(record);
-                WorkerStats::bump(&self.stats.received, 1);
                 let disposition = process(&self.inner, step, &self.stats, message, release).await;
-                (record.message_id.clone().unwrap_or_default(), disposition)
+                (id, disposition)
             }
         }))
         .await;
@@ -730,7 +836,12 @@ impl Worker {
             move |event: lambda_runtime::LambdaEvent<SqsEvent>| {
                 let (worker, step) = (worker.clone(), step.clone());
                 async move {
-                    Ok::<_, lambda_runtime::Error>(worker.handle_batch(&*step, event.payload).await)
+                    let deadline = instant_of(event.context.deadline);
+                    Ok::<_, lambda_runtime::Error>(
+                        worker
+                            .handle_batch_within(&*step, event.payload, Some(deadline))
+                            .await,
+                    )
                 }
             },
         ))

@@ -19,11 +19,11 @@ pub mod publish;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use clients::Clients;
+pub use clients::{Clients, SdkTimeouts};
 pub use config::{ConfigError, WorkerConfig};
 pub use consumer::{
-    ERROR_ATTR, ERROR_KIND_ATTR, RECEIVE_COUNT_ATTR, SOURCE_QUEUE_ATTR, Step, StepOutput, Worker,
-    WorkerStats,
+    DEFERRALS_ATTR, DEFERRED_TOO_OFTEN, ERROR_ATTR, ERROR_KIND_ATTR, RECEIVE_COUNT_ATTR,
+    SOURCE_QUEUE_ATTR, Step, StepOutput, Worker, WorkerStats,
 };
 pub use error::{ErrorClass, StepError, classify};
 pub use publish::Publisher;

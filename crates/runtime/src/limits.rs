@@ -4,12 +4,12 @@
 //! every other caller in the account. The SDK's own retry still handles what throttling remains.
 //!
 //! Sizes follow AWS's published request-token buckets where AWS publishes them:
-//! - EC2 mutating actions: bucket 100, refill 5 per second (the figures of issue 8; the EC2 API
-//!   reference, "Request throttling", publishes per-action buckets of that order).
+//! - EC2 mutating actions: bucket 100, refill 5 per second (the EC2 API reference, "Request
+//!   throttling", publishes per-action buckets of that order).
 //! - SSM `PutParameter`: 3 transactions per second (the standard-throughput quota).
 //! - Auto Scaling: one bucket shared by every action of the account; AWS does not publish its
 //!   size, so 20 with a refill of 10 per second is a conservative choice to check against the
-//!   fault proxy's throttling (issue 8).
+//!   fault proxy's throttling (`tests/src/proxy.rs`).
 //!
 //! A worker's bucket is slightly smaller and slower than AWS's (90% of the size, 95% of the
 //! refill): AWS's bucket and ours are not started at the same instant, and calls reach AWS a

@@ -90,23 +90,35 @@ impl Publisher {
                 .send()
                 .await
                 .map_err(|e| StepError::from_sdk("events:PutEvents", &e))?;
-            if out.failed_entry_count() == 0 {
+            let results = out.entries();
+            if out.failed_entry_count() == 0 && results.len() == current.len() {
                 if let Ok(mut p) = pending.lock() {
                     p.clear();
                 }
                 return Ok(());
             }
-            // Results are positional: keep exactly the entries whose result carries an error.
+            // Results are positional: keep exactly the entries whose result carries an error, or
+            // that have no result at all (a reply shorter than the request accepted nothing that
+            // it does not list; only an event id says an entry was accepted).
             let mut failed = Vec::new();
             let mut first_error = String::new();
-            for (entry, result) in current.into_iter().zip(out.entries()) {
-                if let Some(code) = result.error_code() {
-                    if first_error.is_empty() {
-                        first_error =
-                            format!("{code}: {}", result.error_message().unwrap_or_default());
-                    }
-                    failed.push(entry);
+            let sent = current.len();
+            for (i, entry) in current.into_iter().enumerate() {
+                let why = match results.get(i) {
+                    Some(r) if r.error_code().is_none() && r.event_id().is_some() => continue,
+                    Some(r) => match r.error_code() {
+                        Some(code) => format!("{code}: {}", r.error_message().unwrap_or_default()),
+                        None => "an entry's result has neither an event id nor an error".into(),
+                    },
+                    None => format!(
+                        "the reply lists {} results for {sent} entries sent",
+                        results.len()
+                    ),
+                };
+                if first_error.is_empty() {
+                    first_error = why;
                 }
+                failed.push(entry);
             }
             let count = failed.len();
             if let Ok(mut p) = pending.lock() {
@@ -225,6 +237,42 @@ mod tests {
             .await
             .unwrap();
         assert_eq!((partial.num_calls(), retry.num_calls()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_reply_listing_fewer_results_than_entries_sent_is_not_success() {
+        // FailedEntryCount 0, but only two results for three entries: the third was not
+        // accepted, whatever the count says, and is sent again.
+        let short = mock!(aws_sdk_eventbridge::Client::put_events)
+            .match_requests(|r| r.entries().len() == 3)
+            .then_output(|| ok(2));
+        let retry = mock!(aws_sdk_eventbridge::Client::put_events)
+            .match_requests(|r| {
+                r.entries().len() == 1
+                    && r.entries()[0]
+                        .detail()
+                        .is_some_and(|d| d.contains("000000000002"))
+            })
+            .then_output(|| ok(1));
+        let client = mock_client!(aws_sdk_eventbridge, RuleMode::Sequential, [&short, &retry]);
+        Publisher::new(client, "amiflow", 3)
+            .publish(&details(3))
+            .await
+            .unwrap();
+        assert_eq!((short.num_calls(), retry.num_calls()), (1, 1));
+
+        // Never more than that: after the attempts it is a transient failure naming the cause.
+        let always_short = mock!(aws_sdk_eventbridge::Client::put_events).then_output(|| ok(0));
+        let client = mock_client!(aws_sdk_eventbridge, RuleMode::MatchAny, [&always_short]);
+        let err = Publisher::new(client, "amiflow", 2)
+            .publish(&details(1))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "transient: events:PutEvents rejected 1 entries (first: the reply lists 0 results for 1 entries sent)"
+        );
+        assert!(err.is_retryable());
     }
 
     #[tokio::test]

@@ -1,4 +1,6 @@
-//! JSON logs, one object per line, filtered by `RUST_LOG` (default `info`).
+//! JSON logs, one object per line, filtered by `RUST_LOG` (default `info`). A line written while a
+//! message is handled carries the message's span (`span.worker`, `span.rollout_id`, `span.key`,
+//! `span.account`, `span.detail_type`).
 
 use tracing_subscriber::EnvFilter;
 
@@ -8,7 +10,8 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
-        .with_current_span(false)
+        .with_current_span(true)
+        .with_span_list(false)
         .with_target(false)
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

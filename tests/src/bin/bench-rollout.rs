@@ -8,13 +8,14 @@
 //! [-- --scale seed|small --concurrency N]`. Debug builds on purpose: the emulator, not the
 //! workers, is the bottleneck, and a release build of aws-sdk-ec2 alone takes longer than the run.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
 use e2e::proxy::{CallRecord, FaultPlan, FaultProxy, aws_bucket};
-use e2e::world::World;
-use events::{AmiBuilt, Detail, RolloutWindowOpened};
+use e2e::world::{World, expects_outcome};
+use events::AmiBuilt;
+use local_world::Audit;
 
 const PARAMETER: &str = "/golden/al2023/ami-id";
 
@@ -25,30 +26,6 @@ fn arg(name: &str, default: &str) -> String {
         .and_then(|i| args.get(i + 1))
         .cloned()
         .unwrap_or_else(|| default.to_owned())
-}
-
-/// Drain the hub's audit queue: (ParamUpdated accounts, outcomes by (account, group)).
-async fn drain_audit(
-    world: &World,
-    params: &mut BTreeSet<String>,
-    outcomes: &mut BTreeMap<(String, String), String>,
-) {
-    let hub = world.hub();
-    for body in world.drain(&hub, &world.queue_url(&hub, "audit")).await {
-        let d = &body["detail"];
-        let text = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
-        match body["detail-type"].as_str() {
-            Some("ParamUpdated") => {
-                params.insert(text("account"));
-            }
-            Some("AsgRefreshFinished") => {
-                outcomes
-                    .entry((text("account"), text("asg_name")))
-                    .or_insert(text("outcome"));
-            }
-            _ => {}
-        }
-    }
 }
 
 /// The rollout's calls against AWS's buckets: per bucket, the share throttled and the busiest
@@ -232,7 +209,6 @@ async fn main() {
     e2e::http_json(port, "POST", "/amiflow-emulator/calls", None);
     let (_, process_at_start) = emulator_cpu(&world, port);
     let records_before = proxy.records().len();
-    let hub = world.hub();
     let candidate = world.state["amis"]["candidate"]
         .as_str()
         .unwrap()
@@ -245,23 +221,17 @@ async fn main() {
         Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap(),
         PARAMETER,
     );
-    world.put(&hub, &Detail::from(built)).await;
-    let mut params = BTreeSet::new();
-    let mut outcomes = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while params.len() < accounts.len() {
-        drain_audit(&world, &mut params, &mut outcomes).await;
-        assert!(
-            Instant::now() < deadline,
-            "parameters not all published: {params:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let driver = world.driver();
+    let mut audit = Audit::default();
+    driver
+        .publish(built, &mut audit, Duration::from_secs(300), |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", world.logs()));
     let published = rollout_started.elapsed().as_secs_f64();
     let mut stage_seconds = Vec::new();
     let (served, process) = emulator_cpu(&world, port);
     let mut phases = vec![Phase {
-        name: "AmiBuilt to every golden parameter".into(),
+        name: "AmiBuilt to the first stage's golden parameter".into(),
         wall: published,
         served,
         emulator: process - process_at_start,
@@ -270,41 +240,26 @@ async fn main() {
     }];
     let mut cpu_so_far = (served, process);
     let mut records_so_far = proxy.records().len();
-    for account in &accounts {
-        let stage = world.stage(account);
+    for stage in &driver.stages {
+        let took = world
+            .open_window(
+                &driver,
+                stage,
+                &candidate,
+                &mut audit,
+                Duration::from_secs(3600),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", world.logs()))
+            .as_secs_f64();
         let expected = world
-            .groups(account)
+            .groups(&stage.account)
             .iter()
-            .filter(|g| {
-                matches!(
-                    g["expected"].as_str(),
-                    Some("refresh" | "skip" | "rolled-back")
-                )
-            })
+            .filter(|g| expects_outcome(g))
             .count();
-        let opened = Instant::now();
-        let opens = Utc::now();
-        let window =
-            RolloutWindowOpened::new(account, &stage, opens, opens + chrono::Duration::hours(4));
-        world.put(account, &Detail::from(window)).await;
-        let deadline = Instant::now() + Duration::from_secs(3600);
-        loop {
-            drain_audit(&world, &mut params, &mut outcomes).await;
-            let done = outcomes.keys().filter(|(a, _)| a == account).count();
-            if done >= expected {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "stage {stage}: {done} of {expected} groups finished\n{}",
-                world.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let took = opened.elapsed().as_secs_f64();
         let (cpu, records) = (emulator_cpu(&world, port), proxy.records());
         phases.push(Phase {
-            name: format!("{stage} window"),
+            name: format!("{} window", stage.name),
             wall: took,
             served: cpu.0 - cpu_so_far.0,
             emulator: cpu.1 - cpu_so_far.1,
@@ -312,9 +267,16 @@ async fn main() {
             refresh: 0.0,
         });
         (cpu_so_far, records_so_far) = (cpu, records.len());
-        println!("{stage}: {expected} groups finished in {took:.1} s");
-        stage_seconds.push((stage, expected, took));
+        println!("{}: {expected} groups finished in {took:.1} s", stage.name);
+        stage_seconds.push((stage.name.clone(), expected, took));
     }
+    // The first outcome each group reported for the candidate.
+    let outcomes: Vec<&str> = audit
+        .finished
+        .iter()
+        .filter(|((_, _, ami), _)| *ami == candidate)
+        .filter_map(|(_, said)| said.first().map(|(o, _)| o.as_str()))
+        .collect();
     let wall = rollout_started.elapsed().as_secs_f64();
     // How long the emulated refreshes ran, per stage account.
     let refreshes = e2e::http_json(port, "GET", "/amiflow-emulator/refreshes", None);
@@ -333,9 +295,15 @@ async fn main() {
     let (rate_seconds, rate_bucket) = rate_floor(&proxy.records()[records_before..]);
     let calls = e2e::http_json(port, "GET", "/amiflow-emulator/calls", None);
     let rows = calls["calls"].as_array().cloned().unwrap_or_default();
-    let refreshed = outcomes.values().filter(|o| *o == "succeeded").count();
-    let rolled_back = outcomes.values().filter(|o| *o == "rolled-back").count();
+    let refreshed = outcomes.iter().filter(|o| **o == "succeeded").count();
+    let rolled_back = outcomes.iter().filter(|o| **o == "rolled-back").count();
 
+    // The worker that consumes the refresh queue: the one whose AWS calls scale with the groups.
+    let refresh_worker = local_world::WORKERS
+        .iter()
+        .find(|w| w.queue == "refresh")
+        .map(|w| w.binary)
+        .expect("a refresh worker");
     // Calls by worker (caller key), split into messaging (SQS, EventBridge) and AWS work.
     let messaging = |s: &str| s == "sqs" || s == "events";
     let mut by_worker: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new(); // (describe, change, messaging)
@@ -373,7 +341,7 @@ async fn main() {
                 .entry(format!("{service}:{action}"))
                 .or_default() += count;
         }
-        if worker == "refresh-worker" && !messaging(service) {
+        if worker == refresh_worker && !messaging(service) {
             *by_action
                 .entry((service.to_owned(), action.to_owned()))
                 .or_default() += count;
@@ -389,7 +357,7 @@ async fn main() {
          0.3 s; measured {date}.\n\n\
          | phase | seconds |\n|---|---|\n\
          | provision the world (`local/world.py`, also what `amictl local up --scale {scale}` runs) | {provision_seconds:.1} |\n\
-         | AmiBuilt to every golden parameter published | {published:.1} |\n",
+         | AmiBuilt to the first stage's golden parameter published | {published:.1} |\n",
         date = Utc::now().format("%Y-%m-%d"),
     );
     for (stage, n, took) in &stage_seconds {
@@ -466,6 +434,18 @@ async fn main() {
          the polls of running refreshes and the re-checks of deferred requests.\n",
         per_group(changes)
     ));
+    body.push_str(
+        "\nStack-owned groups keep the refresh-worker's marks in SSM (`/amiflow/marks/<group>`), not in\n\
+         tags (a tag the stack's template does not declare is drift): a refreshed stack-owned group costs\n\
+         2 `ssm:PutParameter` (its in-progress mark and its close, each alone where tags share one batched\n\
+         `CreateOrUpdateTags`), a skipped one 1, and every delivery of its request 1 `ssm:GetParameter`\n\
+         for its mark; every judgement of a stage (`plan::judge_all`: the plan-worker at each window, the\n\
+         share-worker's gate, `amictl status` and `plan`) 1 more per stack-owned group of a family. Each\n\
+         read of the account's in-flight marks (at most every 30 s per process, and before every start\n\
+         under `AMIFLOW_ADMISSION=account`) adds 1 `ssm:GetParametersByPath` per 10 marks kept (1 when\n\
+         none), and, since the promotion gates, 2 more tag-filtered `DescribeAutoScalingGroups` (the\n\
+         failed and rolled-back marks a stage's failure tolerance counts).\n",
+    );
     body.push_str(&throttling(&proxy.records()[records_before..]));
     println!("{body}");
     e2e::write_benchmark_section(&format!("bench-rollout-{scale}"), &body);

@@ -5,14 +5,16 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use e2e::world::{World, expects_outcome};
-use events::{AmiBuilt, Detail, RolloutWindowOpened};
+use e2e::world::World;
+use events::AmiBuilt;
 use serde_json::Value;
 
-pub const PARAMETER: &str = "/golden/al2023/ami-id";
+pub mod reads;
+
+pub use reads::PARAMETER;
 
 /// (refresh id, status, start, end) of one instance refresh.
 pub type RefreshSeen = (String, String, Option<DateTime<Utc>>, Option<DateTime<Utc>>);
@@ -28,6 +30,11 @@ pub struct Observed {
     pub refreshes: Vec<RefreshSeen>,
     /// The launch template version or `$Latest`/`$Default` the group names.
     pub lt_version: Option<String>,
+    /// (version number, image id) of each mixed-instances override's own launch template, by
+    /// template id.
+    pub override_versions: BTreeMap<String, Vec<(i64, String)>>,
+    /// The version of its own template each such override names, by template id.
+    pub override_specs: BTreeMap<String, String>,
 }
 
 pub async fn observe(world: &World, account: &str, group: &Value) -> Observed {
@@ -42,25 +49,7 @@ pub async fn observe(world: &World, account: &str, group: &Value) -> Observed {
         .await
         .unwrap();
     let g = &described.auto_scaling_groups()[0];
-    let ids: Vec<String> = g
-        .instances()
-        .iter()
-        .filter_map(|i| i.instance_id().map(str::to_owned))
-        .collect();
-    let mut instance_amis = BTreeSet::new();
-    if !ids.is_empty() {
-        let out = ec2
-            .describe_instances()
-            .set_instance_ids(Some(ids))
-            .send()
-            .await
-            .unwrap();
-        for r in out.reservations() {
-            for i in r.instances() {
-                instance_amis.insert(i.image_id().unwrap_or_default().to_owned());
-            }
-        }
-    }
+    let instance_amis = BTreeSet::from_iter(reads::instance_amis(config, name).await);
     let lt_version = g
         .launch_template()
         .and_then(|lt| lt.version().map(str::to_owned))
@@ -70,22 +59,45 @@ pub async fn observe(world: &World, account: &str, group: &Value) -> Observed {
                 .and_then(|lt| lt.launch_template_specification())
                 .and_then(|s| s.version().map(str::to_owned))
         });
+    let template_versions = |lt: String| {
+        let ec2 = ec2.clone();
+        async move {
+            let out = ec2
+                .describe_launch_template_versions()
+                .launch_template_id(lt)
+                .send()
+                .await
+                .unwrap();
+            let mut versions = Vec::new();
+            for v in out.launch_template_versions() {
+                let image = v
+                    .launch_template_data()
+                    .and_then(|d| d.image_id())
+                    .unwrap_or_default();
+                versions.push((v.version_number().unwrap_or_default(), image.to_owned()));
+            }
+            versions.sort();
+            versions
+        }
+    };
     let mut versions = Vec::new();
     if let Some(lt) = group["launch_template_id"].as_str() {
-        let out = ec2
-            .describe_launch_template_versions()
-            .launch_template_id(lt)
-            .send()
-            .await
-            .unwrap();
-        for v in out.launch_template_versions() {
-            let image = v
-                .launch_template_data()
-                .and_then(|d| d.image_id())
-                .unwrap_or_default();
-            versions.push((v.version_number().unwrap_or_default(), image.to_owned()));
-        }
-        versions.sort();
+        versions = template_versions(lt.to_owned()).await;
+    }
+    let mut override_versions = BTreeMap::new();
+    let mut override_specs = BTreeMap::new();
+    let overrides = g
+        .mixed_instances_policy()
+        .and_then(|m| m.launch_template())
+        .map(|lt| lt.overrides())
+        .unwrap_or_default();
+    for spec in overrides
+        .iter()
+        .filter_map(|o| o.launch_template_specification())
+    {
+        let lt = spec.launch_template_id().unwrap_or_default().to_owned();
+        override_specs.insert(lt.clone(), spec.version().unwrap_or("$Default").to_owned());
+        override_versions.insert(lt.clone(), template_versions(lt).await);
     }
     let out = asg
         .describe_instance_refreshes()
@@ -116,21 +128,20 @@ pub async fn observe(world: &World, account: &str, group: &Value) -> Observed {
         versions,
         refreshes,
         lt_version,
+        override_versions,
+        override_specs,
     }
+}
+
+/// The AMI of the numbered `version` among `versions` (as [`observe`] lists them).
+fn image_of<'a>(versions: &'a [(i64, String)], version: &str) -> Option<&'a String> {
+    let n: i64 = version.parse().ok()?;
+    versions.iter().find(|(v, _)| *v == n).map(|(_, i)| i)
 }
 
 /// (value, version) of `account`'s golden parameter.
 pub async fn parameter(world: &World, account: &str) -> (String, i64) {
-    let ssm = aws_sdk_ssm::Client::new(world.config(account));
-    let p = ssm
-        .get_parameter()
-        .name(PARAMETER)
-        .send()
-        .await
-        .unwrap()
-        .parameter
-        .unwrap();
-    (p.value.unwrap_or_default(), p.version)
+    reads::golden_parameter(world.config(account)).await
 }
 
 /// The most refreshes of one account that ran at the same time (from AWS's own start/end times).
@@ -176,43 +187,11 @@ pub fn candidate_built(world: &World) -> AmiBuilt {
     )
 }
 
-/// What the hub's audit queue said: `AsgRefreshFinished` by (account, group, AMI) and every
-/// `ParamUpdated`.
-#[derive(Debug, Default)]
-pub struct Audit {
-    pub finished: BTreeMap<(String, String, String), Vec<(String, String)>>,
-    pub params: Vec<Value>,
-}
+pub use local_world::Audit;
 
-impl Audit {
-    pub async fn collect(&mut self, world: &World) {
-        let hub = world.hub();
-        let url = world.queue_url(&hub, "audit");
-        for body in world.drain(&hub, &url).await {
-            let d = &body["detail"];
-            let text = |k: &str| d[k].as_str().unwrap_or_default().to_owned();
-            match body["detail-type"].as_str() {
-                Some("AsgRefreshFinished") => self
-                    .finished
-                    .entry((text("account"), text("asg_name"), text("ami_id")))
-                    .or_default()
-                    .push((text("outcome"), text("reason"))),
-                Some("ParamUpdated") => self.params.push(d.clone()),
-                _ => {}
-            }
-        }
-    }
-
-    /// The outcomes reported for `group` of `account` moving to `ami`.
-    pub fn outcomes(
-        &self,
-        account: &str,
-        group: &str,
-        ami: &str,
-    ) -> Option<&Vec<(String, String)>> {
-        self.finished
-            .get(&(account.to_owned(), group.to_owned(), ami.to_owned()))
-    }
+/// Read what the hub's audit queue holds now into `audit`.
+pub async fn collect(world: &World, audit: &mut Audit) {
+    world.driver().collect(audit).await.unwrap();
 }
 
 /// What AWS holds before a rollout.
@@ -235,20 +214,31 @@ pub async fn snapshot(world: &World) -> Snapshot {
     Snapshot { groups, params }
 }
 
-/// Put the candidate's `AmiBuilt` on the hub bus and wait until every account's golden parameter
-/// holds it.
-pub async fn publish(world: &World, within: Duration) {
+/// Put the candidate's `AmiBuilt` on the hub bus and wait until the first stage reported
+/// publishing it (local_world::Driver, which amictl demo and bench-rollout drive too); the later
+/// stages' parameters must not have moved: only their gate promotes them, at their window.
+pub async fn publish(world: &World, audit: &mut Audit, within: Duration) {
+    let published = world
+        .driver()
+        .publish(candidate_built(world), audit, within, |_| {})
+        .await;
+    if let Err(e) = published {
+        panic!("{e:#}\n{}", world.logs());
+    }
+    assert_not_promoted(world, &world.accounts()[1..]).await;
+}
+
+/// None of `accounts` holds the candidate yet (their stage was not promoted).
+pub async fn assert_not_promoted(world: &World, accounts: &[String]) {
     let candidate = amis(world).0;
-    world
-        .put(&world.hub(), &Detail::from(candidate_built(world)))
-        .await;
-    for account in world.accounts() {
-        e2e::eventually(
-            &format!("{account}'s golden parameter to hold {candidate}"),
-            within,
-            || async { (parameter(world, &account).await.0 == candidate).then_some(()) },
-        )
-        .await;
+    for account in accounts {
+        let (value, _) = parameter(world, account).await;
+        assert_ne!(
+            value,
+            candidate,
+            "{}: its parameter took the candidate before its window and gate",
+            world.stage(account)
+        );
     }
 }
 
@@ -256,37 +246,79 @@ pub async fn publish(world: &World, within: Duration) {
 /// world.py expects an outcome for has one for the candidate before opening the next.
 pub async fn open_windows(world: &World, audit: &mut Audit, per_stage: Duration) {
     let candidate = amis(world).0;
-    for account in world.accounts() {
-        let stage = world.stage(&account);
-        let opens = Utc::now();
-        let window =
-            RolloutWindowOpened::new(&account, &stage, opens, opens + chrono::Duration::hours(4));
-        world.put(&account, &Detail::from(window)).await;
-        let expected: Vec<String> = world
-            .groups(&account)
-            .iter()
-            .filter(|g| expects_outcome(g))
-            .map(|g| g["name"].as_str().unwrap().to_owned())
-            .collect();
-        let deadline = Instant::now() + per_stage;
-        loop {
-            audit.collect(world).await;
-            let missing: Vec<&String> = expected
-                .iter()
-                .filter(|n| audit.outcomes(&account, n, &candidate).is_none())
-                .collect();
-            if missing.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "stage {stage}: no AsgRefreshFinished for {missing:?}\nseen: {:#?}\nDLQs: {:?}\n{}",
+    let driver = world.driver();
+    for (i, stage) in driver.stages.iter().enumerate() {
+        if i > 0 {
+            assert_not_promoted(world, std::slice::from_ref(&stage.account)).await;
+        }
+        let opened = world
+            .open_window(&driver, stage, &candidate, audit, per_stage)
+            .await;
+        if let Err(e) = opened {
+            panic!(
+                "{e:#}\nseen: {:#?}\nDLQs: {:?}\n{}",
                 audit.finished,
                 world.dead_letters().await,
                 world.logs()
             );
-            tokio::time::sleep(Duration::from_millis(300)).await;
         }
+    }
+}
+
+/// The first stage's window, until every group world.py expects an outcome for there has one:
+/// the second stage's gate then opens at its window (the policy has no bake).
+pub async fn pass_first_stage(world: &World) {
+    let driver = world.driver();
+    let stage = &driver.stages[0];
+    let expected: BTreeSet<String> = world
+        .groups(&stage.account)
+        .iter()
+        .filter(|g| e2e::world::expects_outcome(g))
+        .filter_map(|g| g["name"].as_str().map(str::to_owned))
+        .collect();
+    driver.open(stage).await.unwrap();
+    let done = driver
+        .outcomes(
+            stage,
+            &amis(world).0,
+            &expected,
+            &mut Audit::default(),
+            Duration::from_secs(300),
+            |_| {},
+        )
+        .await;
+    if let Err(e) = done {
+        panic!("{e:#}\n{}", world.logs());
+    }
+}
+
+/// The second stage (uat) promoted to the candidate and its window over: the first stage passes,
+/// then uat's window opens and every group there ends.
+pub async fn promote_second_stage(world: &World) {
+    pass_first_stage(world).await;
+    let driver = world.driver();
+    open_window(world, &driver, &driver.stages[1], &mut Audit::default()).await;
+}
+
+/// Open one stage's window and wait until its gate promoted it and every group world.py expects an
+/// outcome for has one for the candidate.
+pub async fn open_window(
+    world: &World,
+    driver: &local_world::Driver,
+    stage: &local_world::Stage,
+    audit: &mut Audit,
+) {
+    let candidate = amis(world).0;
+    let opened = world
+        .open_window(driver, stage, &candidate, audit, Duration::from_secs(300))
+        .await;
+    if let Err(e) = opened {
+        panic!(
+            "{e:#}\nseen: {:#?}\nDLQs: {:?}\n{}",
+            audit.finished,
+            world.dead_letters().await,
+            world.logs()
+        );
     }
 }
 
@@ -297,6 +329,12 @@ pub async fn open_windows(world: &World, audit: &mut Audit, per_stage: Duration)
 /// Returns what AWS holds now. DLQs are for the caller to check (some scenarios fill them).
 pub async fn assert_final_state(world: &World, before: &Snapshot, audit: &Audit) -> Snapshot {
     let candidate = amis(world).0;
+    let earlier: Vec<String> = world.state["amis"]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str().map(str::to_owned))
+        .collect();
     let mut after = BTreeMap::new();
     let mut params = BTreeMap::new();
     for account in world.accounts() {
@@ -354,6 +392,63 @@ pub async fn assert_final_state(world: &World, before: &Snapshot, audit: &Audit)
                             "{label}: one new version"
                         );
                     }
+                    // An override's own template moves when it held an earlier golden AMI
+                    // (one new version, with the candidate), and is left alone otherwise.
+                    for (lt, was_versions) in &was.override_versions {
+                        let now_versions = &now.override_versions[lt];
+                        if was_versions.iter().any(|(_, i)| earlier.contains(i)) {
+                            assert_eq!(
+                                now_versions.len(),
+                                was_versions.len() + 1,
+                                "{label}: override template {lt} got one new version"
+                            );
+                            assert_eq!(
+                                now_versions.last().map(|(_, i)| i),
+                                Some(&candidate),
+                                "{label}: override template {lt}"
+                            );
+                        } else {
+                            assert_eq!(
+                                now_versions, was_versions,
+                                "{label}: override template {lt} left alone"
+                            );
+                        }
+                    }
+                    // Each override world.py made with a template of its own, exactly: one
+                    // to move names a new version of its template holding the candidate; one
+                    // to leave alone still names the version it did, and its template is as it
+                    // was. No other override has a template of its own.
+                    let declared = g["overrides"].as_array().cloned().unwrap_or_default();
+                    assert_eq!(
+                        declared
+                            .iter()
+                            .map(|o| o["launch_template_id"].as_str().unwrap().to_owned())
+                            .collect::<BTreeSet<_>>(),
+                        now.override_specs.keys().cloned().collect::<BTreeSet<_>>(),
+                        "{label}: the overrides with their own template"
+                    );
+                    for o in &declared {
+                        let lt = o["launch_template_id"].as_str().unwrap();
+                        let had = o["ami_id"].as_str().unwrap();
+                        let names = &now.override_specs[lt];
+                        let image = image_of(&now.override_versions[lt], names);
+                        assert_eq!(
+                            image_of(&was.override_versions[lt], &was.override_specs[lt]),
+                            Some(&had.to_owned()),
+                            "{label}: override template {lt} held {had} before"
+                        );
+                        match o["expected"].as_str().unwrap() {
+                            "moved" => {
+                                assert_ne!(names, &was.override_specs[lt], "{label}: {lt}");
+                                assert_eq!(image, Some(&candidate), "{label}: override {lt}");
+                            }
+                            "left-alone" => {
+                                assert_eq!(names, &was.override_specs[lt], "{label}: {lt}");
+                                assert_eq!(image.map(String::as_str), Some(had), "{label}: {lt}");
+                            }
+                            other => panic!("world.py override expectation {other:?} unknown"),
+                        }
+                    }
                     all_say("succeeded");
                 }
                 "rolled-back" => {
@@ -400,14 +495,8 @@ pub async fn assert_final_state(world: &World, before: &Snapshot, audit: &Audit)
             "{stage}: {most} refreshes ran at once; local/amiflow.toml allows {limit}"
         );
     }
-    let published: BTreeSet<String> = audit
-        .params
-        .iter()
-        .filter(|d| d["ami_id"] == candidate.as_str())
-        .map(|d| d["account"].as_str().unwrap_or_default().to_owned())
-        .collect();
     assert_eq!(
-        published,
+        audit.published(&candidate),
         world.accounts().into_iter().collect(),
         "every account reported ParamUpdated to the hub"
     );
@@ -420,12 +509,12 @@ pub async fn assert_final_state(world: &World, before: &Snapshot, audit: &Audit)
 /// A rollout from `AmiBuilt` to the last stage's outcomes, then a quiet world; the final state is
 /// checked against `before`.
 pub async fn rollout(world: &World, before: &Snapshot, audit: &mut Audit) -> Snapshot {
-    publish(world, Duration::from_secs(120)).await;
+    publish(world, audit, Duration::from_secs(120)).await;
     open_windows(world, audit, Duration::from_secs(300)).await;
     world
         .settle(Duration::from_secs(3), Duration::from_secs(120))
         .await;
-    audit.collect(world).await;
+    collect(world, audit).await;
     assert_final_state(world, before, audit).await
 }
 

@@ -6,7 +6,7 @@ async fn main() -> anyhow::Result<()> {
     let (_, ctx, worker) = rollout::workers::start("ingest-worker").await?;
     worker
         .serve(
-            Arc::new(rollout::workers::IngestStep(ctx)),
+            Arc::new(rollout::workers::IngestStep::new(ctx)),
             runtime::shutdown::signal(),
         )
         .await

@@ -6,7 +6,7 @@ async fn main() -> anyhow::Result<()> {
     let (_, ctx, worker) = rollout::workers::start("plan-worker").await?;
     worker
         .serve(
-            Arc::new(rollout::workers::PlanStep(ctx)),
+            Arc::new(rollout::workers::PlanStep::new(ctx)),
             runtime::shutdown::signal(),
         )
         .await

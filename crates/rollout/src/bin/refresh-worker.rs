@@ -5,10 +5,10 @@ use std::time::Duration;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // Its own settings are checked before anything touches AWS.
-    let defer: f64 = runtime::config::var_or("AMIFLOW_DEFER_SECONDS", 60.0)?;
+    let defer = runtime::config::seconds_var("AMIFLOW_DEFER_SECONDS", 60.0)?;
     // Polling a running refresh is the fallback for lost instance-refresh events: every five
     // deferral periods unless set.
-    let poll: f64 = runtime::config::var_or("AMIFLOW_POLL_SECONDS", defer * 5.0)?;
+    let poll = runtime::config::seconds_var("AMIFLOW_POLL_SECONDS", defer.as_secs_f64() * 5.0)?;
     // `process`: this process is the account's only refresh-worker, so its ledger of slots is
     // exact between reads of AWS's marks. `account`: others start refreshes too (Lambda runs two
     // invocations at once), so every start is confirmed by a read made just before it, and marks
@@ -23,21 +23,18 @@ async fn main() -> anyhow::Result<()> {
         ),
     };
     let (_, ctx, worker) = rollout::workers::start("refresh-worker").await?;
-    let step = rollout::workers::RefreshStep {
-        ctx,
-        settings: rollout::refresh::RefreshSettings {
-            defer: Duration::from_secs_f64(defer),
-            poll: Duration::from_secs_f64(poll),
-            confirm_start: shared,
-        },
-        admission: rollout::refresh::Admission::default(),
-        // Marks and closes written within this long of each other share one call.
-        tag_batch: rollout::aws::TagBatch::new(if shared {
-            Duration::ZERO
-        } else {
-            Duration::from_millis(500)
-        }),
+    let settings = rollout::refresh::RefreshSettings {
+        defer,
+        poll,
+        confirm_start: shared,
     };
+    // Marks and closes written within this long of each other share one call.
+    let tag_batch = rollout::aws::TagBatch::new(if shared {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(500)
+    });
+    let step = rollout::workers::RefreshStep::new(ctx, settings, &tag_batch);
     worker
         .serve(Arc::new(step), runtime::shutdown::signal())
         .await

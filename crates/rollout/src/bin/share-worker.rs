@@ -6,7 +6,7 @@ async fn main() -> anyhow::Result<()> {
     let (_, ctx, worker) = rollout::workers::start("share-worker").await?;
     worker
         .serve(
-            Arc::new(rollout::workers::ShareStep(ctx)),
+            Arc::new(rollout::workers::ShareStep::new(ctx)),
             runtime::shutdown::signal(),
         )
         .await

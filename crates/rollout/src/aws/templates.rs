@@ -1,0 +1,152 @@
+//! Launch template versions (EC2): the version a group names, the one made for an AMI, a new
+//! version from the current one, and the default version of `$Default` groups.
+
+use aws_sdk_ec2::types::{Filter, RequestLaunchTemplateData};
+use runtime::StepError;
+
+use super::code_of;
+use super::groups::AwsGroups;
+
+/// One launch template version, as much as amiflow reads of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TemplateVersion {
+    pub number: i64,
+    pub image_id: String,
+    pub is_default: bool,
+}
+
+pub trait Templates: Send + Sync {
+    /// A version by number, `$Latest` or `$Default`.
+    fn template_version(
+        &self,
+        template: &str,
+        version: &str,
+    ) -> impl Future<Output = Result<Option<TemplateVersion>, StepError>> + Send;
+    fn version_with_image(
+        &self,
+        template: &str,
+        ami: &str,
+    ) -> impl Future<Output = Result<Option<i64>, StepError>> + Send;
+    fn create_version(
+        &self,
+        template: &str,
+        source: i64,
+        ami: &str,
+    ) -> impl Future<Output = Result<i64, StepError>> + Send;
+    fn set_default_version(
+        &self,
+        template: &str,
+        version: i64,
+    ) -> impl Future<Output = Result<(), StepError>> + Send;
+}
+
+fn template_filter(template: &str) -> (Option<String>, Option<String>) {
+    if template.starts_with("lt-") {
+        (Some(template.to_owned()), None)
+    } else {
+        (None, Some(template.to_owned()))
+    }
+}
+
+impl Templates for AwsGroups {
+    async fn template_version(
+        &self,
+        template: &str,
+        version: &str,
+    ) -> Result<Option<TemplateVersion>, StepError> {
+        let (id, name) = template_filter(template);
+        let out = match self
+            .ec2
+            .describe_launch_template_versions()
+            .set_launch_template_id(id)
+            .set_launch_template_name(name)
+            .versions(version)
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) if code_of(&e).is_some_and(|c| c.starts_with("InvalidLaunchTemplate")) => {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(StepError::from_sdk(
+                    "ec2:DescribeLaunchTemplateVersions",
+                    &e,
+                ));
+            }
+        };
+        Ok(out
+            .launch_template_versions()
+            .first()
+            .map(|v| TemplateVersion {
+                number: v.version_number().unwrap_or_default(),
+                image_id: v
+                    .launch_template_data()
+                    .and_then(|d| d.image_id())
+                    .unwrap_or_default()
+                    .to_owned(),
+                is_default: v.default_version().unwrap_or(false),
+            }))
+    }
+
+    async fn version_with_image(
+        &self,
+        template: &str,
+        ami: &str,
+    ) -> Result<Option<i64>, StepError> {
+        let (id, name) = template_filter(template);
+        let out = self
+            .ec2
+            .describe_launch_template_versions()
+            .set_launch_template_id(id)
+            .set_launch_template_name(name)
+            .filters(Filter::builder().name("image-id").values(ami).build())
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("ec2:DescribeLaunchTemplateVersions", &e))?;
+        Ok(out
+            .launch_template_versions()
+            .iter()
+            .filter_map(|v| v.version_number())
+            .max())
+    }
+
+    async fn create_version(
+        &self,
+        template: &str,
+        source: i64,
+        ami: &str,
+    ) -> Result<i64, StepError> {
+        let (id, name) = template_filter(template);
+        runtime::limits::acquire(runtime::limits::Api::Ec2Mutating).await;
+        let out = self
+            .ec2
+            .create_launch_template_version()
+            .set_launch_template_id(id)
+            .set_launch_template_name(name)
+            .source_version(source.to_string())
+            .version_description(format!("amiflow: {ami}"))
+            .launch_template_data(RequestLaunchTemplateData::builder().image_id(ami).build())
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("ec2:CreateLaunchTemplateVersion", &e))?;
+        Ok(out
+            .launch_template_version()
+            .and_then(|v| v.version_number())
+            .unwrap_or_default())
+    }
+
+    async fn set_default_version(&self, template: &str, version: i64) -> Result<(), StepError> {
+        let (id, name) = template_filter(template);
+        runtime::limits::acquire(runtime::limits::Api::Ec2Mutating).await;
+        self.ec2
+            .modify_launch_template()
+            .set_launch_template_id(id)
+            .set_launch_template_name(name)
+            .default_version(version.to_string())
+            .send()
+            .await
+            .map_err(|e| StepError::from_sdk("ec2:ModifyLaunchTemplate", &e))?;
+        Ok(())
+    }
+}

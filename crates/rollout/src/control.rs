@@ -1,0 +1,249 @@
+//! The records that gate a rollout, kept in the **hub's** SSM Parameter Store under `/amiflow/`,
+//! one JSON document per String parameter, so an operator reads them in the console, a restarted
+//! worker finds them, and Parameter Store's history says who wrote each version and when.
+//!
+//! | record | path | written by |
+//! |---|---|---|
+//! | [`Promotion`] | `/amiflow/gate/<ami>/<stage>` | the share-worker, when the stage's gate opens for the AMI |
+//! | [`Pause`] | `/amiflow/control/pause/<stage>` or `/amiflow/control/pause/all` | `amictl pause` (`resume` deletes it) |
+//! | [`Approval`] | `/amiflow/control/approval/<ami>/<stage>` | `amictl approve` |
+//! | [`Resume`] | `/amiflow/control/resume/<ami>/<stage>` | `amictl resume --stage` of a halted stage |
+//!
+//! Operator intent (pause, approval, resume) is the one thing amictl writes: it is not rollout
+//! state but a decision, and the worker that acts on it judges it like any other AWS state.
+//! Everything else (parameters, versions, refreshes, promotions) only workers write.
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use runtime::StepError;
+use serde::{Deserialize, Serialize};
+
+use crate::aws::Records;
+
+/// The root of every record amiflow keeps in Parameter Store.
+pub const ROOT: &str = "/amiflow";
+/// Where pauses live: one record per paused stage, or [`ALL`] for every stage.
+pub const PAUSES: &str = "/amiflow/control/pause";
+/// The pause that stops every stage.
+pub const ALL: &str = "all";
+
+/// A stage's gate opened for an AMI: the stage's golden parameter may name it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Promotion {
+    pub ami: String,
+    pub stage: String,
+    /// The family's golden parameter.
+    pub parameter: String,
+    pub at: DateTime<Utc>,
+    /// Why the gate opened ("first stage", "qa passed: 12 groups, 0 failed, baked 2 h", ...).
+    pub reason: String,
+}
+
+/// An operator's decision: who, when, why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The caller identity that made it (the STS ARN amictl ran as).
+    pub by: String,
+    pub at: DateTime<Utc>,
+    pub reason: String,
+}
+
+/// A stage (or every stage) paused: nothing changes there until it is resumed.
+pub type Pause = Decision;
+/// An operator approved promoting an AMI to a stage that `requires_approval`.
+pub type Approval = Decision;
+/// An operator resumed a halted stage for an AMI: failures up to then are accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resume {
+    #[serde(flatten)]
+    pub decision: Decision,
+    /// The failed groups the stage had when it was resumed: the stage halts again only past
+    /// these plus its tolerance.
+    pub accepted_failures: usize,
+}
+
+pub fn promotion_path(ami: &str, stage: &str) -> String {
+    format!("{ROOT}/gate/{ami}/{stage}")
+}
+
+/// `None` is the pause of every stage.
+pub fn pause_path(stage: Option<&str>) -> String {
+    format!("{PAUSES}/{}", stage.unwrap_or(ALL))
+}
+
+pub fn approval_path(ami: &str, stage: &str) -> String {
+    format!("{ROOT}/control/approval/{ami}/{stage}")
+}
+
+pub fn resume_path(ami: &str, stage: &str) -> String {
+    format!("{ROOT}/control/resume/{ami}/{stage}")
+}
+
+/// Read a record; one that does not parse is an error naming it (someone wrote it by hand).
+pub async fn read<T: for<'de> Deserialize<'de>>(
+    records: &impl Records,
+    name: &str,
+) -> Result<Option<T>, StepError> {
+    let Some(text) = records.read_record(name).await? else {
+        return Ok(None);
+    };
+    serde_json::from_str(&text).map(Some).map_err(|e| {
+        StepError::Permanent(format!(
+            "the record {name} is not what amiflow writes ({e}); fix or delete it"
+        ))
+    })
+}
+
+pub async fn write<T: Serialize>(
+    records: &impl Records,
+    name: &str,
+    record: &T,
+) -> Result<(), StepError> {
+    let text = serde_json::to_string(record)
+        .map_err(|e| StepError::Permanent(format!("encoding {name}: {e}")))?;
+    records.write_record(name, &text).await
+}
+
+/// The pauses in force: every stage's, read in one call.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pauses {
+    pub all: Option<Pause>,
+    pub stages: Vec<(String, Pause)>,
+}
+
+impl Pauses {
+    pub async fn read(records: &impl Records) -> Result<Pauses, StepError> {
+        let mut pauses = Pauses::default();
+        for stored in records.list_records(PAUSES).await? {
+            let name = stored
+                .name
+                .strip_prefix(PAUSES)
+                .unwrap_or(&stored.name)
+                .trim_start_matches('/');
+            let pause: Pause = serde_json::from_str(&stored.value).map_err(|e| {
+                StepError::Permanent(format!(
+                    "the pause record {} is not what amiflow writes ({e}); fix or delete it",
+                    stored.name
+                ))
+            })?;
+            if name == ALL {
+                pauses.all = Some(pause);
+            } else {
+                pauses.stages.push((name.to_owned(), pause));
+            }
+        }
+        Ok(pauses)
+    }
+
+    /// The pause that stops `stage`, if any (the pause of every stage first).
+    pub fn of(&self, stage: &str) -> Option<&Pause> {
+        self.all.as_ref().or_else(|| {
+            self.stages
+                .iter()
+                .find(|(name, _)| name == stage)
+                .map(|(_, p)| p)
+        })
+    }
+}
+
+/// The pauses, read at most once per `max_age`: the documented delay within which a pause stops
+/// every worker (`AMIFLOW_CONTROL_SECONDS`). Shared by the messages a worker handles at once.
+pub struct PauseCache {
+    max_age: Duration,
+    last: tokio::sync::Mutex<Option<(Instant, Pauses)>>,
+}
+
+impl PauseCache {
+    pub fn new(max_age: Duration) -> Self {
+        PauseCache {
+            max_age,
+            last: tokio::sync::Mutex::default(),
+        }
+    }
+
+    pub async fn get(&self, records: &impl Records) -> Result<Pauses, StepError> {
+        let mut last = self.last.lock().await;
+        if let Some((at, pauses)) = last.as_ref()
+            && at.elapsed() < self.max_age
+        {
+            return Ok(pauses.clone());
+        }
+        let pauses = Pauses::read(records).await?;
+        *last = Some((Instant::now(), pauses.clone()));
+        Ok(pauses)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeAws;
+
+    fn decision(reason: &str) -> Decision {
+        Decision {
+            by: "arn:aws:sts::111111111111:assumed-role/ops/alice".into(),
+            at: "2026-12-05T02:00:00Z".parse().unwrap(),
+            reason: reason.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pause_of_every_stage_stops_each_stage_and_a_stage_pause_only_its_own() {
+        let aws = FakeAws::default();
+        write(&aws, &pause_path(Some("prod")), &decision("change freeze"))
+            .await
+            .unwrap();
+        let pauses = Pauses::read(&aws).await.unwrap();
+        assert_eq!(pauses.of("prod").unwrap().reason, "change freeze");
+        assert_eq!(pauses.of("qa"), None);
+
+        write(&aws, &pause_path(None), &decision("incident 42"))
+            .await
+            .unwrap();
+        let pauses = Pauses::read(&aws).await.unwrap();
+        assert_eq!(pauses.of("qa").unwrap().reason, "incident 42");
+        assert_eq!(pauses.of("prod").unwrap().reason, "incident 42");
+    }
+
+    #[tokio::test]
+    async fn a_record_written_by_hand_is_refused_by_name() {
+        let aws = FakeAws::default();
+        aws.records
+            .lock()
+            .unwrap()
+            .insert(pause_path(Some("qa")), "yes please".into());
+        let Err(StepError::Permanent(reason)) = Pauses::read(&aws).await else {
+            panic!("a record amiflow did not write must be refused");
+        };
+        assert!(reason.contains("/amiflow/control/pause/qa"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn the_pause_cache_reads_once_within_its_age() {
+        let aws = FakeAws::default();
+        let cache = PauseCache::new(Duration::from_secs(60));
+        assert_eq!(cache.get(&aws).await.unwrap(), Pauses::default());
+        write(&aws, &pause_path(None), &decision("late"))
+            .await
+            .unwrap();
+        // Within its age the cache answers what it read: the documented delay.
+        assert_eq!(cache.get(&aws).await.unwrap(), Pauses::default());
+        let fresh = PauseCache::new(Duration::ZERO);
+        assert_eq!(fresh.get(&aws).await.unwrap().all.unwrap().reason, "late");
+    }
+
+    #[tokio::test]
+    async fn a_resume_keeps_its_accepted_failures_next_to_the_decision() {
+        let aws = FakeAws::default();
+        let resume = Resume {
+            decision: decision("health check fixed"),
+            accepted_failures: 3,
+        };
+        let path = resume_path("ami-1", "qa");
+        write(&aws, &path, &resume).await.unwrap();
+        let text = aws.records.lock().unwrap().get(&path).cloned().unwrap();
+        assert!(text.contains("\"accepted_failures\":3"), "{text}");
+        assert_eq!(read::<Resume>(&aws, &path).await.unwrap(), Some(resume));
+    }
+}
