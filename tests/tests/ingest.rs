@@ -1,13 +1,16 @@
 //! AWS's own "an AMI is ready" events, through the real ingest-worker and the rest of the world:
 //! an EC2 AMI State Change and an Image Builder Image State Change (which carries no AMI id; the
 //! AMI is found by the `Ec2ImageBuilderArn` tag Image Builder puts on its output) each end with
-//! the golden parameter of every stage on the new AMI. An AMI of no golden family changes nothing.
+//! the golden parameter of the first stage on the new AMI, and every later stage still on the AMI
+//! it had (the promotion gates let nothing past a stage that has not passed). An AMI of no golden
+//! family changes nothing.
 //!
 //! The events are delivered to the hub's ingest queue as EventBridge would deliver them from the
 //! default-bus rules (the emulator does not let a client put `aws.*` events on a bus).
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
@@ -43,14 +46,25 @@ async fn deliver(world: &World, event: serde_json::Value) {
         .unwrap();
 }
 
-async fn everywhere(world: &World, ami: &str) {
-    for account in world.accounts() {
-        e2e::eventually(
-            &format!("{account}'s golden parameter to hold {ami}"),
-            Duration::from_secs(90),
-            || async { (support::parameter(world, &account).await.0 == ami).then_some(()) },
-        )
-        .await;
+/// The first stage's golden parameter takes `ami`; the later stages' parameters still hold what
+/// they held before (`before`, by account).
+async fn first_stage_only(world: &World, ami: &str, before: &BTreeMap<String, String>) {
+    let accounts = world.accounts();
+    let first = &accounts[0];
+    e2e::eventually(
+        &format!("{first}'s golden parameter to hold {ami}"),
+        Duration::from_secs(90),
+        || async { (support::parameter(world, first).await.0 == ami).then_some(()) },
+    )
+    .await;
+    for account in &accounts[1..] {
+        assert_eq!(
+            support::parameter(world, account).await.0,
+            before[account],
+            "{}: its parameter moved before its stage was promoted\n{}",
+            world.stage(account),
+            world.logs()
+        );
     }
 }
 
@@ -58,6 +72,10 @@ async fn everywhere(world: &World, ami: &str) {
 async fn ami_state_change_and_image_builder_events_publish_the_new_golden_ami() {
     let world = World::start("small", &[]).await;
     let hub = world.hub();
+    let mut before = BTreeMap::new();
+    for account in world.accounts() {
+        before.insert(account.clone(), support::parameter(&world, &account).await.0);
+    }
 
     // 1. EC2 AMI State Change: a golden AMI by name.
     let by_name = new_ami(&world, "golden-al2023-2026-12", &[]).await;
@@ -71,7 +89,7 @@ async fn ami_state_change_and_image_builder_events_publish_the_new_golden_ami() 
                           "State": "available", "ErrorMessage": ""}}),
     )
     .await;
-    everywhere(&world, &by_name).await;
+    first_stage_only(&world, &by_name, &before).await;
 
     // 2. An AMI of no golden family: ignored, nothing moves, nothing dead-lettered.
     let other = new_ami(&world, "team-experiment-42", &[]).await;
@@ -105,22 +123,29 @@ async fn ami_state_change_and_image_builder_events_publish_the_new_golden_ami() 
                "detail": {"previous-state": {"status": "TESTING"}, "state": {"status": "AVAILABLE"}}}),
     )
     .await;
-    everywhere(&world, &built).await;
+    first_stage_only(&world, &built, &before).await;
 
     world
         .settle(Duration::from_secs(2), Duration::from_secs(60))
         .await;
     assert_eq!(
         world.dead_letters().await,
-        std::collections::BTreeMap::new(),
+        BTreeMap::new(),
         "{}",
         world.logs()
     );
-    for account in world.accounts() {
+    let accounts = world.accounts();
+    assert_eq!(
+        support::parameter(&world, &accounts[0]).await.0,
+        built,
+        "the experiment AMI never got in"
+    );
+    for account in &accounts[1..] {
         assert_eq!(
-            support::parameter(&world, &account).await.0,
-            built,
-            "the experiment AMI never got in"
+            support::parameter(&world, account).await.0,
+            before[account],
+            "{}: a later stage moved without its gate",
+            world.stage(account)
         );
     }
 }
