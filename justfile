@@ -31,7 +31,7 @@ bench-runtime:
 
 # A whole rollout at the seed story's size (about 4,500 instances); writes BENCHMARKS.md.
 bench-rollout:
-    cargo build -p rollout --bins
+    cargo build -p rollout -p amictl --bins
     cargo run -p e2e --bin bench-rollout -- --scale seed
 
 # How close a worker runs to AWS's request rates, and how often it is throttled; writes BENCHMARKS.md.

@@ -1,4 +1,4 @@
-"""amiflow's extensions to the moto server (see ../shared/EMULATOR.md for what each one fixes).
+"""amiflow's extensions to the moto server (see docs/EMULATOR.md for what each one fixes).
 
 Each module exposes ``apply()``, which patches moto in this process; modules with time-driven state
 (instance refresh) may also expose ``start_background()`` / ``stop_background()``. Import order

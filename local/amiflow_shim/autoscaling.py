@@ -1,4 +1,4 @@
-"""amiflow's Auto Scaling extensions to moto 5.2.5 (see ../../shared/EMULATOR.md).
+"""amiflow's Auto Scaling extensions to moto 5.2.5 (see docs/EMULATOR.md).
 
 - Instance refresh: StartInstanceRefresh, DescribeInstanceRefreshes, CancelInstanceRefresh,
   RollbackInstanceRefresh, with time-driven statuses and EventBridge events

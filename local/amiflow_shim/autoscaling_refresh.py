@@ -11,7 +11,9 @@ Timeline, one phase per `STEP` seconds (env AMIFLOW_REFRESH_STEP_SECONDS):
   RollbackInProgress -> RollbackSuccessful. Failure without AutoRollback: Failed.
 
 Failure injection: a group tagged FAIL_TAG = "fail" gets replacement instances that "fail their
-health checks" one step after launch. A CloudWatch alarm named in AlarmSpecification that is in
+health checks" one step after launch; one tagged FAIL_TAG = "hold" has its refresh stay
+InProgress, replacing nothing, until it is cancelled or rolled back (a refresh that outlasts any
+poll, for tests of what happens while one runs). A CloudWatch alarm named in AlarmSpecification that is in
 ALARM state fails the refresh the same way. A launch that cannot happen (deleted SSM parameter or
 template version) fails it too.
 
@@ -360,6 +362,8 @@ def _alarm_in_alarm(backend: AutoScalingBackend, r: InstanceRefresh) -> str | No
 
 def _progress(backend: AutoScalingBackend, group: FakeAutoScalingGroup, r: InstanceRefresh) -> None:
     """One InProgress step: check health and alarms, then replace one batch."""
+    if any(t.get("Key") == FAIL_TAG and t.get("Value") == "hold" for t in group.tags):
+        return
     if r.waiting_checkpoint:
         r.waiting_checkpoint = False
         r.status_reason = None

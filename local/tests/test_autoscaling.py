@@ -9,6 +9,7 @@ import json
 import re
 import time
 import urllib.request
+from datetime import datetime, timezone
 
 import boto3
 import pytest
@@ -547,6 +548,28 @@ def test_failing_refresh_without_auto_rollback_fails(world):
     assert len(after) == 2 and {v[:3] for v in after.values()} == {(a, "1", "1")}
     evs = world.refresh_events(rid, "Failed")
     assert [e["detail-type"] for e in evs][-1] == "EC2 Auto Scaling Instance Refresh Failed"
+
+
+def test_a_held_refresh_stays_in_progress_until_cancelled(world):
+    a, b = world.amis(2)
+    lt_id = world.template("held", [{"ImageId": a, "InstanceType": "t3.micro"}, {"ImageId": b, "InstanceType": "t3.micro"}])
+    world.group("held", 2, tags=[(FAIL_TAG, "hold")], LaunchTemplate={"LaunchTemplateId": lt_id, "Version": "1"})
+    world.listen()
+    rid = world.asg.start_instance_refresh(
+        AutoScalingGroupName="held",
+        DesiredConfiguration={"LaunchTemplate": {"LaunchTemplateId": lt_id, "Version": "2"}},
+    )["InstanceRefreshId"]
+    world.wait_refresh("held", rid, until=lambda it: it["Status"] == "InProgress")
+    # A refresh of two instances would have ended within a few steps (0.2 s each): long after, this
+    # one still runs and has replaced nothing.
+    _seen, item = world.wait_refresh(
+        "held", rid, until=lambda it: (datetime.now(timezone.utc) - it["StartTime"]).total_seconds() >= 2)
+    assert item["Status"] == "InProgress" and item.get("PercentageComplete", 0) == 0, item
+    assert {v[:3] for v in world.instances("held").values()} == {(a, "1", "1")}
+    assert world.asg.cancel_instance_refresh(AutoScalingGroupName="held")["InstanceRefreshId"] == rid
+    seen, item = world.wait_refresh("held", rid)
+    assert statuses(seen)[-2:] == ["Cancelling", "Cancelled"]
+    assert world.describe_group("held")["LaunchTemplate"]["Version"] == "1"
 
 
 def test_alarm_in_alarm_state_rolls_back(world):

@@ -49,8 +49,9 @@ def fire(endpoint, **request):
 
 
 def spoke_parameters(hub, stage="uat"):
+    # The stage accounts whose workers may assume this spoke's role: here the hub (a stage too).
     return dict(HubAccountId=hub, Stage=stage, WindowCron="cron(0 2 ? * SAT#2 *)", WindowDurationHours="4",
-                WorkerRuntime="service")
+                WorkerRuntime="service", StageAccountIds=hub)
 
 
 @pytest.fixture
@@ -138,6 +139,7 @@ def test_a_fired_window_puts_the_scheduler_input_on_the_spoke_bus(world, endpoin
 @pytest.mark.parametrize("template_name,parameters,says", [
     ("spoke.yaml", {"HubAccountId": "12345"}, "12-digit AWS account id"),
     ("spoke.yaml", {"HubAccountId": "11111111111a"}, "12-digit AWS account id"),
+    ("spoke.yaml", {"StageAccountIds": "222222222222,12345"}, "12-digit AWS account id"),
     ("spoke.yaml", {"WindowCron": "cron(0 2 * * *)"}, "six fields"),
     ("spoke.yaml", {"WindowCron": "rate(7 days)"}, "six fields"),
     ("spoke.yaml", {"WindowCron": "cron(0 2 ? * SAT#1 *); rm"}, "six fields"),

@@ -295,7 +295,7 @@ impl World {
         ami: &str,
         audit: &mut local_world::Audit,
         within: Duration,
-    ) -> anyhow::Result<Duration> {
+    ) -> anyhow::Result<local_world::WindowTimes> {
         let expected: std::collections::BTreeSet<String> = self
             .groups(&stage.account)
             .iter()

@@ -201,22 +201,7 @@ async fn amictl_status(world: &World, stage: &str) -> Value {
 /// A launch template named `name` with one version on `ami` in `account`; its id.
 async fn template(world: &World, account: &str, name: &str, ami: &str) -> String {
     let ec2 = aws_sdk_ec2::Client::new(world.config(account));
-    ec2.create_launch_template()
-        .launch_template_name(name)
-        .launch_template_data(
-            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
-                .image_id(ami)
-                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .launch_template()
-        .unwrap()
-        .launch_template_id()
-        .unwrap()
-        .to_owned()
+    support::make::launch_template(&ec2, name, ami).await
 }
 
 /// Each instance's AMI in `account`, by instance id.

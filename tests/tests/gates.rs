@@ -18,6 +18,7 @@ use e2e::world::{World, expects_outcome};
 use events::Detail;
 use rollout::aws::{Records, SsmRecords};
 use rollout::control::{self, Decision};
+use serde_json::Value;
 use support::{Audit, amis, observe, parameter, snapshot};
 
 /// The shim fails (and auto rolls back) the refresh of a group with this tag.
@@ -216,6 +217,153 @@ async fn a_bad_ami_halts_qa_and_never_reaches_uat_or_prod() {
         log.contains("qa halted: ") && log.contains("gate closed: not promoted"),
         "the gate says why:\n{log}"
     );
+}
+
+/// An operator halts qa for the candidate while two of its refreshes run (the emulator holds
+/// them in progress: tag value `hold`) with `--cancel-running` (the record `amictl halt` writes):
+/// the running refreshes are cancelled and reported `cancelled`, the requests still waiting end
+/// `halted` with who and why, no refresh starts after the halt, and uat is never promoted.
+#[tokio::test]
+async fn an_operator_halt_with_cancel_running_cancels_qas_refreshes_and_keeps_uat_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = policy(&dir, |t| t);
+    let control = CONTROL_SECONDS.to_string();
+    let world = World::start(
+        "small",
+        &[
+            ("AMIFLOW_CONFIG", path.to_str().unwrap()),
+            ("AMIFLOW_CONTROL_SECONDS", &control),
+            ("AMIFLOW_PAUSE_RECHECK_SECONDS", "2"),
+            ("AMIFLOW_POLL_SECONDS", "1"),
+        ],
+    )
+    .await;
+    let accounts = world.accounts();
+    let (qa, uat, prod) = (&accounts[0], &accounts[1], &accounts[2]);
+    let (candidate, _) = amis(&world);
+    let held: Vec<Value> = world
+        .groups(qa)
+        .into_iter()
+        .filter(|g| g["expected"] == "refresh" && g["strategy"] == "launch-template")
+        .take(2)
+        .collect();
+    assert_eq!(held.len(), 2);
+    let asg = aws_sdk_autoscaling::Client::new(world.config(qa));
+    for g in &held {
+        asg.create_or_update_tags()
+            .tags(
+                aws_sdk_autoscaling::types::Tag::builder()
+                    .resource_id(g["name"].as_str().unwrap())
+                    .resource_type("auto-scaling-group")
+                    .key(FAIL_TAG)
+                    .value("hold")
+                    .propagate_at_launch(false)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+    let before = snapshot(&world).await;
+    let mut audit = Audit::default();
+    support::publish(&world, &mut audit, Duration::from_secs(120)).await;
+    let driver = world.driver();
+    driver.open(&driver.stages[0]).await.unwrap();
+    e2e::eventually(
+        "both held groups' refreshes to run",
+        Duration::from_secs(120),
+        || async {
+            let mut running = 0;
+            for g in &held {
+                let seen = observe(&world, qa, g).await;
+                running += usize::from(seen.refreshes.iter().any(|r| r.1 == "InProgress"));
+            }
+            (running == held.len()).then_some(())
+        },
+    )
+    .await;
+    control::write(
+        &hub_records(&world),
+        &control::halt_path(&candidate, "qa"),
+        &control::Halt {
+            decision: decision("kernel panic on boot"),
+            cancel_running: true,
+        },
+    )
+    .await
+    .unwrap();
+    let halted_at = Utc::now();
+
+    let done = driver
+        .outcomes(
+            &driver.stages[0],
+            &candidate,
+            &expected(&world, qa),
+            &mut audit,
+            Duration::from_secs(300),
+            |_| {},
+        )
+        .await;
+    if let Err(e) = done {
+        panic!("{e:#}\n{}", world.logs());
+    }
+    for g in &held {
+        let name = g["name"].as_str().unwrap();
+        let said = audit.outcomes(qa, name, &candidate).unwrap();
+        assert_eq!(said[0].0, "cancelled", "{name}: {said:?}");
+        let now = observe(&world, qa, g).await;
+        assert_eq!(
+            now.instance_amis,
+            before.groups[&(qa.to_owned(), name.to_owned())].instance_amis,
+            "{name}: its instances were never replaced"
+        );
+        assert_eq!(now.refreshes.len(), 1, "{name}: started once: {now:?}");
+        assert_eq!(now.refreshes[0].1, "Cancelled", "{name}: {now:?}");
+    }
+    let mut halted = 0;
+    for (name, said) in expected(&world, qa)
+        .iter()
+        .map(|n| (n, audit.outcomes(qa, n, &candidate).unwrap()))
+    {
+        if said[0].0 == "halted" {
+            halted += 1;
+            assert!(
+                said[0].1.contains("was halted for")
+                    && said[0].1.contains("kernel panic on boot")
+                    && said[0].1.contains("`amictl resume --stage qa`"),
+                "{name}: {said:?}"
+            );
+        }
+    }
+    assert!(halted > 0, "the requests still waiting end halted");
+    // No refresh of qa started after the halt (within the documented delay of it).
+    let grace = chrono::Duration::seconds(2 * CONTROL_SECONDS as i64 + 1);
+    for g in world.groups(qa) {
+        for r in observe(&world, qa, &g).await.refreshes {
+            assert!(
+                r.2.is_none_or(|start| start <= halted_at + grace),
+                "{}: a refresh started after the halt: {r:?}",
+                g["name"]
+            );
+        }
+    }
+
+    // uat's and prod's windows: the gate stays closed, saying who halted qa and why.
+    for stage in &driver.stages[1..] {
+        driver.open(stage).await.unwrap();
+    }
+    world
+        .settle(Duration::from_secs(3), Duration::from_secs(120))
+        .await;
+    assert_untouched(&world, uat, &before).await;
+    assert_untouched(&world, prod, &before).await;
+    let log = gate_log(&world);
+    assert!(
+        log.contains("qa halted by arn:aws:sts::111111111111:assumed-role/ops/e2e")
+            && log.contains("kernel panic on boot"),
+        "the gate says why:\n{log}"
+    );
+    assert_eq!(world.dead_letters().await, BTreeMap::new(), "nothing lost");
 }
 
 #[tokio::test]

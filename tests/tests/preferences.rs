@@ -40,23 +40,8 @@ fn policy_with_uat_preferences() -> String {
 
 /// A launch template named `name` with one version on `ami` in `account`; its id.
 async fn template(world: &World, account: &str, name: &str, ami: &str) -> String {
-    aws_sdk_ec2::Client::new(world.config(account))
-        .create_launch_template()
-        .launch_template_name(name)
-        .launch_template_data(
-            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
-                .image_id(ami)
-                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .launch_template()
-        .unwrap()
-        .launch_template_id()
-        .unwrap()
-        .to_owned()
+    let ec2 = aws_sdk_ec2::Client::new(world.config(account));
+    support::make::launch_template(&ec2, name, ami).await
 }
 
 /// A group of two instances launching `template` at `version`, with `tags`.

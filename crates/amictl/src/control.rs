@@ -1,4 +1,4 @@
-//! `amictl pause`, `resume` and `approve`: the operator's decisions, the one thing amictl writes
+//! `amictl pause`, `resume`, `approve` and `halt`: the operator's decisions, the one thing amictl writes
 //! (DESIGN: operator intent is not rollout state). Each is a record in the **hub's** Parameter
 //! Store (`rollout::control`), signed with the caller's STS identity, a time and a reason; the
 //! workers read them before any change they make. Whether a stage is halted, or ready for an
@@ -10,7 +10,7 @@ use anyhow::{Context, Result, anyhow};
 use chrono::Utc;
 use clap::{ArgGroup, Args};
 use rollout::aws::{AwsGroups, Images, Parameters, SsmParameters, SsmRecords};
-use rollout::control::{self, Approval, Decision, Pause, Pauses, Resume};
+use rollout::control::{self, Approval, Decision, Halt, Pause, Pauses, Resume};
 use rollout::gate::{self, GateState, Stages};
 use rollout::plan::{Judged, judge_all};
 use rollout::policy::Stage;
@@ -71,6 +71,28 @@ pub struct ApproveArgs {
     #[arg(long, value_name = "STAGE")]
     stage: String,
     /// Why (a change ticket, who signed off).
+    #[arg(long, value_name = "TEXT")]
+    reason: String,
+    #[command(flatten)]
+    scope: ScopeArgs,
+}
+
+/// Halt a stage for an AMI now, whatever its failures: nothing new starts there.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "A stage also halts by itself when more of its groups fail than its max_failed_groups allows. Halted, its refresh-worker starts no refresh to the AMI (waiting requests end `halted`, within AMIFLOW_CONTROL_SECONDS, default 10 s) and the next stage is not promoted. Running refreshes finish, unless --cancel-running: then each is cancelled when its request next polls it (AMIFLOW_POLL_SECONDS), and a `$Default` group gets its default version back. `amictl resume --stage` lets the stage go on.\n\nExamples:\n  amictl halt ami-0123456789abcdef0 --stage qa --reason \"502s on the first groups\"\n  amictl halt /golden/al2023/ami-id@ami-0123456789abcdef0 --stage uat --cancel-running --reason \"kernel panic on boot\""
+)]
+pub struct HaltArgs {
+    /// The rollout (`<parameter name>@<ami id>`) or the AMI id.
+    #[arg(value_name = "ROLLOUT-ID|AMI-ID")]
+    rollout: String,
+    /// The stage to halt (it must hold the AMI).
+    #[arg(long, value_name = "STAGE")]
+    stage: String,
+    /// Also cancel the stage's running refreshes to the AMI.
+    #[arg(long)]
+    cancel_running: bool,
+    /// Why, for the record (who and when are recorded from your AWS identity).
     #[arg(long, value_name = "TEXT")]
     reason: String,
     #[command(flatten)]
@@ -190,12 +212,14 @@ pub struct StageRun {
     pub tally: gate::Tally,
     pub tolerated: usize,
     pub resume: Option<Resume>,
+    /// An operator's halt of the stage for the AMI.
+    pub halt: Option<Halt>,
 }
 
 impl StageRun {
-    /// The stage halted for the AMI: more failures than it tolerates.
+    /// The stage halted for the AMI: more failures than it tolerates, or an operator halted it.
     pub fn halted(&self) -> bool {
-        self.tally.failed > self.tolerated
+        self.tally.failed > self.tolerated || self.halt.is_some()
     }
 }
 
@@ -212,6 +236,9 @@ pub async fn run_of(
         control::read(&hub.records, &control::resume_path(ami, &stage.name))
             .await
             .map_err(|e| anyhow!("{e}"))?;
+    let halt: Option<Halt> = control::read(&hub.records, &control::halt_path(ami, &stage.name))
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
     let tally = gate::tally(judged, parameter, ami);
     let tolerated = gate::tolerance(stage, tally.groups, resume.as_ref());
     Ok(StageRun {
@@ -220,6 +247,7 @@ pub async fn run_of(
         tally,
         tolerated,
         resume,
+        halt,
     })
 }
 
@@ -345,6 +373,15 @@ pub async fn resume(args: ResumeArgs) -> Result<()> {
         );
     }
     for run in halted {
+        if let Some(halt) = &run.halt {
+            remove(&hub, &scope, &control::halt_path(&run.ami, &stage.name)).await?;
+            println!(
+                "lifted the halt of {} for {} ({})",
+                stage.name,
+                run.ami,
+                halt.describe()
+            );
+        }
         let resume = Resume {
             decision: hub.decision(why.unwrap_or_default()).await?,
             accepted_failures: run.tally.failed,
@@ -521,7 +558,9 @@ pub async fn approve(args: ApproveArgs) -> Result<()> {
             p.reason,
             p.at.to_rfc3339()
         ),
-        GateState::Halted { .. } => refuse!("{ami} cannot be approved for {}: {state}", stage.name),
+        GateState::Halted { .. } | GateState::HaltedBy { .. } => {
+            refuse!("{ami} cannot be approved for {}: {state}", stage.name)
+        }
         GateState::NotReached { stage: prev, .. } | GateState::WaitingFor { stage: prev, .. } => {
             refuse!(
                 "{ami} cannot be approved for {} yet: {prev} has not passed it ({state}); approve once `amictl plan --stage {}` shows the stage waiting for approval",
@@ -547,5 +586,66 @@ pub async fn approve(args: ApproveArgs) -> Result<()> {
             until.to_rfc3339()
         );
     }
+    Ok(())
+}
+
+pub async fn halt(args: HaltArgs) -> Result<()> {
+    let why = reason(&args.reason)?.to_owned();
+    let scope = Scope::open(&args.scope).await?;
+    let stage = stage(&scope, &args.stage)?;
+    let (parameter, ami) = rollout_of(&scope, &args.rollout).await?;
+    let stages = ScopeStages::of(&scope);
+    let (_, params) = stages.of(&stage.account).map_err(|e| anyhow!("{e}"))?;
+    let holds = params
+        .get(&parameter)
+        .await
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("reading {parameter} in {}", stage.name))?
+        .map(|p| p.value);
+    if holds.as_deref() != Some(ami.as_str()) {
+        refuse!(
+            "{} does not hold {ami}: its {parameter} is {}, so no refresh to {ami} runs there; halt the stage that holds it (`amictl status` shows each stage's golden AMI), or `amictl pause --stage {}` to stop everything there",
+            stage.name,
+            holds.as_deref().unwrap_or("not set"),
+            stage.name
+        );
+    }
+    let hub = Hub::of(&scope);
+    let path = control::halt_path(&ami, &stage.name);
+    let earlier: Option<Halt> = control::read(&hub.records, &path)
+        .await
+        .map_err(|e| anyhow!("{e}"))?;
+    if let Some(earlier) = &earlier
+        && (earlier.cancel_running || !args.cancel_running)
+    {
+        println!(
+            "{} is already halted for {ami} {}",
+            stage.name,
+            earlier.describe()
+        );
+        return Ok(());
+    }
+    let halt = Halt {
+        decision: hub.decision(&why).await?,
+        cancel_running: args.cancel_running,
+    };
+    control::write(&hub.records, &path, &halt)
+        .await
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("writing {path} in the hub {}", scope.hub().label()))?;
+    println!(
+        "halted {} for {parameter}@{ami} ({path} in the hub): by {}, {}",
+        stage.name, halt.decision.by, halt.decision.reason
+    );
+    println!(
+        "no refresh to {ami} starts in {} from within AMIFLOW_CONTROL_SECONDS (default 10 s); {}; the next stage is not promoted. `amictl resume --stage {} --reason ...` lets it go on",
+        stage.name,
+        if halt.cancel_running {
+            "running refreshes are cancelled when their requests next poll them (AMIFLOW_POLL_SECONDS)"
+        } else {
+            "running refreshes finish (`--cancel-running` cancels them)"
+        },
+        stage.name
+    );
     Ok(())
 }

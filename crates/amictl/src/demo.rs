@@ -179,12 +179,15 @@ async fn rollout_in_world(args: &DemoArgs) -> Result<()> {
     let multi = MultiProgress::new();
     let style = ProgressStyle::with_template("{prefix:>5} {bar:30} {pos}/{len} groups  {msg}")
         .expect("a valid progress template");
+    // No bar while a stage waits: its groups to refresh are known only once it is promoted.
+    let waiting =
+        ProgressStyle::with_template("{prefix:>5} {msg}").expect("a valid progress template");
     let bars: BTreeMap<String, ProgressBar> = driver
         .stages
         .iter()
         .map(|stage| {
             let bar = multi.add(ProgressBar::new(0));
-            bar.set_style(style.clone());
+            bar.set_style(waiting.clone());
             bar.set_prefix(stage.name.clone());
             bar.set_message("waiting for the golden parameter");
             (stage.account.clone(), bar)
@@ -240,6 +243,7 @@ async fn rollout_in_world(args: &DemoArgs) -> Result<()> {
                     .map(|g| g.name.clone())
                     .collect();
                 bar.set_length(expected.len() as u64);
+                bar.set_style(style.clone());
                 bar.set_message("promoted; refreshing");
                 if bar.is_hidden() {
                     eprintln!(

@@ -62,6 +62,8 @@ enum Command {
     Resume(control::ResumeArgs),
     /// Approve an AMI for a stage that requires approval (`requires_approval` in the policy).
     Approve(control::ApproveArgs),
+    /// Halt a stage for an AMI: no new refresh there, the next stage not promoted.
+    Halt(control::HaltArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(
         after_help = "Examples:\n  amictl completions bash > ~/.local/share/bash-completion/completions/amictl\n  amictl completions zsh > \"${fpath[1]}/_amictl\""
@@ -87,6 +89,7 @@ async fn main() -> ExitCode {
         Command::Pause(args) => control::pause(args).await,
         Command::Resume(args) => control::resume(args).await,
         Command::Approve(args) => control::approve(args).await,
+        Command::Halt(args) => control::halt(args).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "amictl", &mut std::io::stdout());
             Ok(())

@@ -115,8 +115,11 @@ pub struct RunPreview {
     pub pending: usize,
     /// Failed groups the stage tolerates (its max_failed_groups plus those accepted on resume).
     pub tolerated: usize,
-    /// More failed than tolerated: the stage starts no refresh for the AMI.
+    /// More failed than tolerated, or halted by an operator: the stage starts no refresh for
+    /// the AMI.
     pub halted: bool,
+    /// The operator's halt (`amictl halt`), if any.
+    pub halted_by: Option<rollout::control::Halt>,
     /// The operator's resume that accepted earlier failures.
     pub resumed: Option<Decision>,
 }
@@ -488,6 +491,7 @@ fn run_preview(run: &StageRun) -> RunPreview {
         pending: run.tally.pending,
         tolerated: run.tolerated,
         halted: run.halted(),
+        halted_by: run.halt.clone(),
         resumed: run.resume.as_ref().map(|r| r.decision.clone()),
     }
 }

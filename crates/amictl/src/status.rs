@@ -17,7 +17,7 @@ use crate::scope::{Scope, ScopeArgs};
 /// Show each stage's compliance with its golden parameters.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  amictl status                         # the local world (amictl local up)\n  amictl status --stage prod --json     # one stage, for scripts\n  amictl status --config amiflow.toml   # real AWS: standard credentials, the policy's role per account"
+    after_help = "Exit codes: 0 the report was made, 3 a stage is halted (the gates table says which and why), 2 a wrong argument, 1 an error.\n\nExamples:\n  amictl status                         # the local world (amictl local up)\n  amictl status --stage prod --json     # one stage, for scripts\n  amictl status --config amiflow.toml   # real AWS: standard credentials, the policy's role per account"
 )]
 pub struct StatusArgs {
     /// Only this stage (a stage name from the policy, or an account id).
@@ -78,9 +78,8 @@ pub async fn run(args: StatusArgs) -> Result<()> {
             println!("\n{details}");
         }
     }
-    // Exit code: 0 whatever the stages' state (issue 19's verdict codes for status are not
-    // settled yet); `amictl plan` exits 3 when a stage is halted.
-    Ok(())
+    // Exit 3 when a stage is halted, as `amictl plan` (what a cron job or a script gates on).
+    crate::plan::halted_verdict(&gates)
 }
 
 /// One stage in `status --json`: its compliance, and how its rollouts stand at the gates.
@@ -140,7 +139,10 @@ fn gates_table(preview: &Preview) -> Table {
             );
             let mut state = Vec::new();
             if let Some(r) = run.filter(|r| r.halted) {
-                state.push(format!("halted for {}", r.ami));
+                state.push(match &r.halted_by {
+                    Some(h) => format!("halted for {} {}", r.ami, h.describe()),
+                    None => format!("halted for {}", r.ami),
+                });
             }
             if let Some(r) = run.and_then(|r| r.resumed.as_ref()) {
                 state.push(format!(

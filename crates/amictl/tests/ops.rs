@@ -1152,6 +1152,78 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
         err.contains("uat has not passed it (waiting for uat:"),
         "{err}"
     );
+
+    // An operator halts uat for the AMI at once, whatever its failures, cancelling its running
+    // refreshes: a record in the hub with who, when and why; plan and status exit 3 and say so;
+    // resume lifts it.
+    let err = refused(&w.run(&[
+        "halt", &rollout, "--stage", "prod", "--reason", "kernel panic",
+    ]));
+    assert!(
+        err.contains(&format!("prod does not hold {candidate}")),
+        "{err}"
+    );
+    let halt = |extra: &[&str]| {
+        let mut args = vec![
+            "halt",
+            rollout.as_str(),
+            "--stage",
+            "uat",
+            "--reason",
+            "kernel panic on boot",
+        ];
+        args.extend_from_slice(extra);
+        w.run(&args)
+    };
+    let out = ok(&halt(&["--cancel-running"]), "halt uat");
+    assert!(out.contains(&format!("halted uat for {rollout}")), "{out}");
+    let path = format!("/amiflow/control/halt/{candidate}/uat");
+    let recorded = record(&hub, &path)
+        .await
+        .expect("the halt is a record in the hub");
+    assert_eq!(recorded["cancel_running"], true);
+    assert_eq!(recorded["reason"], "kernel panic on boot");
+    assert!(
+        recorded["by"].as_str().unwrap().starts_with("arn:aws:"),
+        "{recorded}"
+    );
+    let again = ok(&halt(&[]), "halt again");
+    assert!(
+        again.contains("uat is already halted for") && again.contains("cancelling its running"),
+        "{again}"
+    );
+    assert_eq!(record(&hub, &path).await, Some(recorded.clone()), "unchanged");
+    let out = w.run(&["status", "--stage", "uat", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        status[0]["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["halted_by"]["reason"] == "kernel panic on boot"),
+        "{status:#}"
+    );
+    let out = w.run(&["plan", "--stage", "uat", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let run = plan["stages"][0]["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["parameter"] == PARAMETER)
+        .unwrap()
+        .clone();
+    assert_eq!(run["halted"], true, "{run:#}");
+    assert_eq!(run["halted_by"]["reason"], "kernel panic on boot", "{run:#}");
+    let out = ok(
+        &w.run(&["resume", "--stage", "uat", "--reason", "new AMI fixes it"]),
+        "resume a halted stage",
+    );
+    assert!(out.contains("lifted the halt of uat for"), "{out}");
+    assert_eq!(record(&hub, &path).await, None, "the halt is gone");
+    let out = w.run(&["plan", "--stage", "uat", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
 /// What `amictl plan` predicts for a window is what the window does, group by group: refreshed

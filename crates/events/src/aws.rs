@@ -1,5 +1,5 @@
 //! AWS's own events that amiflow consumes, in the shapes AWS documents (samples in
-//! `../shared/aws-events/`). All are delivered best effort: consumers must not rely on every
+//! `fixtures/valid/aws-*.json`). All are delivered best effort: consumers must not rely on every
 //! state change arriving.
 
 use serde::Deserialize;

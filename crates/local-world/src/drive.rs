@@ -109,6 +109,16 @@ pub async fn drain(config: &SdkConfig, queue_url: &str) -> Result<Vec<Value>> {
     }
 }
 
+/// How long a window took, from the moment it opened.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowTimes {
+    /// Until the stage reported holding the AMI: for a later stage, the hub's gate judging that
+    /// the stage before passed and promoting this one, then its param-worker publishing it.
+    pub promoted: Duration,
+    /// Until every expected group had an outcome.
+    pub done: Duration,
+}
+
 /// Drives a rollout in a world whose hub bus is `bus` and whose hub audit queue is `audit_queue`.
 #[derive(Debug, Clone)]
 pub struct Driver {
@@ -194,7 +204,7 @@ impl Driver {
 
     /// Open `stage`'s window now and wait until the stage holds `ami` (a later stage is promoted
     /// by the hub's gate at its window) and each of `expected` (group names) has an outcome for
-    /// it, calling `progress` with the number that have; returns how long it took.
+    /// it, calling `progress` with the number that have; returns how long each took.
     pub async fn open_window(
         &self,
         stage: &Stage,
@@ -203,14 +213,18 @@ impl Driver {
         audit: &mut Audit,
         within: Duration,
         progress: impl FnMut(usize),
-    ) -> Result<Duration> {
+    ) -> Result<WindowTimes> {
         let opened = Instant::now();
         self.open(stage).await?;
         self.promoted(stage, ami, audit, within).await?;
-        let left = within.saturating_sub(opened.elapsed());
+        let promoted = opened.elapsed();
+        let left = within.saturating_sub(promoted);
         self.outcomes(stage, ami, expected, audit, left, progress)
             .await?;
-        Ok(opened.elapsed())
+        Ok(WindowTimes {
+            promoted,
+            done: opened.elapsed(),
+        })
     }
 
     /// Put `stage`'s `RolloutWindowOpened` on its bus, opening now.

@@ -17,7 +17,7 @@ mod launch;
 
 use std::path::Path;
 
-pub use drive::{Audit, Driver, Stage, drain};
+pub use drive::{Audit, Driver, Stage, WindowTimes, drain};
 pub use launch::{Credentials, Launch, Setting, Timings, WORKERS, Worker, assume_role};
 
 /// The region every account of the local world lives in.

@@ -8,6 +8,7 @@
 //! | [`Pause`] | `/amiflow/control/pause/<stage>` or `/amiflow/control/pause/all` | `amictl pause` (`resume` deletes it) |
 //! | [`Approval`] | `/amiflow/control/approval/<ami>/<stage>` | `amictl approve` |
 //! | [`Resume`] | `/amiflow/control/resume/<ami>/<stage>` | `amictl resume --stage` of a halted stage |
+//! | [`Halt`] | `/amiflow/control/halt/<ami>/<stage>` | `amictl halt` (`resume --stage` deletes it) |
 //!
 //! Operator intent (pause, approval, resume) is the one thing amictl writes: it is not rollout
 //! state but a decision, and the worker that acts on it judges it like any other AWS state.
@@ -61,6 +62,40 @@ pub struct Resume {
     /// The failed groups the stage had when it was resumed: the stage halts again only past
     /// these plus its tolerance.
     pub accepted_failures: usize,
+}
+
+/// An operator halted a stage for an AMI (`amictl halt`): no refresh to the AMI starts there, the
+/// stage's waiting requests end `halted`, and the next stage is not promoted, whatever its
+/// failures; with `cancel_running`, its running refreshes to the AMI are cancelled too.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Halt {
+    #[serde(flatten)]
+    pub decision: Decision,
+    pub cancel_running: bool,
+}
+
+impl Halt {
+    /// "by <who> at <when> (cancelling its running refreshes): <why>", as amictl shows it.
+    pub fn describe(&self) -> String {
+        format!(
+            "by {} at {}{}: {}",
+            self.decision.by,
+            self.decision.at.to_rfc3339(),
+            if self.cancel_running {
+                " (cancelling its running refreshes)"
+            } else {
+                ""
+            },
+            self.decision.reason
+        )
+    }
+}
+
+/// Where halts live: `<HALTS>/<ami>/<stage>`.
+pub const HALTS: &str = "/amiflow/control/halt";
+
+pub fn halt_path(ami: &str, stage: &str) -> String {
+    format!("{HALTS}/{ami}/{stage}")
 }
 
 pub fn promotion_path(ami: &str, stage: &str) -> String {

@@ -238,6 +238,21 @@ impl Groups for FakeAws {
             .unwrap_or_default())
     }
 
+    async fn cancel_refresh(&self, group: &str) -> Result<(), StepError> {
+        self.record(format!("cancel_refresh {group}"));
+        if let Some(newest) = self
+            .refreshes
+            .lock()
+            .unwrap()
+            .get_mut(group)
+            .and_then(|list| list.first_mut())
+            .filter(|r| r.is_active())
+        {
+            newest.status = "Cancelling".into();
+        }
+        Ok(())
+    }
+
     async fn start_refresh(
         &self,
         group: &str,

@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use runtime::StepError;
 
 use crate::aws::{AwsGroups, Groups, Parameters, Records, SsmParameters};
-use crate::control::{self, Approval, Pause, Pauses, Promotion, Resume};
+use crate::control::{self, Approval, Halt, Pause, Pauses, Promotion, Resume};
 use crate::discovery::{AmiSource, Verdict};
 use crate::mark::MarkState;
 use crate::plan::{Judged, judge_all};
@@ -49,6 +49,8 @@ pub enum GateState {
         failed: usize,
         tolerance: usize,
     },
+    /// An operator halted `stage` (the stage before) for the AMI (`amictl halt`).
+    HaltedBy { stage: String, halt: Halt },
     /// The stage before passed; it bakes until then.
     Baking { until: DateTime<Utc> },
     /// The stage `requires_approval` and nobody approved the AMI for it yet.
@@ -69,7 +71,7 @@ impl GateState {
             GateState::Open { .. } => "open",
             GateState::NotReached { .. } => "not-reached",
             GateState::WaitingFor { .. } => "waiting",
-            GateState::Halted { .. } => "halted",
+            GateState::Halted { .. } | GateState::HaltedBy { .. } => "halted",
             GateState::Baking { .. } => "baking",
             GateState::NeedsApproval => "needs-approval",
             GateState::Paused(_) => "paused",
@@ -100,6 +102,13 @@ impl fmt::Display for GateState {
                 f,
                 "{stage} halted: {failed} groups failed or rolled back, it tolerates {tolerance}; fix the cause, then `amictl resume --stage {stage}`"
             ),
+            GateState::HaltedBy { stage, halt } => write!(
+                f,
+                "{stage} halted by {} at {}: {}; `amictl resume --stage {stage}` when it may go on",
+                halt.decision.by,
+                halt.decision.at.to_rfc3339(),
+                halt.decision.reason
+            ),
             GateState::Baking { until } => write!(f, "baking until {}", until.to_rfc3339()),
             GateState::NeedsApproval => write!(f, "waiting for approval (`amictl approve`)"),
             GateState::Paused(p) => write!(
@@ -125,6 +134,8 @@ pub struct Previous<'a> {
     pub promotion: Option<&'a Promotion>,
     /// An operator's resume of it for the AMI.
     pub resume: Option<&'a Resume>,
+    /// An operator's halt of it for the AMI.
+    pub halt: Option<&'a Halt>,
 }
 
 /// Everything a gate is judged from.
@@ -219,6 +230,12 @@ pub fn judge(inputs: &Inputs<'_>) -> GateState {
         return GateState::NotReached {
             stage: prev.stage.name.clone(),
             holds: prev.golden.map(str::to_owned),
+        };
+    }
+    if let Some(halt) = prev.halt {
+        return GateState::HaltedBy {
+            stage: prev.stage.name.clone(),
+            halt: halt.clone(),
         };
     }
     let t = tally(prev.judged, inputs.parameter, inputs.ami);
@@ -318,7 +335,7 @@ impl Stages for AccountStages {
 }
 
 /// The gate of `stage` in every family: the candidate AMI (the stage before's golden AMI) and
-/// its state. One read of the stage before's groups for all families, four record reads per
+/// its state. One read of the stage before's groups for all families, five record reads per
 /// family.
 pub async fn gates_of_stage(
     stages: &impl Stages,
@@ -407,12 +424,13 @@ pub async fn judge_ami(
     }
     let approval: Option<Approval> =
         control::read(records, &control::approval_path(ami, &stage.name)).await?;
-    let (prev_promotion, resume) = match previous {
+    let (prev_promotion, resume, halt) = match previous {
         Some((prev, _, _)) => (
             control::read::<Promotion>(records, &control::promotion_path(ami, &prev.name)).await?,
             control::read::<Resume>(records, &control::resume_path(ami, &prev.name)).await?,
+            control::read::<Halt>(records, &control::halt_path(ami, &prev.name)).await?,
         ),
-        None => (None, None),
+        None => (None, None, None),
     };
     Ok(judge(&Inputs {
         ami,
@@ -424,6 +442,7 @@ pub async fn judge_ami(
             judged,
             promotion: prev_promotion.as_ref(),
             resume: resume.as_ref(),
+            halt: halt.as_ref(),
         }),
         promotion: None,
         approval: approval.as_ref(),
@@ -662,6 +681,62 @@ mod tests {
         .unwrap();
         let gate = uat_gate(&w, &strict, "2026-12-05T10:00:00Z").await;
         assert!(gate.state.is_open(), "{:?}", gate.state);
+    }
+
+    #[tokio::test]
+    async fn an_operator_halt_of_the_stage_before_closes_the_gate_until_it_is_lifted() {
+        let policy = policy("", "");
+        let w = world(2);
+        refreshed(&w, 0, "2026-12-05T09:00:00Z");
+        refreshed(&w, 1, "2026-12-05T09:00:00Z");
+        assert!(
+            uat_gate(&w, &policy, "2026-12-05T10:00:00Z")
+                .await
+                .state
+                .is_open()
+        );
+        let halt = Halt {
+            decision: decision("customer reports 502s"),
+            cancel_running: true,
+        };
+        control::write(&w.1, &control::halt_path(NEW, "qa"), &halt)
+            .await
+            .unwrap();
+        let gate = uat_gate(&w, &policy, "2026-12-05T10:00:00Z").await;
+        assert_eq!(
+            gate.state,
+            GateState::HaltedBy {
+                stage: "qa".into(),
+                halt
+            }
+        );
+        assert_eq!(gate.state.kind(), "halted");
+        let said = gate.state.to_string();
+        assert!(
+            said.contains("customer reports 502s") && said.contains("`amictl resume --stage qa`"),
+            "{said}"
+        );
+        // A halt of another AMI, or of another stage, does not close this gate.
+        w.1.records
+            .lock()
+            .unwrap()
+            .remove(&control::halt_path(NEW, "qa"));
+        control::write(
+            &w.1,
+            &control::halt_path("ami-0000000000000000f", "qa"),
+            &Halt {
+                decision: decision("other"),
+                cancel_running: false,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(
+            uat_gate(&w, &policy, "2026-12-05T10:00:00Z")
+                .await
+                .state
+                .is_open()
+        );
     }
 
     #[tokio::test]

@@ -82,12 +82,26 @@ pub struct Control {
     hub: tokio::sync::OnceCell<SsmRecords>,
     pauses: PauseCache,
     recheck: Duration,
-    /// The resumes' accepted failures by record name, read at most every [`RESUMES_MAX_AGE`].
-    resumes: tokio::sync::Mutex<Option<(std::time::Instant, HashMap<String, usize>)>>,
+    max_age: Duration,
+    /// The operators' decisions on stages (resumes, halts), read at most every `max_age`.
+    decisions: tokio::sync::Mutex<Option<(std::time::Instant, StageDecisions)>>,
 }
 
-/// How old the refresh-worker's read of the resumes may be (as its read of the failures).
-const RESUMES_MAX_AGE: Duration = Duration::from_secs(30);
+/// The resumes' accepted failures and the halts, by record name.
+#[derive(Default)]
+struct StageDecisions {
+    resumes: HashMap<String, usize>,
+    halts: HashMap<String, crate::control::Halt>,
+}
+
+/// What operators decided for one AMI in one stage.
+#[derive(Debug, Clone, Default)]
+pub struct StageDecision {
+    /// The failures accepted by `amictl resume --stage`.
+    pub accepted_failures: usize,
+    /// `amictl halt`, if the stage is halted for the AMI.
+    pub halt: Option<crate::control::Halt>,
+}
 
 impl Control {
     pub fn from_env() -> anyhow::Result<Self> {
@@ -102,39 +116,52 @@ impl Control {
             hub: tokio::sync::OnceCell::new(),
             pauses: PauseCache::new(max_age),
             recheck,
-            resumes: tokio::sync::Mutex::default(),
+            max_age,
+            decisions: tokio::sync::Mutex::default(),
         }
     }
 
-    /// The failures of `ami` an operator accepted in `stage` (`amictl resume --stage`).
-    pub async fn accepted_failures(
+    /// What operators decided for `ami` in `stage`: the failures accepted (`amictl resume
+    /// --stage`) and a halt (`amictl halt`). Every stage's are read in two listings at most every
+    /// `AMIFLOW_CONTROL_SECONDS`, as the pauses are: a halt stops new refreshes within that delay.
+    pub async fn decision(
         &self,
         ctx: &Context,
         ami: &str,
         stage: &str,
-    ) -> Result<usize, StepError> {
-        let mut last = self.resumes.lock().await;
+    ) -> Result<StageDecision, StepError> {
+        let mut last = self.decisions.lock().await;
         if last
             .as_ref()
-            .is_none_or(|(at, _)| at.elapsed() >= RESUMES_MAX_AGE)
+            .is_none_or(|(at, _)| at.elapsed() >= self.max_age)
         {
             let records = self.records(ctx).await?;
-            let path = crate::control::resume_path("", "");
-            let root = path.trim_end_matches('/');
-            let mut found = HashMap::new();
-            for stored in records.list_records(root).await? {
-                // One written by hand is ignored here, refused by name where it is read alone.
+            let resumes_root = crate::control::resume_path("", "");
+            let (resumes, halts) = tokio::join!(
+                records.list_records(resumes_root.trim_end_matches('/')),
+                records.list_records(crate::control::HALTS)
+            );
+            let mut found = StageDecisions::default();
+            // One written by hand is ignored here, refused by name where it is read alone.
+            for stored in resumes? {
                 if let Ok(r) = serde_json::from_str::<crate::control::Resume>(&stored.value) {
-                    found.insert(stored.name, r.accepted_failures);
+                    found.resumes.insert(stored.name, r.accepted_failures);
+                }
+            }
+            for stored in halts? {
+                if let Ok(h) = serde_json::from_str::<crate::control::Halt>(&stored.value) {
+                    found.halts.insert(stored.name, h);
                 }
             }
             *last = Some((std::time::Instant::now(), found));
         }
-        let name = crate::control::resume_path(ami, stage);
-        Ok(last
-            .as_ref()
-            .and_then(|(_, found)| found.get(&name).copied())
-            .unwrap_or(0))
+        let found = last.as_ref().map(|(_, found)| found);
+        Ok(StageDecision {
+            accepted_failures: found
+                .and_then(|f| f.resumes.get(&crate::control::resume_path(ami, stage)).copied())
+                .unwrap_or(0),
+            halt: found.and_then(|f| f.halts.get(&crate::control::halt_path(ami, stage)).cloned()),
+        })
     }
 
     /// The hub's Parameter Store: its own in the hub, else through the policy's role.
@@ -524,10 +551,10 @@ impl runtime::Step for RefreshStep {
                 if let Some(wait) = self.ctx.control.hold_if_paused(&self.ctx, stage).await? {
                     return Ok(wait);
                 }
-                let accepted_failures = self
+                let decided = self
                     .ctx
                     .control
-                    .accepted_failures(&self.ctx, &req.ami_id, &stage.name)
+                    .decision(&self.ctx, &req.ami_id, &stage.name)
                     .await?;
                 let ctx = RefreshContext {
                     groups: &self.groups,
@@ -536,7 +563,8 @@ impl runtime::Step for RefreshStep {
                     stage,
                     settings: &self.settings,
                     admission: &self.admission,
-                    accepted_failures,
+                    accepted_failures: decided.accepted_failures,
+                    halt: decided.halt,
                 };
                 crate::refresh::request_refresh(&ctx, req, chrono::Utc::now()).await
             }

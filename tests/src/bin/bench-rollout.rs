@@ -155,6 +155,43 @@ fn throttling(records: &[CallRecord]) -> String {
     out
 }
 
+/// How long `amictl plan --ami <candidate> --json` takes over the whole world, run as an operator
+/// runs it against AWS (`--config`, the standard credentials, the policy's role per account).
+fn plan_seconds(world: &World, policy: &std::path::Path, candidate: &str) -> f64 {
+    let amictl = e2e::world::bin_dir().join("amictl");
+    assert!(
+        amictl.exists(),
+        "{} is missing: build it first (`cargo build -p rollout -p amictl --bins`, as `just bench-rollout` does)",
+        amictl.display()
+    );
+    let started = Instant::now();
+    let out = std::process::Command::new(&amictl)
+        .args(["plan", "--ami", candidate, "--json", "--config"])
+        .arg(policy)
+        .env("AWS_ENDPOINT_URL", world.local.endpoint())
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("amictl runs");
+    let took = started.elapsed().as_secs_f64();
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "amictl plan printed no plan ({e}, {}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let planned: usize = plan["stages"]
+        .as_array()
+        .map(|s| s.iter().map(|s| s["groups"].as_array().map_or(0, Vec::len)).sum())
+        .unwrap_or(0);
+    let groups: usize = world.accounts().iter().map(|a| world.groups(a).len()).sum();
+    assert_eq!(planned, groups, "amictl plan judged every group");
+    took
+}
+
 #[tokio::main]
 async fn main() {
     let scale = arg("--scale", "seed");
@@ -203,16 +240,18 @@ async fn main() {
         .map(|g| g["instances"].as_u64().unwrap_or(0))
         .sum();
     println!("world up in {up_seconds:.1} s ({groups} groups, {instances} instances)");
+    let candidate = world.state["amis"]["candidate"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let plan_seconds = plan_seconds(&world, &policy, &candidate);
+    println!("amictl plan --ami {candidate}: {plan_seconds:.1} s");
 
     // Count only the rollout.
     let port = world.local.emulator.port();
     e2e::http_json(port, "POST", "/amiflow-emulator/calls", None);
     let (_, process_at_start) = emulator_cpu(&world, port);
     let records_before = proxy.records().len();
-    let candidate = world.state["amis"]["candidate"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let rollout_started = Instant::now();
     let built = AmiBuilt::new(
         &candidate,
@@ -241,7 +280,7 @@ async fn main() {
     let mut cpu_so_far = (served, process);
     let mut records_so_far = proxy.records().len();
     for stage in &driver.stages {
-        let took = world
+        let times = world
             .open_window(
                 &driver,
                 stage,
@@ -250,8 +289,9 @@ async fn main() {
                 Duration::from_secs(3600),
             )
             .await
-            .unwrap_or_else(|e| panic!("{e:#}\n{}", world.logs()))
-            .as_secs_f64();
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", world.logs()));
+        let took = times.done.as_secs_f64();
+        let promoted = times.promoted.as_secs_f64();
         let expected = world
             .groups(&stage.account)
             .iter()
@@ -267,8 +307,11 @@ async fn main() {
             refresh: 0.0,
         });
         (cpu_so_far, records_so_far) = (cpu, records.len());
-        println!("{}: {expected} groups finished in {took:.1} s", stage.name);
-        stage_seconds.push((stage.name.clone(), expected, took));
+        println!(
+            "{}: promoted {promoted:.1} s after its window opened, {expected} groups finished in {took:.1} s",
+            stage.name
+        );
+        stage_seconds.push((stage.name.clone(), expected, took, promoted));
     }
     // The first outcome each group reported for the candidate.
     let outcomes: Vec<&str> = audit
@@ -357,10 +400,17 @@ async fn main() {
          0.3 s; measured {date}.\n\n\
          | phase | seconds |\n|---|---|\n\
          | provision the world (`local/world.py`, also what `amictl local up --scale {scale}` runs) | {provision_seconds:.1} |\n\
+         | `amictl plan --ami <the new AMI>`: every stage's gate and every group's plan, judged as the workers judge | {plan_seconds:.1} |\n\
          | AmiBuilt to the first stage's golden parameter published | {published:.1} |\n",
         date = Utc::now().format("%Y-%m-%d"),
     );
-    for (stage, n, took) in &stage_seconds {
+    for (i, (stage, n, took, promoted)) in stage_seconds.iter().enumerate() {
+        if i > 0 {
+            // The stage before passed (every group reported) when this window opened.
+            body.push_str(&format!(
+                "| {stage} window: the stage before passed to {stage} promoted (the hub's gate, then its parameter published) | {promoted:.1} |\n"
+            ));
+        }
         body.push_str(&format!(
             "| {stage} window: {n} groups refreshed or reported | {took:.1} |\n"
         ));
@@ -444,7 +494,9 @@ async fn main() {
          read of the account's in-flight marks (at most every 30 s per process, and before every start\n\
          under `AMIFLOW_ADMISSION=account`) adds 1 `ssm:GetParametersByPath` per 10 marks kept (1 when\n\
          none), and, since the promotion gates, 2 more tag-filtered `DescribeAutoScalingGroups` (the\n\
-         failed and rolled-back marks a stage's failure tolerance counts).\n",
+         failed and rolled-back marks a stage's failure tolerance counts). The operators' decisions\n\
+         (pauses, resumes, halts, in the hub) cost each worker process one `ssm:GetParametersByPath`\n\
+         per kind at most every `AMIFLOW_CONTROL_SECONDS` (10 s), however many groups it handles.\n",
     );
     body.push_str(&throttling(&proxy.records()[records_before..]));
     println!("{body}");

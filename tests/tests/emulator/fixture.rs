@@ -9,9 +9,12 @@ use aws_sdk_autoscaling::types::{
     AutoScalingGroup, DesiredConfiguration, InstanceRefresh, LaunchTemplateSpecification,
     RefreshPreferences, RefreshStrategy, Tag,
 };
-use aws_sdk_ec2::types::{InstanceType, RequestLaunchTemplateData};
+use aws_sdk_ec2::types::RequestLaunchTemplateData;
 use aws_sdk_ssm::types::ParameterType;
 use e2e::Local;
+
+#[path = "../support/make.rs"]
+mod make;
 
 pub const WAIT: Duration = Duration::from_secs(60);
 /// The emulator's refresh phase length (emulator::Options::default().refresh_step).
@@ -63,23 +66,7 @@ impl Clients {
 
     /// A launch template whose version 1 runs `ami` on t3.micro; returns its id.
     pub async fn template(&self, name: &str, ami: &str) -> String {
-        self.ec2
-            .create_launch_template()
-            .launch_template_name(name)
-            .launch_template_data(
-                RequestLaunchTemplateData::builder()
-                    .image_id(ami)
-                    .instance_type(InstanceType::T3Micro)
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap()
-            .launch_template()
-            .unwrap()
-            .launch_template_id()
-            .unwrap()
-            .to_owned()
+        make::launch_template(&self.ec2, name, ami).await
     }
 
     /// A new version from `source` with only the ImageId changed; returns its number.

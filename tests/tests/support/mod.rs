@@ -12,6 +12,7 @@ use e2e::world::World;
 use events::AmiBuilt;
 use serde_json::Value;
 
+pub mod make;
 pub mod reads;
 
 pub use reads::PARAMETER;

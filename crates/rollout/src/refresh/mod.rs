@@ -59,6 +59,9 @@ pub struct RefreshContext<'a, G, S, P> {
     /// Failures of the request's AMI an operator accepted in this stage (`amictl resume --stage`):
     /// the stage halts only past these plus its `max_failed_groups`.
     pub accepted_failures: usize,
+    /// An operator's halt of the stage for the request's AMI (`amictl halt`): nothing new starts,
+    /// and with `cancel_running` a running refresh to the AMI is cancelled when it is polled.
+    pub halt: Option<crate::control::Halt>,
 }
 
 impl<'a, G: Groups, S, P: Parameters> RefreshContext<'a, G, S, P> {
@@ -199,6 +202,9 @@ pub async fn request_refresh(
     });
     if let Some(mark) = mark {
         let Some(outcome) = mark.state.outcome() else {
+            if let Some(halt) = ctx.halt.as_ref().filter(|h| h.cancel_running) {
+                return outcome::cancel(ctx, req, &group, &mark, halt).await;
+            }
             // Delivered again while ours runs: poll it (events are best effort).
             return outcome::poll(ctx, req, &group, &mark).await;
         };
@@ -352,11 +358,28 @@ pub async fn request_refresh(
 /// The stage's fleet failure tolerance: past `max_failed_groups` failed or rolled-back groups for
 /// the AMI (plus those accepted by a resume), no new refresh starts, and the request ends
 /// `halted` with the count, the tolerance and the way on. A percentage counts the account's
-/// groups here (the gate, which keeps the next stage closed, counts the family's exactly).
+/// groups here (the gate, which keeps the next stage closed, counts the family's exactly). An
+/// operator's halt (`amictl halt`) ends it `halted` whatever the count.
 async fn halted(
     ctx: &RefreshContext<'_, impl Groups, impl Stacks, impl Parameters>,
     req: &AsgRefreshRequested,
 ) -> Result<Option<StepOutput>, StepError> {
+    if let Some(halt) = &ctx.halt {
+        let stage = &ctx.stage.name;
+        let d = &halt.decision;
+        tracing::warn!(group = %req.asg_name, ami = %req.ami_id, %stage, by = %d.by, reason = %d.reason, "stage halted by an operator: refresh not started");
+        return Ok(Some(finished(
+            req,
+            Outcome::Halted,
+            format!(
+                "not started: stage {stage} was halted for {} by {} at {}: {}; `amictl resume --stage {stage}` lets it go on",
+                req.ami_id,
+                d.by,
+                d.at.to_rfc3339(),
+                d.reason
+            ),
+        )));
+    }
     let failed = ctx.admission.failures(&req.ami_id, &ctx.marks()).await?;
     if failed == 0 {
         return Ok(None);
@@ -462,16 +485,28 @@ mod tests {
 
     /// One delivery to a worker that remembers `admission`.
     async fn run_in(aws: &FakeAws, req: &AsgRefreshRequested, admission: &Admission) -> StepOutput {
-        let ctx = RefreshContext {
+        let (stage, settings) = (stage(), settings());
+        let ctx = context(aws, &stage, &settings, admission);
+        request_refresh(&ctx, req, Utc::now()).await.unwrap()
+    }
+
+    /// The context of a worker of `stage` in the account `aws` fakes, no operator decision read.
+    fn context<'a>(
+        aws: &'a FakeAws,
+        stage: &'a Stage,
+        settings: &'a RefreshSettings,
+        admission: &'a Admission,
+    ) -> RefreshContext<'a, FakeAws, FakeAws, FakeAws> {
+        RefreshContext {
             groups: aws,
             stacks: aws,
             params: aws,
-            stage: &stage(),
-            settings: &settings(),
+            stage,
+            settings,
             admission,
             accepted_failures: 0,
-        };
-        request_refresh(&ctx, req, Utc::now()).await.unwrap()
+            halt: None,
+        }
     }
 
     #[tokio::test]
@@ -515,14 +550,10 @@ mod tests {
             aws.changes()
         );
         // Resumed with that failure accepted: the request starts its refresh.
+        let (stage, settings, admission) = (stage(), settings(), Admission::default());
         let ctx = RefreshContext {
-            groups: &aws,
-            stacks: &aws,
-            params: &aws,
-            stage: &stage(),
-            settings: &settings(),
-            admission: &Admission::default(),
             accepted_failures: 1,
+            ..context(&aws, &stage, &settings, &admission)
         };
         request_refresh(&ctx, &req, Utc::now()).await.unwrap();
         assert_eq!(aws.started.lock().unwrap()[0].0, "next");
@@ -606,6 +637,93 @@ mod tests {
             mark_of(&aws.groups.lock().unwrap()["web"]).unwrap().state,
             MarkState::Succeeded
         );
+    }
+
+    /// One delivery to a freshly started worker that read `halt` for the request's AMI and stage.
+    async fn run_halted(
+        aws: &FakeAws,
+        req: &AsgRefreshRequested,
+        halt: &crate::control::Halt,
+    ) -> StepOutput {
+        let (stage, settings, admission) = (stage(), settings(), Admission::default());
+        let ctx = RefreshContext {
+            halt: Some(halt.clone()),
+            ..context(aws, &stage, &settings, &admission)
+        };
+        request_refresh(&ctx, req, Utc::now()).await.unwrap()
+    }
+
+    fn operator_halt(cancel_running: bool) -> crate::control::Halt {
+        crate::control::Halt {
+            decision: crate::control::Decision {
+                by: "arn:aws:sts::111111111111:assumed-role/ops/alice".into(),
+                at: "2026-12-05T02:00:00Z".parse().unwrap(),
+                reason: "502s after the first groups".into(),
+            },
+            cancel_running,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_operator_halt_ends_a_new_request_halted_with_who_and_why() {
+        let aws = FakeAws::default();
+        aws.template("lt-1", &[OLD], 1);
+        aws.group("web", "lt-1", "1", OLD, 2);
+        let req = request("web", Strategy::LaunchTemplate);
+        let (said, reason) = outcome(&run_halted(&aws, &req, &operator_halt(false)).await);
+        assert_eq!(said, Outcome::Halted);
+        assert_eq!(
+            reason,
+            format!(
+                "not started: stage qa was halted for {NEW} by arn:aws:sts::111111111111:assumed-role/ops/alice at 2026-12-05T02:00:00+00:00: 502s after the first groups; `amictl resume --stage qa` lets it go on"
+            )
+        );
+        assert!(aws.started.lock().unwrap().is_empty(), "nothing started");
+        assert!(
+            !aws.changes().iter().any(|c| c.contains("lt-1") || c.contains("web")),
+            "no version, no mark: {:?}",
+            aws.changes()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_halt_with_cancel_running_cancels_the_running_refresh_and_closes_it_cancelled() {
+        let aws = FakeAws::default();
+        aws.template("lt-1", &[OLD], 1);
+        aws.group("web", "lt-1", "1", OLD, 2);
+        let req = request("web", Strategy::LaunchTemplate);
+        assert!(matches!(run(&aws, &req).await, StepOutput::Defer { .. }));
+        aws.refreshes.lock().unwrap().get_mut("web").unwrap()[0].status = "InProgress".into();
+        // A halt without --cancel-running lets it run: its poll only looks.
+        assert!(matches!(
+            run_halted(&aws, &req, &operator_halt(false)).await,
+            StepOutput::Defer { .. }
+        ));
+        assert!(!aws.changes().iter().any(|c| c.starts_with("cancel_refresh")));
+        // With it, the poll cancels (once, however often it comes back).
+        assert!(matches!(
+            run_halted(&aws, &req, &operator_halt(true)).await,
+            StepOutput::Defer { .. }
+        ));
+        assert!(matches!(
+            run_halted(&aws, &req, &operator_halt(true)).await,
+            StepOutput::Defer { .. }
+        ));
+        let cancels: Vec<String> = aws
+            .changes()
+            .into_iter()
+            .filter(|c| c.starts_with("cancel_refresh"))
+            .collect();
+        assert_eq!(cancels, vec!["cancel_refresh web".to_owned()]);
+        // Auto Scaling finishes cancelling: the next poll closes it, the mark says so.
+        aws.refreshes.lock().unwrap().get_mut("web").unwrap()[0].status = "Cancelled".into();
+        let (o, _) = outcome(&run_halted(&aws, &req, &operator_halt(true)).await);
+        assert_eq!(o, Outcome::Cancelled);
+        assert_eq!(
+            mark_of(&aws.groups.lock().unwrap()["web"]).unwrap().state,
+            MarkState::Cancelled
+        );
+        assert_eq!(aws.started.lock().unwrap().len(), 1, "never started again");
     }
 
     #[tokio::test]
@@ -806,15 +924,8 @@ mod tests {
                 let (aws, admission, settings) = (&aws, &admission, &settings);
                 async move {
                     let req = request(&name, Strategy::LaunchTemplate);
-                    let ctx = RefreshContext {
-                        groups: aws,
-                        stacks: aws,
-                        params: aws,
-                        stage: &stage(),
-                        settings,
-                        admission,
-                        accepted_failures: 0,
-                    };
+                    let stage = stage();
+                    let ctx = context(aws, &stage, settings, admission);
                     request_refresh(&ctx, &req, Utc::now()).await.unwrap()
                 }
             };
@@ -1285,15 +1396,8 @@ mod tests {
         let mut next = request("web", Strategy::LaunchTemplate);
         next.deadline = Some(Utc::now() + chrono::Duration::days(7));
         let admission = Admission::default();
-        let ctx = RefreshContext {
-            groups: &aws,
-            stacks: &aws,
-            params: &aws,
-            stage: &stage,
-            settings: &settings(),
-            admission: &admission,
-            accepted_failures: 0,
-        };
+        let settings = settings();
+        let ctx = context(&aws, &stage, &settings, &admission);
         assert!(matches!(
             request_refresh(&ctx, &next, Utc::now()).await.unwrap(),
             StepOutput::Defer { .. }
@@ -1552,15 +1656,8 @@ mod tests {
         stage.max_healthy_percentage = Some(200);
         stage.bake_time_seconds = Some(900);
         let admission = Admission::default();
-        let ctx = RefreshContext {
-            groups: &aws,
-            stacks: &aws,
-            params: &aws,
-            stage: &stage,
-            settings: &settings(),
-            admission: &admission,
-            accepted_failures: 0,
-        };
+        let settings = settings();
+        let ctx = context(&aws, &stage, &settings, &admission);
         request_refresh(&ctx, &request("web", Strategy::LaunchTemplate), Utc::now())
             .await
             .unwrap();

@@ -63,6 +63,30 @@ pub(super) async fn poll(
     }
 }
 
+/// A running refresh of a stage an operator halted with `--cancel-running`: ask Auto Scaling to
+/// cancel it (idempotent), then poll as usual. Its `Cancelled` end is closed like any other (its
+/// mark says `cancelled`, a `$Default` group gets its default version back).
+pub(super) async fn cancel(
+    ctx: &RefreshContext<'_, impl Groups, impl Stacks, impl Parameters>,
+    req: &AsgRefreshRequested,
+    group: &Group,
+    mark: &Mark,
+    halt: &crate::control::Halt,
+) -> Result<StepOutput, StepError> {
+    let refreshes = ctx.groups.refreshes(&group.name).await?;
+    if refreshes
+        .iter()
+        .any(|r| r.id == mark.refresh_id && r.is_active() && r.status != "Cancelling")
+    {
+        ctx.groups.cancel_refresh(&group.name).await?;
+        tracing::warn!(group = %group.name, refresh = %mark.refresh_id, ami = %req.ami_id,
+            by = %halt.decision.by, reason = %halt.decision.reason,
+            "stage halted with --cancel-running: instance refresh cancelled");
+        return Ok(check_later(ctx.settings, &mark.refresh_id));
+    }
+    poll(ctx, req, group, mark).await
+}
+
 /// How a superseded refresh's reason starts when the `$Default` version was set by hand; a later
 /// window recognises the hand-made choice by it (see `hand_made_changes` in the policy).
 pub(super) const DEFAULT_CHANGED_BY_HAND: &str =
