@@ -1157,7 +1157,12 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
     // refreshes: a record in the hub with who, when and why; plan and status exit 3 and say so;
     // resume lifts it.
     let err = refused(&w.run(&[
-        "halt", &rollout, "--stage", "prod", "--reason", "kernel panic",
+        "halt",
+        &rollout,
+        "--stage",
+        "prod",
+        "--reason",
+        "kernel panic",
     ]));
     assert!(
         err.contains(&format!("prod does not hold {candidate}")),
@@ -1192,7 +1197,11 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
         again.contains("uat is already halted for") && again.contains("cancelling its running"),
         "{again}"
     );
-    assert_eq!(record(&hub, &path).await, Some(recorded.clone()), "unchanged");
+    assert_eq!(
+        record(&hub, &path).await,
+        Some(recorded.clone()),
+        "unchanged"
+    );
     let out = w.run(&["status", "--stage", "uat", "--json"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -1215,7 +1224,10 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
         .unwrap()
         .clone();
     assert_eq!(run["halted"], true, "{run:#}");
-    assert_eq!(run["halted_by"]["reason"], "kernel panic on boot", "{run:#}");
+    assert_eq!(
+        run["halted_by"]["reason"], "kernel panic on boot",
+        "{run:#}"
+    );
     let out = ok(
         &w.run(&["resume", "--stage", "uat", "--reason", "new AMI fixes it"]),
         "resume a halted stage",

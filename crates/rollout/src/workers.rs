@@ -158,7 +158,11 @@ impl Control {
         let found = last.as_ref().map(|(_, found)| found);
         Ok(StageDecision {
             accepted_failures: found
-                .and_then(|f| f.resumes.get(&crate::control::resume_path(ami, stage)).copied())
+                .and_then(|f| {
+                    f.resumes
+                        .get(&crate::control::resume_path(ami, stage))
+                        .copied()
+                })
                 .unwrap_or(0),
             halt: found.and_then(|f| f.halts.get(&crate::control::halt_path(ami, stage)).cloned()),
         })

@@ -185,7 +185,11 @@ fn plan_seconds(world: &World, policy: &std::path::Path, candidate: &str) -> f64
     });
     let planned: usize = plan["stages"]
         .as_array()
-        .map(|s| s.iter().map(|s| s["groups"].as_array().map_or(0, Vec::len)).sum())
+        .map(|s| {
+            s.iter()
+                .map(|s| s["groups"].as_array().map_or(0, Vec::len))
+                .sum()
+        })
         .unwrap_or(0);
     let groups: usize = world.accounts().iter().map(|a| world.groups(a).len()).sum();
     assert_eq!(planned, groups, "amictl plan judged every group");

@@ -680,7 +680,9 @@ mod tests {
         );
         assert!(aws.started.lock().unwrap().is_empty(), "nothing started");
         assert!(
-            !aws.changes().iter().any(|c| c.contains("lt-1") || c.contains("web")),
+            !aws.changes()
+                .iter()
+                .any(|c| c.contains("lt-1") || c.contains("web")),
             "no version, no mark: {:?}",
             aws.changes()
         );
@@ -699,7 +701,11 @@ mod tests {
             run_halted(&aws, &req, &operator_halt(false)).await,
             StepOutput::Defer { .. }
         ));
-        assert!(!aws.changes().iter().any(|c| c.starts_with("cancel_refresh")));
+        assert!(
+            !aws.changes()
+                .iter()
+                .any(|c| c.starts_with("cancel_refresh"))
+        );
         // With it, the poll cancels (once, however often it comes back).
         assert!(matches!(
             run_halted(&aws, &req, &operator_halt(true)).await,
