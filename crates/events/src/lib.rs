@@ -19,7 +19,7 @@ pub use aws::{
     AmiStateChange, AwsEvent, ImageBuilderStateChange, InstanceRefreshEvent, RefreshEventKind,
 };
 pub use detail::{
-    AmiBuilt, AmiShared, AsgRefreshFinished, AsgRefreshRequested, Detail, Meta, Outcome,
+    AmiBuilt, AmiRecalled, AmiShared, AsgRefreshFinished, AsgRefreshRequested, Detail, Meta, Outcome,
     ParamUpdated, RolloutWindowOpened, Strategy,
 };
 pub use envelope::Envelope;

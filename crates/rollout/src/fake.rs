@@ -238,6 +238,21 @@ impl Groups for FakeAws {
             .unwrap_or_default())
     }
 
+    async fn cancel_refresh(&self, group: &str) -> Result<(), StepError> {
+        self.record(format!("cancel_refresh {group}"));
+        if let Some(newest) = self
+            .refreshes
+            .lock()
+            .unwrap()
+            .get_mut(group)
+            .and_then(|list| list.first_mut())
+            .filter(|r| r.is_active())
+        {
+            newest.status = "Cancelling".into();
+        }
+        Ok(())
+    }
+
     async fn start_refresh(
         &self,
         group: &str,
@@ -343,6 +358,15 @@ impl Parameters for FakeAws {
         self.record(format!("put_parameter {name} {ami}"));
         let mut params = self.params.lock().unwrap();
         let version = params.get(name).map_or(1, |p| p.version + 1);
+        // Parameter Store keeps every value: the one overwritten joins the history.
+        if let Some(before) = params.get(name) {
+            self.earlier_values
+                .lock()
+                .unwrap()
+                .entry(name.to_owned())
+                .or_default()
+                .push(before.value.clone());
+        }
         params.insert(
             name.to_owned(),
             ParamValue {

@@ -9,6 +9,7 @@ use events::{AsgRefreshRequested, Detail, Strategy};
 use runtime::StepError;
 
 use crate::aws::{Group, Groups, Marks, Parameters, STACK_TAG};
+use crate::control::Recalls;
 use crate::discovery::{GroupAmi, Resolver, Verdict, verdict};
 use crate::mark::Mark;
 use crate::policy::{Policy, Stage};
@@ -184,6 +185,7 @@ pub async fn plan(
     params: &impl Parameters,
     policy: &Policy,
     stage: &Stage,
+    recalls: &Recalls,
 ) -> Result<Vec<Detail>, StepError> {
     let mut requests = Vec::new();
     for j in judge_all(groups, params, policy, stage).await? {
@@ -199,6 +201,11 @@ pub async fn plan(
         let Some(target) = params.get(parameter).await?.map(|p| p.value) else {
             continue;
         };
+        // Until the param-worker moves the parameter back, nothing moves to a recalled AMI.
+        if let Some(recall) = recalls.of(&target) {
+            tracing::warn!(group = %j.group.group.name, parameter = %parameter, "refused: a refresh to a recalled AMI ({})", recall.refusal());
+            continue;
+        }
         let GroupPlan::Request(strategy) = group_plan(&j, &target) else {
             continue;
         };

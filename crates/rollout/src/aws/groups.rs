@@ -117,6 +117,8 @@ pub trait Groups: Templates + Send + Sync {
         group: &str,
         request: &RefreshRequest,
     ) -> impl Future<Output = Result<String, StepError>> + Send;
+    /// Cancel the group's running refresh; none running (any more) is success.
+    fn cancel_refresh(&self, group: &str) -> impl Future<Output = Result<(), StepError>> + Send;
     /// AMI and launch time of each instance id.
     fn instances(
         &self,
@@ -377,6 +379,22 @@ impl Groups for AwsGroups {
                 _ => StepError::from_sdk("autoscaling:StartInstanceRefresh", &e),
             })?;
         Ok(out.instance_refresh_id().unwrap_or_default().to_owned())
+    }
+
+    async fn cancel_refresh(&self, group: &str) -> Result<(), StepError> {
+        runtime::limits::acquire(runtime::limits::Api::AutoScaling).await;
+        match self
+            .autoscaling
+            .cancel_instance_refresh()
+            .auto_scaling_group_name(group)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            // It ended meanwhile: the poll that follows reads how.
+            Err(e) if code_of(&e) == Some("ActiveInstanceRefreshNotFound") => Ok(()),
+            Err(e) => Err(StepError::from_sdk("autoscaling:CancelInstanceRefresh", &e)),
+        }
     }
 
     async fn instances(&self, ids: &[String]) -> Result<HashMap<String, Instance>, StepError> {
