@@ -192,16 +192,34 @@ async fn a_recall_moves_qa_and_uat_back_and_nothing_rolls_the_ami_out_again() {
         }
     }
 
-    // The rollout never resumes: every stage's window opens again, then every event of the
-    // recalled rollout is delivered again (each from the account that put it: a spoke's copy of
-    // the hub's AmiShared or AmiRecalled would be a forgery, not a replay) and its AmiBuilt is
-    // injected again. Nothing changes anywhere.
+    // The rollout never resumes: every stage's window opens again. qa and uat stay as they are;
+    // prod's gate never offers the recalled AMI (its window may still move a group that was
+    // behind before the rollout to its own golden AMI, as any window does).
     for stage in &driver.stages {
         driver.open(stage).await.unwrap();
     }
     world
         .settle(Duration::from_secs(3), Duration::from_secs(120))
         .await;
+    let windows = snapshot(&world).await;
+    assert_eq!(windows.params, back.params, "no parameter changed");
+    for ((account, name), was) in &back.groups {
+        let now = &windows.groups[&(account.clone(), name.clone())];
+        if *account == prod {
+            assert!(
+                !now.instance_amis.contains(&candidate)
+                    && !now.versions.iter().any(|(_, image)| *image == candidate),
+                "prod/{name} never saw the recalled AMI: {now:?}"
+            );
+        } else {
+            assert_eq!(now, was, "{}/{name}: nothing moved", world.stage(account));
+        }
+    }
+    let back = windows;
+
+    // Every event of the recalled rollout is delivered again (each from the account that put it:
+    // a spoke's copy of the hub's AmiShared or AmiRecalled would be a forgery, not a replay) and
+    // its AmiBuilt is injected again. Nothing changes anywhere.
     let rollout_id = events::keys::rollout_id(PARAMETER, &candidate);
     let mut replayed = BTreeMap::<String, usize>::new();
     for account in &accounts {

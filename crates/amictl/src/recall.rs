@@ -206,7 +206,7 @@ pub async fn run(args: RecallArgs) -> Result<()> {
     let mut event = events::AmiRecalled::new(&ami, &parameter, why, &recall.decision.by);
     event.to_ami_id = to;
     event.now = args.now;
-    crate::inject::put_event(scope.hub(), BUS, &event.into())
+    crate::inject::put_event(scope.hub(), BUS, &events::Detail::from(event))
         .await
         .with_context(|| {
             format!(

@@ -1,4 +1,4 @@
-//! The amiflow event contract: the EventBridge envelope, our six detail types with their common
+//! The amiflow event contract: the EventBridge envelope, our seven detail types with their common
 //! identity fields, idempotency keys, JSON Schemas generated from the types, and parsers for the
 //! AWS events amiflow consumes (EC2 AMI state changes, Image Builder image state changes, Auto
 //! Scaling instance-refresh events).
