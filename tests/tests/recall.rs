@@ -433,3 +433,102 @@ async fn a_recall_before_any_stage_only_blocks_and_a_newer_ami_then_rolls_out() 
         assert!(said.iter().all(|(o, _)| o == "succeeded"), "qa/{name}: {said:?}");
     }
 }
+
+/// How many instance refreshes the groups of `account` have had, all told.
+async fn refresh_count(world: &World, account: &str) -> usize {
+    let mut n = 0;
+    for g in world.groups(account) {
+        n += observe(world, account, &g).await.refreshes.len();
+    }
+    n
+}
+
+#[tokio::test]
+async fn a_recall_during_qas_window_ends_with_every_group_on_the_previous_ami() {
+    let world = start().await;
+    let accounts = world.accounts();
+    let qa = accounts[0].clone();
+    let (candidate, _) = amis(&world);
+    let before = snapshot(&world).await;
+    let previous = before.params[&qa].0.clone();
+    let mut audit = Audit::default();
+    let driver = world.driver();
+    support::publish(&world, &mut audit, Duration::from_secs(120)).await;
+
+    // qa's window; once its first refreshes run (more groups wait for one of its 3 slots), the
+    // candidate is recalled.
+    driver.open(&driver.stages[0]).await.unwrap();
+    e2e::eventually("qa's first refresh", Duration::from_secs(120), || async {
+        (refresh_count(&world, &qa).await > 0).then_some(())
+    })
+    .await;
+    recall(&world, &candidate, true).await;
+    let moving = refreshed(&world, &qa);
+    let ended = driver
+        .outcomes(
+            &driver.stages[0],
+            &candidate,
+            &moving,
+            &mut audit,
+            Duration::from_secs(300),
+            |_| {},
+        )
+        .await;
+    if let Err(e) = ended {
+        panic!("{e:#}\n{}", world.logs());
+    }
+    world
+        .settle(Duration::from_secs(3), Duration::from_secs(180))
+        .await;
+    support::collect(&world, &mut audit).await;
+
+    let now = snapshot(&world).await;
+    assert_eq!(
+        now.params[&qa],
+        (previous.clone(), before.params[&qa].1 + 2),
+        "qa: the candidate, then the previous AMI again: one version for the recall"
+    );
+    let configured = configured(&world, &qa).await;
+    let mut never_started = 0;
+    for name in &moving {
+        let label = format!("qa/{name}");
+        let (was, group) = (
+            &before.groups[&(qa.clone(), name.clone())],
+            &now.groups[&(qa.clone(), name.clone())],
+        );
+        assert_eq!(
+            group.instance_amis,
+            BTreeSet::from([previous.clone()]),
+            "{label}: every instance on the previous AMI"
+        );
+        assert_eq!(
+            configured[name].as_deref(),
+            Some(previous.as_str()),
+            "{label}: configured for the previous AMI"
+        );
+        // At most one refresh to the candidate and one back: none refreshed twice.
+        assert!(group.refreshes.len() <= 2, "{label}: {group:?}");
+        let said = audit.outcomes(&qa, name, &candidate).unwrap();
+        if said.iter().all(|(o, _)| o == "recalled") {
+            never_started += 1;
+            assert_eq!(group, was, "{label}: a request that never started changed nothing");
+        }
+    }
+    assert!(
+        never_started > 0,
+        "the recall came while requests waited: {:?}",
+        audit.finished
+    );
+    // The stages after qa never changed.
+    for account in &accounts[1..] {
+        assert_eq!(now.params[account], before.params[account]);
+        for g in world.groups(account) {
+            let name = g["name"].as_str().unwrap().to_owned();
+            assert_eq!(
+                now.groups[&(account.clone(), name.clone())],
+                before.groups[&(account.clone(), name)],
+            );
+        }
+    }
+    assert_eq!(world.dead_letters().await, BTreeMap::new());
+}
