@@ -166,8 +166,9 @@ pub async fn recall_parameter(
         Some(to) => to.clone(),
         None => previous_golden(&history, &recall.ami, recalls).ok_or_else(|| {
             StepError::Permanent(format!(
-                "{name} in account {account} never held a golden AMI before {} that is not recalled: nothing to go back to; recall it again with --to <ami>",
-                recall.ami
+                "{name} in account {account} never held a golden AMI before {} that is not recalled: nothing to go back to; name one in the `to` field of the recall record {} (what `amictl recall --to` writes), then replay this message from the DLQ",
+                recall.ami,
+                crate::control::recall_path(&recall.ami)
             ))
         })?,
     };
@@ -435,14 +436,15 @@ mod tests {
     #[tokio::test]
     async fn the_only_golden_ami_needs_to_to_go_back() {
         let aws = world(B, "aws:ec2:image");
-        let err = recall(&aws, B, None).await.unwrap_err();
+        let Err(StepError::Permanent(reason)) = recall(&aws, B, None).await else {
+            panic!("nothing to go back to is permanent");
+        };
         assert_eq!(
-            err.to_string(),
+            reason,
             format!(
-                "{NAME} in account 222222222222 never held a golden AMI before {B} that is not recalled: nothing to go back to; recall it again with --to <ami>"
+                "{NAME} in account 222222222222 never held a golden AMI before {B} that is not recalled: nothing to go back to; name one in the `to` field of the recall record /amiflow/control/recall/{B} (what `amictl recall --to` writes), then replay this message from the DLQ"
             )
         );
-        assert!(!err.is_retryable());
         assert!(aws.changes().is_empty());
         // Named by the operator: written.
         let out = recall(&aws, B, Some(A)).await.unwrap();
