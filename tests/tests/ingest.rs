@@ -74,7 +74,10 @@ async fn ami_state_change_and_image_builder_events_publish_the_new_golden_ami() 
     let hub = world.hub();
     let mut before = BTreeMap::new();
     for account in world.accounts() {
-        before.insert(account.clone(), support::parameter(&world, &account).await.0);
+        before.insert(
+            account.clone(),
+            support::parameter(&world, &account).await.0,
+        );
     }
 
     // 1. EC2 AMI State Change: a golden AMI by name.

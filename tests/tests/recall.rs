@@ -188,7 +188,11 @@ async fn a_recall_moves_qa_and_uat_back_and_nothing_rolls_the_ami_out_again() {
     assert_eq!(back.params[&prod], before.params[&prod], "prod's parameter");
     for ((account, name), was) in &before.groups {
         if *account == prod {
-            assert_eq!(back.groups[&(account.clone(), name.clone())], *was, "prod/{name}");
+            assert_eq!(
+                back.groups[&(account.clone(), name.clone())],
+                *was,
+                "prod/{name}"
+            );
         }
     }
 
@@ -225,7 +229,10 @@ async fn a_recall_moves_qa_and_uat_back_and_nothing_rolls_the_ami_out_again() {
     for account in &accounts {
         for body in world.drain(account, &taps[account]).await {
             let detail_type = body["detail-type"].as_str().unwrap().to_owned();
-            let from_hub = matches!(detail_type.as_str(), "AmiBuilt" | "AmiShared" | "AmiRecalled");
+            let from_hub = matches!(
+                detail_type.as_str(),
+                "AmiBuilt" | "AmiShared" | "AmiRecalled"
+            );
             if body["detail"]["rollout_id"] != rollout_id.as_str() || (from_hub && *account != hub)
             {
                 continue;
@@ -234,7 +241,13 @@ async fn a_recall_moves_qa_and_uat_back_and_nothing_rolls_the_ami_out_again() {
             *replayed.entry(detail_type).or_default() += 1;
         }
     }
-    for kind in ["AmiBuilt", "AmiShared", "ParamUpdated", "AsgRefreshRequested", "AmiRecalled"] {
+    for kind in [
+        "AmiBuilt",
+        "AmiShared",
+        "ParamUpdated",
+        "AsgRefreshRequested",
+        "AmiRecalled",
+    ] {
         assert!(replayed.contains_key(kind), "{kind} replayed: {replayed:?}");
     }
     world
@@ -270,7 +283,9 @@ async fn a_recall_moves_qa_and_uat_back_and_nothing_rolls_the_ami_out_again() {
     let refused: Vec<_> = audit
         .finished
         .iter()
-        .filter(|((_, _, ami), said)| *ami == candidate && said.iter().any(|(o, _)| o == "recalled"))
+        .filter(|((_, _, ami), said)| {
+            *ami == candidate && said.iter().any(|(o, _)| o == "recalled")
+        })
         .collect();
     assert!(
         !refused.is_empty(),
@@ -369,7 +384,12 @@ async fn a_recall_before_any_stage_only_blocks_and_a_newer_ami_then_rolls_out() 
     world
         .put(
             &uat,
-            &Detail::from(AmiRecalled::new(&before.params[&uat].0, PARAMETER, "forged", OPERATOR)),
+            &Detail::from(AmiRecalled::new(
+                &before.params[&uat].0,
+                PARAMETER,
+                "forged",
+                OPERATOR,
+            )),
         )
         .await;
     world
@@ -430,7 +450,10 @@ async fn a_recall_before_any_stage_only_blocks_and_a_newer_ami_then_rolls_out() 
             "qa/{name}"
         );
         let said = audit.outcomes(&qa, &name, &newer).unwrap();
-        assert!(said.iter().all(|(o, _)| o == "succeeded"), "qa/{name}: {said:?}");
+        assert!(
+            said.iter().all(|(o, _)| o == "succeeded"),
+            "qa/{name}: {said:?}"
+        );
     }
 }
 
@@ -511,7 +534,10 @@ async fn a_recall_during_qas_window_ends_with_every_group_on_the_previous_ami() 
         let said = audit.outcomes(&qa, name, &candidate).unwrap();
         if said.iter().all(|(o, _)| o == "recalled") {
             never_started += 1;
-            assert_eq!(group, was, "{label}: a request that never started changed nothing");
+            assert_eq!(
+                group, was,
+                "{label}: a request that never started changed nothing"
+            );
         }
     }
     assert!(

@@ -125,11 +125,14 @@ pub async fn run(args: RecallArgs) -> Result<()> {
         } else {
             None
         };
-        changes.push((stage, StageChange {
-            label: account.label(),
-            holds,
-            back_to,
-        }));
+        changes.push((
+            stage,
+            StageChange {
+                label: account.label(),
+                holds,
+                back_to,
+            },
+        ));
     }
 
     if args.dry_run {

@@ -154,7 +154,12 @@ fn recalls_table(reports: &[AccountCompliance], recalls: &rollout::control::Reca
                 .map(|g| g.name.as_str())
                 .collect();
             if !groups.is_empty() {
-                left.push(format!("{}: {} groups ({})", r.stage, groups.len(), groups.join(", ")));
+                left.push(format!(
+                    "{}: {} groups ({})",
+                    r.stage,
+                    groups.len(),
+                    groups.join(", ")
+                ));
             }
         }
         table.add_row([

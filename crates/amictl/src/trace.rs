@@ -83,9 +83,12 @@ pub async fn run(args: TraceArgs) -> Result<()> {
             .find(|a| a.id == id)
             .map_or_else(|| "?".to_owned(), |a| a.stage.clone())
     };
-    let mut audited = audit_events(&scope, &args.log_group, &format!("\"{}\"", args.rollout_id), |v| {
-        v["detail"]["rollout_id"].as_str() == Some(args.rollout_id.as_str())
-    })
+    let mut audited = audit_events(
+        &scope,
+        &args.log_group,
+        &format!("\"{}\"", args.rollout_id),
+        |v| v["detail"]["rollout_id"].as_str() == Some(args.rollout_id.as_str()),
+    )
     .await?;
     if audited
         .iter()
@@ -400,7 +403,8 @@ mod tests {
             "moved back = ami-0fedcba9876543210 (version 5, was ami-0123456789abcdef0)"
         );
         assert!(
-            summary(&steps).ends_with("; recalled: 1 request(s) refused, 1 parameter(s) moved back"),
+            summary(&steps)
+                .ends_with("; recalled: 1 request(s) refused, 1 parameter(s) moved back"),
             "{}",
             summary(&steps)
         );

@@ -1365,12 +1365,21 @@ async fn recall_is_a_signed_record_previewed_per_stage_and_bad_recalls_are_refus
     assert!(err.contains("is the AMI being recalled"), "{err}");
     let err = refused(&w.run(&["recall", current, "--reason", " "]));
     assert!(err.contains("--reason is empty"), "{err}");
-    assert_eq!(record(&hub, &format!("/amiflow/control/recall/{current}")).await, None);
+    assert_eq!(
+        record(&hub, &format!("/amiflow/control/recall/{current}")).await,
+        None
+    );
 
     // The dry run: per stage, the parameter going back and the groups moving back with their
     // strategy; nothing written.
     let out = ok(
-        &w.run(&["recall", current, "--reason", "kernel regression", "--dry-run"]),
+        &w.run(&[
+            "recall",
+            current,
+            "--reason",
+            "kernel regression",
+            "--dry-run",
+        ]),
         "recall --dry-run",
     );
     for stage in ["qa", "uat", "prod"] {
@@ -1385,14 +1394,20 @@ async fn recall_is_a_signed_record_previewed_per_stage_and_bad_recalls_are_refus
         out.contains("launch-template") && out.contains("cloudformation"),
         "{out}"
     );
-    assert_eq!(record(&hub, &format!("/amiflow/control/recall/{current}")).await, None);
+    assert_eq!(
+        record(&hub, &format!("/amiflow/control/recall/{current}")).await,
+        None
+    );
 
     // The recall of an AMI no stage holds: a signed record; a second one is refused.
     let out = ok(
         &w.run(&["recall", &candidate, "--reason", "CVE-2026-1234"]),
         "recall",
     );
-    assert!(out.contains(&format!("recalled /golden/al2023/ami-id@{candidate}")), "{out}");
+    assert!(
+        out.contains(&format!("recalled /golden/al2023/ami-id@{candidate}")),
+        "{out}"
+    );
     assert!(out.contains("qa (") && out.contains("unchanged"), "{out}");
     let recall = record(&hub, &format!("/amiflow/control/recall/{candidate}"))
         .await
@@ -1401,7 +1416,10 @@ async fn recall_is_a_signed_record_previewed_per_stage_and_bad_recalls_are_refus
         (recall["reason"].as_str(), recall["parameter"].as_str()),
         (Some("CVE-2026-1234"), Some(PARAMETER))
     );
-    assert!(recall["by"].as_str().unwrap().starts_with("arn:aws:"), "{recall}");
+    assert!(
+        recall["by"].as_str().unwrap().starts_with("arn:aws:"),
+        "{recall}"
+    );
     let err = refused(&w.run(&["recall", &candidate, "--reason", "again"]));
     assert!(
         err.contains(&format!("{candidate} is already recalled")) && err.contains("CVE-2026-1234"),

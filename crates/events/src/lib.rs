@@ -19,8 +19,8 @@ pub use aws::{
     AmiStateChange, AwsEvent, ImageBuilderStateChange, InstanceRefreshEvent, RefreshEventKind,
 };
 pub use detail::{
-    AmiBuilt, AmiRecalled, AmiShared, AsgRefreshFinished, AsgRefreshRequested, Detail, Meta, Outcome,
-    ParamUpdated, RolloutWindowOpened, Strategy,
+    AmiBuilt, AmiRecalled, AmiShared, AsgRefreshFinished, AsgRefreshRequested, Detail, Meta,
+    Outcome, ParamUpdated, RolloutWindowOpened, Strategy,
 };
 pub use envelope::Envelope;
 pub use parse::{Inbound, Rejection, RejectionKind, parse_message};

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use chrono::{TimeZone, Utc};
 use events::{
-    AmiBuilt, AmiRecalled, AmiShared, AsgRefreshFinished, AsgRefreshRequested, AwsEvent, Detail, Inbound,
-    Outcome, ParamUpdated, RefreshEventKind, RolloutWindowOpened, Strategy, parse_message,
+    AmiBuilt, AmiRecalled, AmiShared, AsgRefreshFinished, AsgRefreshRequested, AwsEvent, Detail,
+    Inbound, Outcome, ParamUpdated, RefreshEventKind, RolloutWindowOpened, Strategy, parse_message,
 };
 
 fn root() -> PathBuf {

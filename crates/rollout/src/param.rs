@@ -77,8 +77,14 @@ pub async fn update_parameter(
         }
     }
     let previous = current.as_ref().map(|c| c.value.clone());
-    let p = write_and_confirm(params, name, &shared.ami_id, previous.as_deref(), read_back_interval)
-        .await?;
+    let p = write_and_confirm(
+        params,
+        name,
+        &shared.ami_id,
+        previous.as_deref(),
+        read_back_interval,
+    )
+    .await?;
     Ok(vec![updated(shared, account, p.value, previous, p.version)])
 }
 
@@ -380,11 +386,7 @@ mod tests {
         (event, recall, recalls)
     }
 
-    async fn recall(
-        aws: &FakeAws,
-        ami: &str,
-        to: Option<&str>,
-    ) -> Result<Vec<Detail>, StepError> {
+    async fn recall(aws: &FakeAws, ami: &str, to: Option<&str>) -> Result<Vec<Detail>, StepError> {
         let (event, recall, recalls) = recall_of(ami, to);
         let closes = Utc.with_ymd_and_hms(2026, 12, 5, 6, 0, 0).unwrap();
         recall_parameter(
@@ -410,7 +412,11 @@ mod tests {
         let out = recall(&aws, B, None).await.unwrap();
         let p = param_updated(&out);
         assert_eq!(
-            (p.ami_id.as_str(), p.previous_ami_id.as_deref(), p.parameter_version),
+            (
+                p.ami_id.as_str(),
+                p.previous_ami_id.as_deref(),
+                p.parameter_version
+            ),
             (A, Some(B), 4)
         );
         assert_eq!(p.meta.caused_by, format!("recalled:{B}"));

@@ -287,19 +287,46 @@ mod tests {
         };
         // The parameter holds the recalled AMI (it has not gone back yet): nothing moves to it.
         holding(NEW, OLD);
-        let out = plan("k", "111111111111", None, &aws, &aws, &policy, stage, &recalls)
-            .await
-            .unwrap();
+        let out = plan(
+            "k",
+            "111111111111",
+            None,
+            &aws,
+            &aws,
+            &policy,
+            stage,
+            &recalls,
+        )
+        .await
+        .unwrap();
         assert_eq!(requested(out), []);
-        let out = plan("k", "111111111111", None, &aws, &aws, &policy, stage, &Recalls::default())
-            .await
-            .unwrap();
+        let out = plan(
+            "k",
+            "111111111111",
+            None,
+            &aws,
+            &aws,
+            &policy,
+            stage,
+            &Recalls::default(),
+        )
+        .await
+        .unwrap();
         assert_eq!(requested(out), [("on-old".into(), NEW.into())]);
         // Gone back: the group on the recalled AMI is an earlier value of the parameter, stale.
         holding(OLD, NEW);
-        let out = plan("k", "111111111111", None, &aws, &aws, &policy, stage, &recalls)
-            .await
-            .unwrap();
+        let out = plan(
+            "k",
+            "111111111111",
+            None,
+            &aws,
+            &aws,
+            &policy,
+            stage,
+            &recalls,
+        )
+        .await
+        .unwrap();
         assert_eq!(requested(out), [("on-new".into(), OLD.into())]);
     }
 }

@@ -292,16 +292,16 @@ impl runtime::Step for ShareStep {
                     return Ok(refuse_recalled("share-worker", "AmiBuilt", &recall));
                 }
                 Ok(StepOutput::Emit(
-                crate::share::share(
-                    built,
-                    &self.images,
-                    &self.keys,
-                    &self.goldens,
-                    &self.records,
-                    &self.ctx.policy,
-                    now,
-                )
-                .await?,
+                    crate::share::share(
+                        built,
+                        &self.images,
+                        &self.keys,
+                        &self.goldens,
+                        &self.records,
+                        &self.ctx.policy,
+                        now,
+                    )
+                    .await?,
                 ))
             }
             Detail::RolloutWindowOpened(window) => {

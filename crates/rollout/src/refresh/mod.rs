@@ -364,7 +364,13 @@ async fn recalled(
     req: &AsgRefreshRequested,
     recall: &crate::control::Recall,
 ) -> Result<StepOutput, StepError> {
-    let refused = || finished(req, Outcome::Recalled, format!("not started: {}", recall.refusal()));
+    let refused = || {
+        finished(
+            req,
+            Outcome::Recalled,
+            format!("not started: {}", recall.refusal()),
+        )
+    };
     let Some(group) = ctx.groups.get(&req.asg_name).await? else {
         return Ok(refused());
     };
@@ -586,7 +592,11 @@ mod tests {
         }
     }
 
-    async fn run_recalled(aws: &FakeAws, req: &AsgRefreshRequested, admission: &Admission) -> StepOutput {
+    async fn run_recalled(
+        aws: &FakeAws,
+        req: &AsgRefreshRequested,
+        admission: &Admission,
+    ) -> StepOutput {
         let recall = recall_of_new();
         let ctx = RefreshContext {
             groups: aws,
@@ -612,11 +622,15 @@ mod tests {
 
         // A waiting request: ends `recalled`, nothing started, no version made.
         let before = aws.changes();
-        let (said, reason) = outcome(&run_recalled(&aws, &request("g1", Strategy::LaunchTemplate), &admission).await);
+        let (said, reason) = outcome(
+            &run_recalled(&aws, &request("g1", Strategy::LaunchTemplate), &admission).await,
+        );
         assert_eq!(said, Outcome::Recalled);
         assert_eq!(
             reason,
-            format!("not started: {NEW} was recalled by arn:aws:sts::111111111111:assumed-role/ops/alice at 2026-12-05T02:00:00+00:00: kernel regression")
+            format!(
+                "not started: {NEW} was recalled by arn:aws:sts::111111111111:assumed-role/ops/alice at 2026-12-05T02:00:00+00:00: kernel regression"
+            )
         );
         assert_eq!(aws.changes(), before, "nothing changed for g1");
 
@@ -625,7 +639,11 @@ mod tests {
             panic!("a cancelled refresh is polled again");
         };
         run_recalled(&aws, &running, &admission).await;
-        let cancels = aws.changes().iter().filter(|c| c.starts_with("cancel_refresh")).count();
+        let cancels = aws
+            .changes()
+            .iter()
+            .filter(|c| c.starts_with("cancel_refresh"))
+            .count();
         assert_eq!(cancels, 1, "{:?}", aws.changes());
         aws.refreshes.lock().unwrap().get_mut("g0").unwrap()[0].status = "Cancelled".into();
         let (said, _) = outcome(&run_recalled(&aws, &running, &admission).await);
