@@ -49,10 +49,10 @@ MAX_RECEIVE_COUNT = 5
 # heartbeat), so a short timeout costs a few calls and no duplicate work; what it buys is that a
 # killed worker's in-flight messages come back within seconds once it is started again.
 VISIBILITY_TIMEOUT = 10
-# The hub's audit trail (amictl trace): every AmiBuilt, AmiShared, ParamUpdated and
-# AsgRefreshFinished the hub bus sees, its own and those the spokes forward.
+# The hub's audit trail (amictl trace): every AmiBuilt, AmiShared, ParamUpdated,
+# AsgRefreshFinished and AmiRecalled the hub bus sees, its own and those the spokes forward.
 AUDIT_LOG_GROUP = "/amiflow/audit"
-AUDIT_DETAIL_TYPES = ["AmiBuilt", "AmiShared", "ParamUpdated", "AsgRefreshFinished"]
+AUDIT_DETAIL_TYPES = ["AmiBuilt", "AmiShared", "ParamUpdated", "AsgRefreshFinished", "AmiRecalled"]
 
 FAMILIES = [{"parameter_name": f["parameter_name"], "name_prefix": f["name_prefix"]}
             for f in POLICY["families"]]
@@ -310,6 +310,10 @@ def rules_for(acct, queues):
     rules = [
         dict(name="amiflow-param", bus=BUS_NAME, target=q("param"),
              pattern=ours(["AmiShared"], target_account=me)),
+        # A recall (amictl recall, on the hub's bus) reaches every stage's param-worker, which
+        # moves its golden parameter back; the worker judges the hub's record, not the event.
+        dict(name="amiflow-param-recall", bus=BUS_NAME, target=q("param"),
+             pattern=ours(["AmiRecalled"])),
         dict(name="amiflow-plan", bus=BUS_NAME, target=q("plan"),
              pattern=ours(["ParamUpdated", "RolloutWindowOpened"], account=me)),
         dict(name="amiflow-refresh", bus=BUS_NAME, target=q("refresh"),
@@ -340,6 +344,8 @@ def rules_for(acct, queues):
             if account != me:
                 rules.append(dict(name=f"amiflow-forward-{stage}", bus=BUS_NAME, target=bus_arn(account, region),
                                   pattern=ours(["AmiShared"], target_account=account)))
+                rules.append(dict(name=f"amiflow-forward-recall-{stage}", bus=BUS_NAME,
+                                  target=bus_arn(account, region), pattern=ours(["AmiRecalled"])))
     else:
         rules.append(dict(name="amiflow-forward-hub", bus=BUS_NAME, target=bus_arn(HUB_ACCOUNT, region),
                           pattern=ours(["ParamUpdated", "AsgRefreshFinished", "RolloutWindowOpened"])))

@@ -240,11 +240,13 @@ def test_buses_policies_and_rules(state, aws):
         on_bus = {r["Name"] for r in events.list_rules(EventBusName="amiflow")["Rules"]}
         on_default = {r["Name"] for r in events.list_rules(EventBusName="default")["Rules"]}
         if acct == HUB:
-            assert on_bus == {"amiflow-param", "amiflow-plan", "amiflow-refresh", "amiflow-share", "amiflow-audit",
-                              "amiflow-audit-log", "amiflow-forward-uat", "amiflow-forward-prod"}
+            assert on_bus == {"amiflow-param", "amiflow-param-recall", "amiflow-plan", "amiflow-refresh",
+                              "amiflow-share", "amiflow-audit", "amiflow-audit-log", "amiflow-forward-uat",
+                              "amiflow-forward-prod", "amiflow-forward-recall-uat", "amiflow-forward-recall-prod"}
             assert on_default == {"amiflow-refresh-outcomes", "amiflow-ingest-ec2", "amiflow-ingest-imagebuilder"}
         else:
-            assert on_bus == {"amiflow-param", "amiflow-plan", "amiflow-refresh", "amiflow-forward-hub"}
+            assert on_bus == {"amiflow-param", "amiflow-param-recall", "amiflow-plan", "amiflow-refresh",
+                              "amiflow-forward-hub"}
             assert on_default == {"amiflow-refresh-outcomes"}
         for name in on_bus:
             pattern = json.loads(events.describe_rule(Name=name, EventBusName="amiflow")["EventPattern"])

@@ -115,7 +115,7 @@ impl Hub {
     }
 
     /// A decision signed by the caller: their STS ARN, now, and the reason.
-    async fn decision(&self, reason: &str) -> Result<Decision> {
+    pub async fn decision(&self, reason: &str) -> Result<Decision> {
         let me = self
             .sts
             .get_caller_identity()

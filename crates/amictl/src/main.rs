@@ -12,6 +12,7 @@ mod local;
 mod plan;
 mod procs;
 mod queues;
+mod recall;
 mod rerun;
 mod scope;
 mod status;
@@ -27,7 +28,7 @@ use clap::{CommandFactory, Parser, Subcommand};
     version,
     about = "Operate amiflow: run it locally against an emulated AWS, inspect and drive rollouts",
     long_about = "Operate amiflow: run it locally against an emulated AWS, inspect and drive rollouts.\n\nEvery command that reads or changes AWS acts on the local world (amictl local up) unless --config names the rollout policy; then it uses the standard AWS credential chain (AWS_PROFILE, SSO, environment) and assumes the policy's role_name in the other accounts.",
-    after_help = "Examples:\n  amictl demo                                   # a whole rollout, locally\n  amictl local up && eval \"$(amictl local env)\"\n  amictl status --stage prod\n  amictl plan --stage prod\n  amictl pause --all --reason \"incident 42\"\n  amictl dlq list\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0\n  amictl completions bash > /etc/bash_completion.d/amictl"
+    after_help = "Examples:\n  amictl demo                                   # a whole rollout, locally\n  amictl local up && eval \"$(amictl local env)\"\n  amictl status --stage prod\n  amictl plan --stage prod\n  amictl pause --all --reason \"incident 42\"\n  amictl recall ami-0123456789abcdef0 --reason \"CVE-2026-1234\" --dry-run\n  amictl dlq list\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0\n  amictl completions bash > /etc/bash_completion.d/amictl"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -64,6 +65,8 @@ enum Command {
     Approve(control::ApproveArgs),
     /// Halt a stage for an AMI: no new refresh there, the next stage not promoted.
     Halt(control::HaltArgs),
+    /// Recall a bad golden AMI: refused everywhere, every stage and group moved back.
+    Recall(recall::RecallArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     #[command(
         after_help = "Examples:\n  amictl completions bash > ~/.local/share/bash-completion/completions/amictl\n  amictl completions zsh > \"${fpath[1]}/_amictl\""
@@ -90,6 +93,7 @@ async fn main() -> ExitCode {
         Command::Resume(args) => control::resume(args).await,
         Command::Approve(args) => control::approve(args).await,
         Command::Halt(args) => control::halt(args).await,
+        Command::Recall(args) => recall::run(args).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "amictl", &mut std::io::stdout());
             Ok(())
@@ -152,7 +156,7 @@ mod tests {
         let script = String::from_utf8(out).unwrap();
         for command in [
             "inject", "dlq", "replay", "rerun", "trace", "status", "local", "plan", "pause",
-            "resume", "approve",
+            "resume", "approve", "recall",
         ] {
             assert!(
                 script.contains(command),

@@ -9,13 +9,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Context, Result, anyhow};
 use chrono::Utc;
 use clap::Args;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use events::{Outcome, Strategy};
 use rollout::aws::{AwsGroups, CfnStacks, MarkParameters, ParamValue, Parameters, SsmParameters};
-use rollout::control::{Decision, Pause};
+use rollout::control::{Decision, Pause, Recalls};
 use rollout::discovery::Verdict;
 use rollout::gate::{self, GateState};
 use rollout::plan::{GroupPlan, Judged, group_plan, judge_all};
@@ -195,16 +195,19 @@ impl MarkParameters for AsIf {
 }
 
 /// One stage's groups: judged as they are (for the gates), and as the window will see them.
-struct Judgement {
-    real: Vec<Judged>,
-    window: Vec<GroupPreview>,
+pub struct Judgement {
+    pub real: Vec<Judged>,
+    pub window: Vec<GroupPreview>,
 }
 
-async fn judge_stage(
+/// `candidate`: judge the window as if the golden parameter held that AMI (`--ami`, and
+/// `amictl recall --dry-run` with the AMI a stage goes back to).
+pub async fn judge_stage(
     config: aws_config::SdkConfig,
     policy: Arc<Policy>,
     stage: Stage,
     candidate: Option<(String, String)>,
+    recalls: Recalls,
 ) -> Result<Judgement, StepError> {
     let groups = AwsGroups::new(&config);
     let params = SsmParameters(aws_sdk_ssm::Client::new(&config));
@@ -218,9 +221,9 @@ async fn judge_stage(
                 ami,
             };
             let judged = judge_all(&groups, &as_if, &policy, &stage).await?;
-            previews(&judged, &as_if, &stacks, &stage).await?
+            previews(&judged, &as_if, &stacks, &stage, &recalls).await?
         }
-        None => previews(&real, &params, &stacks, &stage).await?,
+        None => previews(&real, &params, &stacks, &stage, &recalls).await?,
     };
     Ok(Judgement { real, window })
 }
@@ -232,6 +235,7 @@ async fn previews(
     params: &impl Parameters,
     stacks: &CfnStacks,
     stage: &Stage,
+    recalls: &Recalls,
 ) -> Result<Vec<GroupPreview>, StepError> {
     let mut targets: HashMap<String, Option<String>> = HashMap::new();
     let mut out = Vec::new();
@@ -261,6 +265,18 @@ async fn previews(
             Some(t) => group_plan(j, t),
             None => GroupPlan::NotOurs,
         };
+        // The plan-worker moves nothing to a recalled AMI (the parameter goes back first).
+        if let (Some(recall), GroupPlan::Request(_)) =
+            (target.as_deref().and_then(|t| recalls.of(t)), &plan)
+        {
+            preview.action = Action::Wait;
+            preview.reason = format!(
+                "the golden parameter holds a recalled AMI; it moves when the parameter goes back ({})",
+                recall.refusal()
+            );
+            out.push(preview);
+            continue;
+        }
         match plan {
             GroupPlan::NotOurs => {
                 if let Verdict::Untouched(why) = &j.verdict {
@@ -289,7 +305,10 @@ async fn previews(
                             (Verdict::Current, n) if n > 0 => {
                                 format!("{n} instances still run an earlier AMI")
                             }
-                            _ => "on an earlier golden AMI".into(),
+                            _ => match j.group.ami.as_deref().and_then(|a| recalls.of(a)) {
+                                Some(_) => "moves back from a recalled AMI".into(),
+                                None => "on an earlier golden AMI".into(),
+                            },
                         };
                     }
                     Foreseen::Ends(Outcome::Skipped, why) => {
@@ -378,18 +397,27 @@ pub async fn preview(
             read.push(s);
         }
     }
+    let hub = Hub::of(scope);
+    let recalls = Recalls::read(&hub.records)
+        .await
+        .map_err(|e| anyhow!("{e}"))
+        .context("reading the recalls in the hub")?;
     let mut tasks = tokio::task::JoinSet::new();
     for stage in read {
         let account = scope.account(&stage.account)?;
-        let (config, policy, stage, candidate) = (
+        let (config, policy, stage, candidate, recalls) = (
             account.config.clone(),
             policy.clone(),
             stage.clone(),
             candidate.clone(),
+            recalls.clone(),
         );
         tasks.spawn(async move {
             let name = stage.name.clone();
-            (name, judge_stage(config, policy, stage, candidate).await)
+            (
+                name,
+                judge_stage(config, policy, stage, candidate, recalls).await,
+            )
         });
     }
     let mut judged: HashMap<String, Judgement> = HashMap::new();
@@ -402,7 +430,6 @@ pub async fn preview(
                 .map_err(|e| e.context(format!("reading the groups of {name}")))?,
         );
     }
-    let hub = Hub::of(scope);
     let pauses = hub.pauses().await?;
     let now = Utc::now();
     let mut stages = Vec::new();

@@ -4,7 +4,7 @@
 //! running; against AWS with `--config` (the rollout policy) and the standard credential chain,
 //! assuming the policy's role in each stage account.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 
@@ -53,6 +53,10 @@ pub async fn run(args: StatusArgs) -> Result<()> {
         None => None,
     };
     let gates = crate::plan::preview(&scope, only.as_deref(), None).await?;
+    let recalls = rollout::control::Recalls::read(&crate::control::Hub::of(&scope).records)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("reading the recalls in the hub")?;
     if args.json {
         let stages: Vec<StageStatus> = reports
             .iter()
@@ -67,12 +71,16 @@ pub async fn run(args: StatusArgs) -> Result<()> {
                         runs: s.runs.clone(),
                         gates: s.gates.clone(),
                     }),
+                recalled: still_on_recalled(r, &recalls),
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&stages)?);
     } else {
         println!("{}", summary(&reports));
         println!("\n{}", gates_table(&gates));
+        if !recalls.0.is_empty() {
+            println!("\n{}", recalls_table(&reports, &recalls));
+        }
         let details = groups_table(&reports, args.all);
         if details.row_count() > 0 {
             println!("\n{details}");
@@ -89,6 +97,86 @@ struct StageStatus<'a> {
     compliance: &'a AccountCompliance,
     #[serde(flatten)]
     gate: Option<GateStatus>,
+    /// Each recalled AMI some group of the stage still runs, with those groups (still to move
+    /// back).
+    recalled: Vec<StillOnRecalled>,
+}
+
+#[derive(Serialize)]
+struct StillOnRecalled {
+    ami: String,
+    recall: rollout::control::Recall,
+    groups: Vec<String>,
+}
+
+/// The groups of a stage whose configuration still launches a recalled AMI.
+fn still_on_recalled(
+    report: &AccountCompliance,
+    recalls: &rollout::control::Recalls,
+) -> Vec<StillOnRecalled> {
+    recalls
+        .0
+        .values()
+        .filter_map(|recall| {
+            let groups: Vec<String> = report
+                .groups
+                .iter()
+                .filter(|g| g.ami.as_deref() == Some(recall.ami.as_str()))
+                .map(|g| g.name.clone())
+                .collect();
+            (!groups.is_empty()).then(|| StillOnRecalled {
+                ami: recall.ami.clone(),
+                recall: recall.clone(),
+                groups,
+            })
+        })
+        .collect()
+}
+
+/// Every recall (who, when, why) and, per stage, the groups still to move back.
+fn recalls_table(reports: &[AccountCompliance], recalls: &rollout::control::Recalls) -> Table {
+    let mut table = Table::new();
+    table
+        .load_preset(UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Dynamic)
+        .set_header(["recalled", "by, when, why", "still to move back"]);
+    if table.width().is_none() {
+        table.set_width(140);
+    }
+    for recall in recalls.0.values() {
+        let mut left = Vec::new();
+        for r in reports {
+            let groups: Vec<&str> = r
+                .groups
+                .iter()
+                .filter(|g| g.ami.as_deref() == Some(recall.ami.as_str()))
+                .map(|g| g.name.as_str())
+                .collect();
+            if !groups.is_empty() {
+                left.push(format!(
+                    "{}: {} groups ({})",
+                    r.stage,
+                    groups.len(),
+                    groups.join(", ")
+                ));
+            }
+        }
+        table.add_row([
+            format!("{}@{}", recall.parameter, recall.ami),
+            format!(
+                "{} at {}: {}",
+                recall.decision.by,
+                recall.decision.at.to_rfc3339(),
+                recall.decision.reason
+            ),
+            if left.is_empty() {
+                "none: every stage moved back".into()
+            } else {
+                left.join("\n")
+            },
+        ]);
+    }
+    table
 }
 
 #[derive(Serialize)]

@@ -1,6 +1,7 @@
 //! `amictl trace <rollout-id>`: the story of one rollout. The hub's bus sends every AmiBuilt,
-//! AmiShared, ParamUpdated and AsgRefreshFinished it sees (its own and those the spokes forward)
-//! to the audit log group; the trace reads that group's events of the rollout, adds the
+//! AmiShared, ParamUpdated, AsgRefreshFinished and AmiRecalled it sees (its own and those the
+//! spokes forward) to the audit log group; the trace reads that group's events of the rollout
+//! (and, for a recalled AMI, each stage's parameter moving back, caused by the recall), adds the
 //! rollout's messages still sitting in any DLQ (the steps that did not happen), and prints them
 //! in order: when, in which account, which step, on what, with which result.
 
@@ -82,8 +83,27 @@ pub async fn run(args: TraceArgs) -> Result<()> {
             .find(|a| a.id == id)
             .map_or_else(|| "?".to_owned(), |a| a.stage.clone())
     };
-    let mut steps: Vec<TraceStep> = audit_events(&scope, &args.log_group, &args.rollout_id)
-        .await?
+    let mut audited = audit_events(
+        &scope,
+        &args.log_group,
+        &format!("\"{}\"", args.rollout_id),
+        |v| v["detail"]["rollout_id"].as_str() == Some(args.rollout_id.as_str()),
+    )
+    .await?;
+    if audited
+        .iter()
+        .any(|v| v["detail-type"].as_str() == Some("AmiRecalled"))
+    {
+        // The moves back belong to the rollout of the AMI gone back to; the recall caused them.
+        let recalled = events::keys::recalled(ami);
+        audited.extend(
+            audit_events(&scope, &args.log_group, &format!("\"{recalled}\""), |v| {
+                v["detail"]["caused_by"].as_str() == Some(recalled.as_str())
+            })
+            .await?,
+        );
+    }
+    let mut steps: Vec<TraceStep> = audited
         .iter()
         .filter_map(|event| step_of(event, &scope.hub().id))
         .map(|mut s| {
@@ -142,8 +162,14 @@ pub async fn run(args: TraceArgs) -> Result<()> {
     Ok(())
 }
 
-/// Every audit event of the rollout, as EventBridge wrote it to the log group.
-async fn audit_events(scope: &Scope, group: &str, rollout_id: &str) -> Result<Vec<Value>> {
+/// Every audit event matching `pattern` that `keep` accepts, as EventBridge wrote it to the log
+/// group.
+async fn audit_events(
+    scope: &Scope,
+    group: &str,
+    pattern: &str,
+    keep: impl Fn(&Value) -> bool,
+) -> Result<Vec<Value>> {
     let hub = scope.hub();
     let logs = aws_sdk_cloudwatchlogs::Client::new(&hub.config);
     let mut out = Vec::new();
@@ -151,7 +177,7 @@ async fn audit_events(scope: &Scope, group: &str, rollout_id: &str) -> Result<Ve
         .filter_log_events()
         .log_group_name(group)
         // A quoted term matches the exact text; the detail is checked again below.
-        .filter_pattern(format!("\"{rollout_id}\""))
+        .filter_pattern(pattern)
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
@@ -173,7 +199,7 @@ async fn audit_events(scope: &Scope, group: &str, rollout_id: &str) -> Result<Ve
                 continue;
             };
             if let Ok(value) = serde_json::from_str::<Value>(message)
-                && value["detail"]["rollout_id"].as_str() == Some(rollout_id)
+                && keep(&value)
             {
                 out.push(value);
             }
@@ -202,10 +228,32 @@ pub fn step_of(event: &Value, hub: &str) -> Option<TraceStep> {
             s("account"),
             s("parameter_name"),
             format!(
-                "= {} (version {}, was {})",
+                "{}= {} (version {}, was {})",
+                if s("caused_by").starts_with("recalled:") {
+                    "moved back "
+                } else {
+                    ""
+                },
                 s("ami_id"),
                 d["parameter_version"],
                 d["previous_ami_id"].as_str().unwrap_or("nothing")
+            ),
+        ),
+        "AmiRecalled" => (
+            hub.to_owned(),
+            s("ami_id"),
+            format!(
+                "recalled by {}: {} (back to {}{})",
+                s("recalled_by"),
+                s("reason"),
+                d["to_ami_id"]
+                    .as_str()
+                    .unwrap_or("each stage's previous golden AMI"),
+                if d["now"].as_bool() == Some(true) {
+                    ", at once"
+                } else {
+                    ", in each stage's window"
+                }
             ),
         ),
         "AsgRefreshRequested" => (
@@ -275,8 +323,19 @@ pub fn summary(steps: &[TraceStep]) -> String {
         .iter()
         .filter(|s| s.result.starts_with("dead-lettered"))
         .count();
+    let recall = match count("AmiRecalled") {
+        0 => String::new(),
+        _ => format!(
+            "; recalled: {} request(s) refused, {} parameter(s) moved back",
+            outcome("recalled"),
+            steps
+                .iter()
+                .filter(|s| s.step == "ParamUpdated" && s.result.starts_with("moved back"))
+                .count()
+        ),
+    };
     format!(
-        "built {}, shared with {} account(s), parameter updated in {}, groups: {} succeeded, {} failed, {} rolled back, {} skipped; {} message(s) dead-lettered",
+        "built {}, shared with {} account(s), parameter updated in {}, groups: {} succeeded, {} failed, {} rolled back, {} skipped; {} message(s) dead-lettered{recall}",
         if count("AmiBuilt") > 0 {
             "yes"
         } else {
@@ -322,5 +381,32 @@ mod tests {
         assert_eq!(steps.len(), 4);
         insta::assert_snapshot!("trace_table", table(&steps).to_string());
         insta::assert_snapshot!("trace_summary", summary(&steps));
+    }
+
+    #[test]
+    fn a_recall_and_the_moves_back_it_caused_are_steps() {
+        let events = [
+            json!({"detail-type": "AmiRecalled", "detail": {"ami_id": "ami-0123456789abcdef0", "reason": "CVE-2026-1234", "recalled_by": "arn:aws:sts::111111111111:assumed-role/ops/alice", "now": true, "emitted_at": "2026-12-02T09:00:00.000Z", "key": "recalled:ami-0123456789abcdef0"}}),
+            json!({"detail-type": "ParamUpdated", "detail": {"account": "333333333333", "parameter_name": "/golden/al2023/ami-id", "ami_id": "ami-0fedcba9876543210", "previous_ami_id": "ami-0123456789abcdef0", "parameter_version": 5, "emitted_at": "2026-12-02T09:00:02.000Z", "key": "param:333333333333:/golden/al2023/ami-id:ami-0fedcba9876543210", "caused_by": "recalled:ami-0123456789abcdef0"}}),
+            json!({"detail-type": "AsgRefreshFinished", "detail": {"account": "333333333333", "asg_name": "prod-web", "outcome": "recalled", "reason": "not started", "emitted_at": "2026-12-02T09:00:03.000Z", "key": "finished:333333333333:prod-web:ami-0123456789abcdef0"}}),
+        ];
+        let steps: Vec<TraceStep> = events
+            .iter()
+            .filter_map(|e| step_of(e, "111111111111"))
+            .collect();
+        assert_eq!(
+            steps[0].result,
+            "recalled by arn:aws:sts::111111111111:assumed-role/ops/alice: CVE-2026-1234 (back to each stage's previous golden AMI, at once)"
+        );
+        assert_eq!(
+            steps[1].result,
+            "moved back = ami-0fedcba9876543210 (version 5, was ami-0123456789abcdef0)"
+        );
+        assert!(
+            summary(&steps)
+                .ends_with("; recalled: 1 request(s) refused, 1 parameter(s) moved back"),
+            "{}",
+            summary(&steps)
+        );
     }
 }

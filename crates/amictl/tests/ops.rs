@@ -1406,3 +1406,116 @@ async fn plan_predicts_what_the_window_does_to_every_group() {
         "{after:#}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn recall_is_a_signed_record_previewed_per_stage_and_bad_recalls_are_refused() {
+    let w = World::up(&["--no-workers"]);
+    let hub = w.config("qa").await;
+    let candidate = w.candidate();
+    let history: Vec<String> = w.world["amis"]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    let (current, before) = (&history[2], &history[1]);
+
+    // Bad input, each refused with what to do (exit 2), nothing written.
+    let err = refused(&w.run(&["recall", "ami-0123456789abcdef0", "--reason", "x"]));
+    assert!(
+        err.contains("no AMI ami-0123456789abcdef0 in the hub"),
+        "{err}"
+    );
+    let experiment = aws_sdk_ec2::Client::new(&hub)
+        .register_image()
+        .name("team-experiment-42")
+        .root_device_name("/dev/xvda")
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_owned();
+    let err = refused(&w.run(&["recall", &experiment, "--reason", "x"]));
+    assert!(err.contains("belongs to no golden family"), "{err}");
+    let other = w.world["amis"]["other_family"].as_str().unwrap();
+    let err = refused(&w.run(&["recall", other, "--reason", "bad agent"]));
+    assert!(
+        err.contains(&format!("{other} is the only golden AMI"))
+            && err.contains("nothing to go back to; name one with --to <ami>"),
+        "{err}"
+    );
+    let err = refused(&w.run(&["recall", current, "--to", current, "--reason", "x"]));
+    assert!(err.contains("is the AMI being recalled"), "{err}");
+    let err = refused(&w.run(&["recall", current, "--reason", " "]));
+    assert!(err.contains("--reason is empty"), "{err}");
+    assert_eq!(
+        record(&hub, &format!("/amiflow/control/recall/{current}")).await,
+        None
+    );
+
+    // The dry run: per stage, the parameter going back and the groups moving back with their
+    // strategy; nothing written.
+    let out = ok(
+        &w.run(&[
+            "recall",
+            current,
+            "--reason",
+            "kernel regression",
+            "--dry-run",
+        ]),
+        "recall --dry-run",
+    );
+    for stage in ["qa", "uat", "prod"] {
+        assert!(
+            out.lines().any(|l| l.starts_with(&format!("{stage} ("))
+                && l.contains(&format!("{current} -> {before} (one new version)"))
+                && l.contains("groups move back")),
+            "{stage}:\n{out}"
+        );
+    }
+    assert!(
+        out.contains("launch-template") && out.contains("cloudformation"),
+        "{out}"
+    );
+    assert_eq!(
+        record(&hub, &format!("/amiflow/control/recall/{current}")).await,
+        None
+    );
+
+    // The recall of an AMI no stage holds: a signed record; a second one is refused.
+    let out = ok(
+        &w.run(&["recall", &candidate, "--reason", "CVE-2026-1234"]),
+        "recall",
+    );
+    assert!(
+        out.contains(&format!("recalled /golden/al2023/ami-id@{candidate}")),
+        "{out}"
+    );
+    assert!(out.contains("qa (") && out.contains("unchanged"), "{out}");
+    let recall = record(&hub, &format!("/amiflow/control/recall/{candidate}"))
+        .await
+        .expect("the recall is a record in the hub");
+    assert_eq!(
+        (recall["reason"].as_str(), recall["parameter"].as_str()),
+        (Some("CVE-2026-1234"), Some(PARAMETER))
+    );
+    assert!(
+        recall["by"].as_str().unwrap().starts_with("arn:aws:"),
+        "{recall}"
+    );
+    let err = refused(&w.run(&["recall", &candidate, "--reason", "again"]));
+    assert!(
+        err.contains(&format!("{candidate} is already recalled")) && err.contains("CVE-2026-1234"),
+        "{err}"
+    );
+    // A recalled AMI cannot be where another recall goes back to.
+    let err = refused(&w.run(&["recall", current, "--to", &candidate, "--reason", "x"]));
+    assert!(err.contains("is recalled itself"), "{err}");
+    // status shows it, and that no group runs it.
+    let out = ok(&w.run(&["status"]), "status");
+    assert!(
+        out.contains(&candidate) && out.contains("none: every stage moved back"),
+        "{out}"
+    );
+}

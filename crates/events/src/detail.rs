@@ -421,6 +421,8 @@ pub enum Outcome {
     /// Not started: the stage failed more groups for the AMI than it tolerates
     /// (`max_failed_groups`), so it halted for it until `amictl resume --stage`.
     Halted,
+    /// Not started, or cancelled while running: an operator recalled the AMI (`amictl recall`).
+    Recalled,
 }
 
 impl Outcome {
@@ -432,6 +434,7 @@ impl Outcome {
             Outcome::Cancelled => "cancelled",
             Outcome::Skipped => "skipped",
             Outcome::Halted => "halted",
+            Outcome::Recalled => "recalled",
         }
     }
 }
@@ -474,6 +477,52 @@ impl AsgRefreshFinished {
     }
 }
 
+/// An operator recalled a golden AMI (`amictl recall`): it is refused everywhere from now on, and
+/// every stage whose golden parameter holds it goes back to the family's previous golden AMI.
+/// The hub's record `/amiflow/control/recall/<ami>` is the truth; this event only wakes the
+/// param-workers, which read that record and never act on the event's word alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AmiRecalled {
+    #[serde(flatten)]
+    pub meta: Meta,
+    #[schemars(regex(pattern = AMI_ID))]
+    pub ami_id: String,
+    #[schemars(regex(pattern = PARAMETER_NAME), length(max = 1011))]
+    pub parameter_name: String,
+    /// The AMI an operator named to go back to (`--to`); absent: each stage's previous golden
+    /// AMI that is not recalled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = AMI_ID))]
+    pub to_ami_id: Option<String>,
+    /// Why, as the operator said it.
+    #[schemars(length(min = 1, max = 1024))]
+    pub reason: String,
+    /// The caller identity that recalled it (an STS ARN).
+    #[schemars(length(min = 1, max = 2048))]
+    pub recalled_by: String,
+    /// Move the groups back at once (`--now`) instead of in each stage's next window.
+    #[serde(default)]
+    pub now: bool,
+}
+
+impl AmiRecalled {
+    pub fn new(ami_id: &str, parameter_name: &str, reason: &str, recalled_by: &str) -> Self {
+        Self {
+            meta: Meta::new(
+                keys::rollout_id(parameter_name, ami_id),
+                keys::recalled(ami_id),
+                "",
+            ),
+            ami_id: ami_id.to_owned(),
+            parameter_name: parameter_name.to_owned(),
+            to_ami_id: None,
+            reason: reason.to_owned(),
+            recalled_by: recalled_by.to_owned(),
+            now: false,
+        }
+    }
+}
+
 /// Any amiflow detail, tagged by its EventBridge `detail-type`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Detail {
@@ -483,17 +532,19 @@ pub enum Detail {
     RolloutWindowOpened(RolloutWindowOpened),
     AsgRefreshRequested(AsgRefreshRequested),
     AsgRefreshFinished(AsgRefreshFinished),
+    AmiRecalled(AmiRecalled),
 }
 
 impl Detail {
     /// Every detail-type amiflow defines, in pipeline order.
-    pub const TYPES: [&'static str; 6] = [
+    pub const TYPES: [&'static str; 7] = [
         "AmiBuilt",
         "AmiShared",
         "ParamUpdated",
         "RolloutWindowOpened",
         "AsgRefreshRequested",
         "AsgRefreshFinished",
+        "AmiRecalled",
     ];
 
     pub fn detail_type(&self) -> &'static str {
@@ -504,6 +555,7 @@ impl Detail {
             Detail::RolloutWindowOpened(_) => "RolloutWindowOpened",
             Detail::AsgRefreshRequested(_) => "AsgRefreshRequested",
             Detail::AsgRefreshFinished(_) => "AsgRefreshFinished",
+            Detail::AmiRecalled(_) => "AmiRecalled",
         }
     }
 
@@ -515,6 +567,7 @@ impl Detail {
             Detail::RolloutWindowOpened(d) => &d.meta,
             Detail::AsgRefreshRequested(d) => &d.meta,
             Detail::AsgRefreshFinished(d) => &d.meta,
+            Detail::AmiRecalled(d) => &d.meta,
         }
     }
 
@@ -534,6 +587,7 @@ impl Detail {
             Detail::AsgRefreshFinished(d) => {
                 Some(keys::finished(&d.account, &d.asg_name, &d.ami_id))
             }
+            Detail::AmiRecalled(d) => Some(keys::recalled(&d.ami_id)),
         }
     }
 
@@ -583,6 +637,7 @@ impl Detail {
             Detail::ParamUpdated(d) => Some(keys::rollout_id(&d.parameter_name, &d.ami_id)),
             Detail::RolloutWindowOpened(_) | Detail::AsgRefreshFinished(_) => None,
             Detail::AsgRefreshRequested(d) => Some(keys::rollout_id(&d.parameter_name, &d.ami_id)),
+            Detail::AmiRecalled(d) => Some(keys::rollout_id(&d.parameter_name, &d.ami_id)),
         }
     }
 
@@ -594,6 +649,7 @@ impl Detail {
             Detail::RolloutWindowOpened(d) => serde_json::to_value(d),
             Detail::AsgRefreshRequested(d) => serde_json::to_value(d),
             Detail::AsgRefreshFinished(d) => serde_json::to_value(d),
+            Detail::AmiRecalled(d) => serde_json::to_value(d),
         };
         // Serializing plain structs of strings, numbers and dates cannot fail.
         value.unwrap_or(serde_json::Value::Null)
@@ -611,6 +667,7 @@ impl Detail {
             "RolloutWindowOpened" => Detail::RolloutWindowOpened(serde_json::from_value(value)?),
             "AsgRefreshRequested" => Detail::AsgRefreshRequested(serde_json::from_value(value)?),
             "AsgRefreshFinished" => Detail::AsgRefreshFinished(serde_json::from_value(value)?),
+            "AmiRecalled" => Detail::AmiRecalled(serde_json::from_value(value)?),
             _ => return Ok(None),
         }))
     }
@@ -629,5 +686,6 @@ from_detail!(
     ParamUpdated,
     RolloutWindowOpened,
     AsgRefreshRequested,
-    AsgRefreshFinished
+    AsgRefreshFinished,
+    AmiRecalled
 );

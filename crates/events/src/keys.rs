@@ -31,6 +31,11 @@ pub fn finished(account: &str, asg_name: &str, ami_id: &str) -> String {
     format!("finished:{account}:{asg_name}:{ami_id}")
 }
 
+/// One recall of one AMI: an AMI is recalled once.
+pub fn recalled(ami_id: &str) -> String {
+    format!("recalled:{ami_id}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,5 +52,6 @@ mod tests {
         assert_eq!(refresh("1", "web", "ami-1"), "refresh:1:web:ami-1");
         assert_eq!(finished("1", "web", "ami-1"), "finished:1:web:ami-1");
         assert_eq!(built("ami-1"), built("ami-1"));
+        assert_eq!(recalled("ami-1"), "recalled:ami-1");
     }
 }

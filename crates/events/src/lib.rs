@@ -1,4 +1,4 @@
-//! The amiflow event contract: the EventBridge envelope, our six detail types with their common
+//! The amiflow event contract: the EventBridge envelope, our seven detail types with their common
 //! identity fields, idempotency keys, JSON Schemas generated from the types, and parsers for the
 //! AWS events amiflow consumes (EC2 AMI state changes, Image Builder image state changes, Auto
 //! Scaling instance-refresh events).
@@ -19,8 +19,8 @@ pub use aws::{
     AmiStateChange, AwsEvent, ImageBuilderStateChange, InstanceRefreshEvent, RefreshEventKind,
 };
 pub use detail::{
-    AmiBuilt, AmiShared, AsgRefreshFinished, AsgRefreshRequested, Detail, Meta, Outcome,
-    ParamUpdated, RolloutWindowOpened, Strategy,
+    AmiBuilt, AmiRecalled, AmiShared, AsgRefreshFinished, AsgRefreshRequested, Detail, Meta,
+    Outcome, ParamUpdated, RolloutWindowOpened, Strategy,
 };
 pub use envelope::Envelope;
 pub use parse::{Inbound, Rejection, RejectionKind, parse_message};

@@ -8,7 +8,8 @@ use std::sync::LazyLock;
 use schemars::{JsonSchema, Schema, schema_for};
 
 use crate::detail::{
-    AmiBuilt, AmiShared, AsgRefreshFinished, AsgRefreshRequested, ParamUpdated, RolloutWindowOpened,
+    AmiBuilt, AmiRecalled, AmiShared, AsgRefreshFinished, AsgRefreshRequested, ParamUpdated,
+    RolloutWindowOpened,
 };
 
 fn titled<T: JsonSchema>(name: &str) -> Schema {
@@ -64,6 +65,7 @@ pub fn all() -> BTreeMap<&'static str, Schema> {
             "AsgRefreshFinished",
             titled::<AsgRefreshFinished>("AsgRefreshFinished"),
         ),
+        ("AmiRecalled", titled::<AmiRecalled>("AmiRecalled")),
     ])
 }
 

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use chrono::{TimeZone, Utc};
 use events::{
-    AmiBuilt, AmiShared, AsgRefreshFinished, AsgRefreshRequested, AwsEvent, Detail, Inbound,
-    Outcome, ParamUpdated, RefreshEventKind, RolloutWindowOpened, Strategy, parse_message,
+    AmiBuilt, AmiRecalled, AmiShared, AsgRefreshFinished, AsgRefreshRequested, AwsEvent, Detail,
+    Inbound, Outcome, ParamUpdated, RefreshEventKind, RolloutWindowOpened, Strategy, parse_message,
 };
 
 fn root() -> PathBuf {
@@ -221,6 +221,16 @@ fn constructors_build_valid_consistent_chains() {
     );
     let finished = AsgRefreshFinished::new(&request, Outcome::Succeeded, "");
     let window = RolloutWindowOpened::new("333333333333", "prod", created, created);
+    let mut recalled = AmiRecalled::new(
+        &built.ami_id,
+        "/golden/al2023/ami-id",
+        "kernel regression",
+        "arn:aws:sts::111111111111:assumed-role/ops/alice",
+    );
+    recalled.to_ami_id = Some("ami-0f0e0d0c0b0a09080".into());
+    assert_eq!(recalled.meta.rollout_id, built.meta.rollout_id);
+    assert_eq!(recalled.meta.key, "recalled:ami-0a1b2c3d4e5f60718");
+    let refused = AsgRefreshFinished::new(&request, Outcome::Recalled, "recalled");
     assert_eq!(shared.meta.caused_by, built.meta.key);
     assert_eq!(finished.meta.caused_by, request.meta.key);
     assert_eq!(finished.meta.rollout_id, built.meta.rollout_id);
@@ -231,6 +241,8 @@ fn constructors_build_valid_consistent_chains() {
         request.into(),
         finished.into(),
         window.into(),
+        recalled.into(),
+        refused.into(),
     ];
     for detail in details {
         let violations =

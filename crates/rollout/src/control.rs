@@ -9,8 +9,9 @@
 //! | [`Approval`] | `/amiflow/control/approval/<ami>/<stage>` | `amictl approve` |
 //! | [`Resume`] | `/amiflow/control/resume/<ami>/<stage>` | `amictl resume --stage` of a halted stage |
 //! | [`Halt`] | `/amiflow/control/halt/<ami>/<stage>` | `amictl halt` (`resume --stage` deletes it) |
+//! | [`Recall`] | `/amiflow/control/recall/<ami>` | `amictl recall` (never deleted: a recalled AMI stays recalled) |
 //!
-//! Operator intent (pause, approval, resume) is the one thing amictl writes: it is not rollout
+//! Operator intent (pause, approval, resume, recall) is the one thing amictl writes: it is not rollout
 //! state but a decision, and the worker that acts on it judges it like any other AWS state.
 //! Everything else (parameters, versions, refreshes, promotions) only workers write.
 
@@ -28,6 +29,8 @@ pub const ROOT: &str = "/amiflow";
 pub const PAUSES: &str = "/amiflow/control/pause";
 /// The pause that stops every stage.
 pub const ALL: &str = "all";
+/// Where recalls live: one record per recalled AMI.
+pub const RECALLS: &str = "/amiflow/control/recall";
 
 /// A stage's gate opened for an AMI: the stage's golden parameter may name it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -91,11 +94,46 @@ impl Halt {
     }
 }
 
+/// An operator recalled a golden AMI: it is refused everywhere from then on, and every stage whose
+/// golden parameter holds it goes back to `to` (or, absent, its previous golden AMI that is not
+/// recalled).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Recall {
+    #[serde(flatten)]
+    pub decision: Decision,
+    pub ami: String,
+    /// The family's golden parameter.
+    pub parameter: String,
+    /// The AMI the operator named to go back to (`--to`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// Move the groups back at once (`--now`), not in each stage's next window.
+    #[serde(default)]
+    pub now: bool,
+}
+
+impl Recall {
+    /// Why a step refuses the recalled AMI, for its log and outcome.
+    pub fn refusal(&self) -> String {
+        format!(
+            "{} was recalled by {} at {}: {}",
+            self.ami,
+            self.decision.by,
+            self.decision.at.to_rfc3339(),
+            self.decision.reason
+        )
+    }
+}
+
 /// Where halts live: `<HALTS>/<ami>/<stage>`.
 pub const HALTS: &str = "/amiflow/control/halt";
 
 pub fn halt_path(ami: &str, stage: &str) -> String {
     format!("{HALTS}/{ami}/{stage}")
+}
+
+pub fn recall_path(ami: &str) -> String {
+    format!("{RECALLS}/{ami}")
 }
 
 pub fn promotion_path(ami: &str, stage: &str) -> String {
@@ -210,6 +248,74 @@ impl PauseCache {
     }
 }
 
+/// Every recall, by AMI, read in one call.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Recalls(pub std::collections::BTreeMap<String, Recall>);
+
+impl Recalls {
+    pub async fn read(records: &impl Records) -> Result<Recalls, StepError> {
+        let mut found = std::collections::BTreeMap::new();
+        for stored in records.list_records(RECALLS).await? {
+            let recall: Recall = serde_json::from_str(&stored.value).map_err(|e| {
+                StepError::Permanent(format!(
+                    "the recall record {} is not what amiflow writes ({e}); fix it",
+                    stored.name
+                ))
+            })?;
+            found.insert(recall.ami.clone(), recall);
+        }
+        Ok(Recalls(found))
+    }
+
+    pub fn of(&self, ami: &str) -> Option<&Recall> {
+        self.0.get(ami)
+    }
+
+    pub fn contains(&self, ami: &str) -> bool {
+        self.0.contains_key(ami)
+    }
+}
+
+/// The golden AMI a stage goes back to when `recalled` is recalled: the newest value of the
+/// parameter's `history` (oldest first) before the recalled AMI's last time in it that is neither
+/// it nor recalled itself. `None`: the family never had another golden AMI there.
+pub fn previous_golden(history: &[String], recalled: &str, recalls: &Recalls) -> Option<String> {
+    let last = history.iter().rposition(|h| h == recalled)?;
+    history[..last]
+        .iter()
+        .rev()
+        .find(|h| *h != recalled && !recalls.contains(h))
+        .cloned()
+}
+
+/// The recalls, read at most once per `max_age` (the same documented delay as the pauses,
+/// `AMIFLOW_CONTROL_SECONDS`): one cached read for every message a worker handles meanwhile.
+pub struct RecallCache {
+    max_age: Duration,
+    last: tokio::sync::Mutex<Option<(Instant, Recalls)>>,
+}
+
+impl RecallCache {
+    pub fn new(max_age: Duration) -> Self {
+        RecallCache {
+            max_age,
+            last: tokio::sync::Mutex::default(),
+        }
+    }
+
+    pub async fn get(&self, records: &impl Records) -> Result<Recalls, StepError> {
+        let mut last = self.last.lock().await;
+        if let Some((at, recalls)) = last.as_ref()
+            && at.elapsed() < self.max_age
+        {
+            return Ok(recalls.clone());
+        }
+        let recalls = Recalls::read(records).await?;
+        *last = Some((Instant::now(), recalls.clone()));
+        Ok(recalls)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +386,72 @@ mod tests {
         let text = aws.records.lock().unwrap().get(&path).cloned().unwrap();
         assert!(text.contains("\"accepted_failures\":3"), "{text}");
         assert_eq!(read::<Resume>(&aws, &path).await.unwrap(), Some(resume));
+    }
+
+    fn recall(ami: &str) -> Recall {
+        Recall {
+            decision: decision("kernel regression"),
+            ami: ami.into(),
+            parameter: "/golden/al2023/ami-id".into(),
+            to: None,
+            now: false,
+        }
+    }
+
+    #[test]
+    fn the_previous_golden_ami_skips_the_recalled_ones() {
+        let history: Vec<String> = ["ami-a", "ami-b", "ami-c", "ami-d"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let none = Recalls::default();
+        assert_eq!(
+            previous_golden(&history, "ami-d", &none).as_deref(),
+            Some("ami-c")
+        );
+        // c was recalled before: d goes back to b.
+        let mut recalls = Recalls::default();
+        recalls.0.insert("ami-c".into(), recall("ami-c"));
+        recalls.0.insert("ami-d".into(), recall("ami-d"));
+        assert_eq!(
+            previous_golden(&history, "ami-d", &recalls).as_deref(),
+            Some("ami-b")
+        );
+        // Back to b once (a, b, c, b): recalling c again finds b, not c itself.
+        let back: Vec<String> = ["ami-a", "ami-b", "ami-c", "ami-b", "ami-c"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            previous_golden(&back, "ami-c", &none).as_deref(),
+            Some("ami-b")
+        );
+        // The only golden AMI the family had, or one it never had: nothing to go back to.
+        assert_eq!(previous_golden(&history[..1], "ami-a", &none), None);
+        assert_eq!(previous_golden(&history, "ami-z", &none), None);
+    }
+
+    #[tokio::test]
+    async fn recalls_are_read_in_one_list_and_cached_within_their_age() {
+        let aws = FakeAws::default();
+        let cache = RecallCache::new(Duration::from_secs(60));
+        assert!(!cache.get(&aws).await.unwrap().contains("ami-b"));
+        write(&aws, &recall_path("ami-b"), &recall("ami-b"))
+            .await
+            .unwrap();
+        assert!(
+            !cache.get(&aws).await.unwrap().contains("ami-b"),
+            "within its age the cache answers what it read"
+        );
+        let fresh = RecallCache::new(Duration::ZERO).get(&aws).await.unwrap();
+        let found = fresh.of("ami-b").unwrap();
+        assert_eq!(found, &recall("ami-b"));
+        assert!(
+            found.refusal().starts_with(
+                "ami-b was recalled by arn:aws:sts::111111111111:assumed-role/ops/alice at 2026-12-05T02:00:00+00:00: kernel regression"
+            ),
+            "{}",
+            found.refusal()
+        );
     }
 }

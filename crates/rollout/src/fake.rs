@@ -358,6 +358,15 @@ impl Parameters for FakeAws {
         self.record(format!("put_parameter {name} {ami}"));
         let mut params = self.params.lock().unwrap();
         let version = params.get(name).map_or(1, |p| p.version + 1);
+        // Parameter Store keeps every value: the one overwritten joins the history.
+        if let Some(before) = params.get(name) {
+            self.earlier_values
+                .lock()
+                .unwrap()
+                .entry(name.to_owned())
+                .or_default()
+                .push(before.value.clone());
+        }
         params.insert(
             name.to_owned(),
             ParamValue {

@@ -23,7 +23,7 @@ use chrono::{DateTime, Utc};
 use runtime::StepError;
 
 use crate::aws::{AwsGroups, Groups, Parameters, Records, SsmParameters};
-use crate::control::{self, Approval, Halt, Pause, Pauses, Promotion, Resume};
+use crate::control::{self, Approval, Halt, Pause, Pauses, Promotion, Recall, Resume};
 use crate::discovery::{AmiSource, Verdict};
 use crate::mark::MarkState;
 use crate::plan::{Judged, judge_all};
@@ -57,6 +57,8 @@ pub enum GateState {
     NeedsApproval,
     /// The gate would open, but the stage (or every stage) is paused.
     Paused(Pause),
+    /// An operator recalled the AMI: no stage is ever promoted to it again.
+    Recalled(Recall),
 }
 
 impl GateState {
@@ -75,6 +77,7 @@ impl GateState {
             GateState::Baking { .. } => "baking",
             GateState::NeedsApproval => "needs-approval",
             GateState::Paused(_) => "paused",
+            GateState::Recalled(_) => "recalled",
         }
     }
 }
@@ -118,6 +121,7 @@ impl fmt::Display for GateState {
                 p.at.to_rfc3339(),
                 p.reason
             ),
+            GateState::Recalled(r) => write!(f, "closed for good: {}", r.refusal()),
         }
     }
 }
@@ -417,6 +421,11 @@ pub async fn judge_ami(
     previous: Option<(&Stage, Option<&str>, &[Judged])>,
     now: DateTime<Utc>,
 ) -> Result<GateState, StepError> {
+    // A recall closes the gate before anything else: even a stage promoted to the AMI before it
+    // was recalled is never sent it again.
+    if let Some(recall) = control::read::<Recall>(records, &control::recall_path(ami)).await? {
+        return Ok(GateState::Recalled(recall));
+    }
     let promotion: Option<Promotion> =
         control::read(records, &control::promotion_path(ami, &stage.name)).await?;
     if let Some(p) = promotion {
@@ -630,6 +639,41 @@ mod tests {
             reason,
             "qa passed ami-0000000000000000b: 3 groups (3 refreshed, 0 reported, 0 failed of 0 tolerated), baked 1 h"
         );
+    }
+
+    #[tokio::test]
+    async fn a_recalled_ami_closes_the_gate_even_after_the_stage_was_promoted() {
+        let policy = policy("", "");
+        let w = world(1);
+        refreshed(&w, 0, "2026-12-05T09:00:00Z");
+        let promotion = Promotion {
+            ami: NEW.into(),
+            stage: "uat".into(),
+            parameter: PARAMETER.into(),
+            at: at("2026-12-05T09:30:00Z"),
+            reason: "qa passed".into(),
+        };
+        control::write(&w.1, &control::promotion_path(NEW, "uat"), &promotion)
+            .await
+            .unwrap();
+        assert!(matches!(
+            uat_gate(&w, &policy, "2026-12-05T10:00:00Z").await.state,
+            GateState::Promoted(_)
+        ));
+        let recall = Recall {
+            decision: decision("kernel regression"),
+            ami: NEW.into(),
+            parameter: PARAMETER.into(),
+            to: None,
+            now: false,
+        };
+        control::write(&w.1, &control::recall_path(NEW), &recall)
+            .await
+            .unwrap();
+        let gate = uat_gate(&w, &policy, "2026-12-05T10:00:00Z").await;
+        assert_eq!(gate.state, GateState::Recalled(recall));
+        assert_eq!(gate.state.kind(), "recalled");
+        assert!(!gate.state.is_open());
     }
 
     #[tokio::test]

@@ -110,6 +110,9 @@ impl From<Outcome> for MarkState {
             // A halted request starts nothing and writes no mark; were one written, it would be
             // a request that did not start, as a skip is.
             Outcome::Halted => MarkState::Skipped,
+            // A recalled request starts nothing; a running refresh to a recalled AMI is
+            // cancelled, and its mark says so.
+            Outcome::Recalled => MarkState::Cancelled,
         }
     }
 }

@@ -5,10 +5,12 @@
 use std::time::Duration;
 
 use backon::{ConstantBuilder, Retryable};
-use events::{AmiShared, Detail, ParamUpdated};
+use chrono::{DateTime, Utc};
+use events::{AmiRecalled, AmiShared, Detail, ParamUpdated};
 use runtime::StepError;
 
 use crate::aws::{Images, Keys, Parameters};
+use crate::control::{Recall, Recalls, previous_golden};
 
 /// Reading back after a write: AWS validates `aws:ec2:image` asynchronously.
 pub const READ_BACK_ATTEMPTS: usize = 10;
@@ -75,8 +77,27 @@ pub async fn update_parameter(
         }
     }
     let previous = current.as_ref().map(|c| c.value.clone());
-    params.put_image(name, &shared.ami_id).await?;
-    let ami = shared.ami_id.clone();
+    let p = write_and_confirm(
+        params,
+        name,
+        &shared.ami_id,
+        previous.as_deref(),
+        read_back_interval,
+    )
+    .await?;
+    Ok(vec![updated(shared, account, p.value, previous, p.version)])
+}
+
+/// Write `ami` into the parameter and read it back until it holds it (AWS validates
+/// `aws:ec2:image` asynchronously).
+async fn write_and_confirm(
+    params: &impl Parameters,
+    name: &str,
+    ami: &str,
+    previous: Option<&str>,
+    read_back_interval: Duration,
+) -> Result<crate::aws::ParamValue, StepError> {
+    params.put_image(name, ami).await?;
     // Err(None) means "not there yet": retried; Err(Some(e)) is a real failure: stops at once.
     let confirmed = (|| async {
         match params.get(name).await {
@@ -93,13 +114,79 @@ pub async fn update_parameter(
     .when(|e: &Option<StepError>| e.is_none())
     .await;
     match confirmed {
-        Ok(p) => Ok(vec![updated(shared, account, p.value, previous, p.version)]),
+        Ok(p) => Ok(p),
         Err(Some(e)) => Err(e),
         Err(None) => Err(StepError::Permanent(format!(
             "parameter {name} did not keep {ami} (aws:ec2:image validation rejected it?); it still holds {}",
-            previous.as_deref().unwrap_or("nothing")
+            previous.unwrap_or("nothing")
         ))),
     }
+}
+
+/// The one way a golden parameter goes back: a recalled AMI is replaced by the recall's `to`, or
+/// by the stage's previous golden AMI that is not recalled ([`previous_golden`]). Only a parameter
+/// that holds the recalled AMI changes (one new version); one that moved on, or never held it,
+/// is left alone. Delivered again after the write, the move back's `ParamUpdated` is sent again
+/// (the plan is level-triggered: it requests nothing twice).
+///
+/// `closes_at`: until when the plan may move groups back at once (`--now`); `None` waits for the
+/// stage's window where its refreshes wait for one.
+#[allow(clippy::too_many_arguments)]
+pub async fn recall_parameter(
+    recalled: &AmiRecalled,
+    recall: &Recall,
+    recalls: &Recalls,
+    account: &str,
+    images: &impl Images,
+    params: &impl Parameters,
+    read_back_interval: Duration,
+    closes_at: Option<DateTime<Utc>>,
+) -> Result<Vec<Detail>, StepError> {
+    let name = recall.parameter.as_str();
+    let Some(current) = params.get(name).await? else {
+        tracing::info!(parameter = name, ami = %recall.ami, "no golden parameter here: nothing to move back");
+        return Ok(Vec::new());
+    };
+    let history = params.history(name).await?;
+    let back = |value: String, version: i64| {
+        let mut p = ParamUpdated::new(
+            &recalled.meta.key,
+            account,
+            name,
+            &value,
+            Some(recall.ami.clone()),
+            version,
+        );
+        p.closes_at = closes_at;
+        vec![Detail::from(p)]
+    };
+    if current.value != recall.ami {
+        // The last write was this move back (its event may not have gone out): say it again.
+        if history.len() >= 2 && history[history.len() - 2] == recall.ami {
+            return Ok(back(current.value, current.version));
+        }
+        tracing::info!(parameter = name, holds = %current.value, ami = %recall.ami, "the parameter does not hold the recalled AMI: nothing to move back");
+        return Ok(Vec::new());
+    }
+    let target = match &recall.to {
+        Some(to) => to.clone(),
+        None => previous_golden(&history, &recall.ami, recalls).ok_or_else(|| {
+            StepError::Permanent(format!(
+                "{name} in account {account} never held a golden AMI before {} that is not recalled: nothing to go back to; name one in the `to` field of the recall record {} (what `amictl recall --to` writes), then replay this message from the DLQ",
+                recall.ami,
+                crate::control::recall_path(&recall.ami)
+            ))
+        })?,
+    };
+    if images.describe(&target).await?.is_none() {
+        return Err(StepError::Permanent(format!(
+            "cannot move {name} back from the recalled {} to {target}: {target} is not visible from account {account} (deregistered or no longer shared)",
+            recall.ami
+        )));
+    }
+    let p = write_and_confirm(params, name, &target, Some(&recall.ami), read_back_interval).await?;
+    tracing::warn!(parameter = name, recalled = %recall.ami, back_to = %p.value, version = p.version, "recalled AMI replaced: the golden parameter went back");
+    Ok(back(p.value, p.version))
 }
 
 fn updated(
@@ -128,7 +215,7 @@ mod tests {
     use crate::aws::{Image, ParamValue};
     use crate::fake::FakeAws;
     use chrono::{TimeZone, Utc};
-    use events::AmiBuilt;
+    use events::{AmiBuilt, AmiRecalled};
 
     const NAME: &str = "/golden/al2023/ami-id";
 
@@ -276,5 +363,98 @@ mod tests {
         assert!(!err.is_retryable());
         assert!(err.to_string().contains("DataType \"text\""), "{err}");
         assert!(aws.changes().is_empty());
+    }
+
+    const A: &str = "ami-0000000000000000a";
+    const B: &str = "ami-0000000000000000b";
+
+    fn recall_of(ami: &str, to: Option<&str>) -> (AmiRecalled, Recall, Recalls) {
+        let recall = Recall {
+            decision: crate::control::Decision {
+                by: "arn:aws:sts::111111111111:assumed-role/ops/alice".into(),
+                at: Utc.with_ymd_and_hms(2026, 12, 5, 2, 0, 0).unwrap(),
+                reason: "kernel regression".into(),
+            },
+            ami: ami.into(),
+            parameter: NAME.into(),
+            to: to.map(str::to_owned),
+            now: false,
+        };
+        let mut recalls = Recalls::default();
+        recalls.0.insert(ami.into(), recall.clone());
+        let event = AmiRecalled::new(ami, NAME, "kernel regression", &recall.decision.by);
+        (event, recall, recalls)
+    }
+
+    async fn recall(aws: &FakeAws, ami: &str, to: Option<&str>) -> Result<Vec<Detail>, StepError> {
+        let (event, recall, recalls) = recall_of(ami, to);
+        let closes = Utc.with_ymd_and_hms(2026, 12, 5, 6, 0, 0).unwrap();
+        recall_parameter(
+            &event,
+            &recall,
+            &recalls,
+            "222222222222",
+            aws,
+            aws,
+            Duration::from_millis(1),
+            Some(closes),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_recall_writes_the_previous_golden_ami_back_once() {
+        let aws = world(B, "aws:ec2:image");
+        aws.earlier_values
+            .lock()
+            .unwrap()
+            .insert(NAME.into(), vec![A.into()]);
+        let out = recall(&aws, B, None).await.unwrap();
+        let p = param_updated(&out);
+        assert_eq!(
+            (
+                p.ami_id.as_str(),
+                p.previous_ami_id.as_deref(),
+                p.parameter_version
+            ),
+            (A, Some(B), 4)
+        );
+        assert_eq!(p.meta.caused_by, format!("recalled:{B}"));
+        assert_eq!(
+            p.closes_at,
+            Some(Utc.with_ymd_and_hms(2026, 12, 5, 6, 0, 0).unwrap())
+        );
+        assert_eq!(aws.changes(), [format!("put_parameter {NAME} {A}")]);
+        // Delivered again: no second write, the move back's event is sent again.
+        let again = recall(&aws, B, None).await.unwrap();
+        assert_eq!(param_updated(&again).ami_id, A);
+        assert_eq!(aws.changes().len(), 1, "{:?}", aws.changes());
+    }
+
+    #[tokio::test]
+    async fn a_parameter_that_does_not_hold_the_recalled_ami_is_left_alone() {
+        // Never held it (prod), or moved on to a later AMI.
+        let aws = world(A, "aws:ec2:image");
+        assert_eq!(recall(&aws, B, None).await.unwrap(), Vec::<Detail>::new());
+        assert!(aws.changes().is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_only_golden_ami_needs_to_to_go_back() {
+        let aws = world(B, "aws:ec2:image");
+        let Err(StepError::Permanent(reason)) = recall(&aws, B, None).await else {
+            panic!("nothing to go back to is permanent");
+        };
+        assert_eq!(
+            reason,
+            format!(
+                "{NAME} in account 222222222222 never held a golden AMI before {B} that is not recalled: nothing to go back to; name one in the `to` field of the recall record /amiflow/control/recall/{B} (what `amictl recall --to` writes), then replay this message from the DLQ"
+            )
+        );
+        assert!(aws.changes().is_empty());
+        // Named by the operator: written.
+        let out = recall(&aws, B, Some(A)).await.unwrap();
+        assert_eq!(param_updated(&out).ami_id, A);
+        assert_eq!(aws.changes(), [format!("put_parameter {NAME} {A}")]);
     }
 }

@@ -9,6 +9,7 @@ use events::{AsgRefreshRequested, Detail, Strategy};
 use runtime::StepError;
 
 use crate::aws::{Group, Groups, Marks, Parameters, STACK_TAG};
+use crate::control::Recalls;
 use crate::discovery::{GroupAmi, Resolver, Verdict, verdict};
 use crate::mark::Mark;
 use crate::policy::{Policy, Stage};
@@ -175,7 +176,9 @@ pub fn group_plan(j: &Judged, target: &str) -> GroupPlan {
     }
 }
 
-/// Emit one `AsgRefreshRequested` per stale group not already refreshing to the same AMI.
+/// Emit one `AsgRefreshRequested` per stale group not already refreshing to the same AMI, and
+/// none to a recalled AMI (`recalls`).
+#[allow(clippy::too_many_arguments)]
 pub async fn plan(
     caused_by: &str,
     account: &str,
@@ -184,6 +187,7 @@ pub async fn plan(
     params: &impl Parameters,
     policy: &Policy,
     stage: &Stage,
+    recalls: &Recalls,
 ) -> Result<Vec<Detail>, StepError> {
     let mut requests = Vec::new();
     for j in judge_all(groups, params, policy, stage).await? {
@@ -199,6 +203,11 @@ pub async fn plan(
         let Some(target) = params.get(parameter).await?.map(|p| p.value) else {
             continue;
         };
+        // Until the param-worker moves the parameter back, nothing moves to a recalled AMI.
+        if let Some(recall) = recalls.of(&target) {
+            tracing::warn!(group = %j.group.group.name, parameter = %parameter, "refused: a refresh to a recalled AMI ({})", recall.refusal());
+            continue;
+        }
         let GroupPlan::Request(strategy) = group_plan(&j, &target) else {
             continue;
         };
@@ -216,4 +225,108 @@ pub async fn plan(
         );
     }
     Ok(requests)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aws::ParamValue;
+    use crate::control::{Decision, Recall};
+    use crate::fake::FakeAws;
+
+    const PARAMETER: &str = "/golden/al2023/ami-id";
+    const OLD: &str = "ami-0000000000000000a";
+    const NEW: &str = "ami-0000000000000000b";
+
+    #[tokio::test]
+    async fn nothing_is_planned_to_a_recalled_ami_and_groups_on_it_move_back() {
+        let policy = Policy::parse(include_str!("../../../local/amiflow.toml")).unwrap();
+        let stage = policy.stage_named("qa").unwrap();
+        let aws = FakeAws::default();
+        aws.template("lt-old", &[OLD], 1);
+        aws.group("on-old", "lt-old", "1", OLD, 1);
+        aws.template("lt-new", &[NEW], 1);
+        aws.group("on-new", "lt-new", "1", NEW, 1);
+        let holding = |value: &str, earlier: &str| {
+            aws.params.lock().unwrap().insert(
+                PARAMETER.into(),
+                ParamValue {
+                    value: value.into(),
+                    version: 3,
+                    data_type: "aws:ec2:image".into(),
+                },
+            );
+            aws.earlier_values
+                .lock()
+                .unwrap()
+                .insert(PARAMETER.into(), vec![earlier.into()]);
+        };
+        let mut recalls = Recalls::default();
+        recalls.0.insert(
+            NEW.into(),
+            Recall {
+                decision: Decision {
+                    by: "ops".into(),
+                    at: chrono::Utc::now(),
+                    reason: "kernel regression".into(),
+                },
+                ami: NEW.into(),
+                parameter: PARAMETER.into(),
+                to: None,
+                now: false,
+            },
+        );
+        let requested = |details: Vec<Detail>| -> Vec<(String, String)> {
+            details
+                .into_iter()
+                .map(|d| match d {
+                    Detail::AsgRefreshRequested(r) => (r.asg_name, r.ami_id),
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        // The parameter holds the recalled AMI (it has not gone back yet): nothing moves to it.
+        holding(NEW, OLD);
+        let out = plan(
+            "k",
+            "111111111111",
+            None,
+            &aws,
+            &aws,
+            &policy,
+            stage,
+            &recalls,
+        )
+        .await
+        .unwrap();
+        assert_eq!(requested(out), []);
+        let out = plan(
+            "k",
+            "111111111111",
+            None,
+            &aws,
+            &aws,
+            &policy,
+            stage,
+            &Recalls::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(requested(out), [("on-old".into(), NEW.into())]);
+        // Gone back: the group on the recalled AMI is an earlier value of the parameter, stale.
+        holding(OLD, NEW);
+        let out = plan(
+            "k",
+            "111111111111",
+            None,
+            &aws,
+            &aws,
+            &policy,
+            stage,
+            &recalls,
+        )
+        .await
+        .unwrap();
+        assert_eq!(requested(out), [("on-new".into(), OLD.into())]);
+    }
 }

@@ -15,7 +15,7 @@ use crate::aws::{
     AwsGroups, CfnStacks, Ec2Images, KmsKeys, Parameters, Records, SsmParameters, SsmRecords,
     TagBatch,
 };
-use crate::control::{PauseCache, Promotion};
+use crate::control::{PauseCache, Promotion, Recall, RecallCache, Recalls};
 use crate::policy::{Policy, Stage};
 use crate::refresh::{Admission, RefreshContext, RefreshSettings};
 
@@ -45,6 +45,15 @@ fn trusted<'e>(
         )));
     }
     Ok(e)
+}
+
+/// A recalled AMI is refused by every worker, whatever brought it (an AWS event, a replay, a DLQ
+/// replay, `amictl inject` or `rerun`): logged with the recall, nothing changed, nothing emitted,
+/// and no dead letter (a replay of it would only be refused again).
+fn refuse_recalled(worker: &str, what: &str, recall: &Recall) -> StepOutput {
+    tracing::warn!(worker, ami = %recall.ami, by = %recall.decision.by, reason = %recall.decision.reason,
+        "refused: {what} of a recalled AMI ({})", recall.refusal());
+    StepOutput::Emit(Vec::new())
 }
 
 fn own_stage<'p>(policy: &'p Policy, account: &str, claimed: &str) -> Result<&'p Stage, StepError> {
@@ -81,6 +90,8 @@ pub struct Context {
 pub struct Control {
     hub: tokio::sync::OnceCell<SsmRecords>,
     pauses: PauseCache,
+    /// The recalls, read as the pauses are (at most every `AMIFLOW_CONTROL_SECONDS`).
+    recalls: RecallCache,
     recheck: Duration,
     max_age: Duration,
     /// The operators' decisions on stages (resumes, halts), read at most every `max_age`.
@@ -115,6 +126,7 @@ impl Control {
         Control {
             hub: tokio::sync::OnceCell::new(),
             pauses: PauseCache::new(max_age),
+            recalls: RecallCache::new(max_age),
             recheck,
             max_age,
             decisions: tokio::sync::Mutex::default(),
@@ -187,6 +199,16 @@ impl Control {
             .await
     }
 
+    /// Every recall, at most `AMIFLOW_CONTROL_SECONDS` old.
+    pub async fn recalls(&self, ctx: &Context) -> Result<Recalls, StepError> {
+        self.recalls.get(self.records(ctx).await?).await
+    }
+
+    /// The recall of `ami`, if an operator recalled it.
+    pub async fn recalled(&self, ctx: &Context, ami: &str) -> Result<Option<Recall>, StepError> {
+        Ok(self.recalls(ctx).await?.of(ami).cloned())
+    }
+
     /// `Some(deferral)` while `stage` is paused: the message waits, neither lost nor acted on.
     pub async fn hold_if_paused(
         &self,
@@ -239,15 +261,26 @@ impl IngestStep {
 impl runtime::Step for IngestStep {
     async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
         let (images, policy) = (&self.images, &self.ctx.policy);
-        match event {
-            Inbound::Aws(AwsEvent::AmiStateChange(change)) => Ok(StepOutput::Emit(
-                crate::ingest::ingest_ami(change, images, policy).await?,
-            )),
-            Inbound::Aws(AwsEvent::ImageBuilderStateChange(change)) => Ok(StepOutput::Emit(
-                crate::ingest::ingest_image_builder(change, images, policy).await?,
-            )),
-            other => Err(refuse("ingest-worker", other)),
+        let built = match event {
+            Inbound::Aws(AwsEvent::AmiStateChange(change)) => {
+                crate::ingest::ingest_ami(change, images, policy).await?
+            }
+            Inbound::Aws(AwsEvent::ImageBuilderStateChange(change)) => {
+                crate::ingest::ingest_image_builder(change, images, policy).await?
+            }
+            other => return Err(refuse("ingest-worker", other)),
+        };
+        let mut emitted = Vec::new();
+        for detail in built {
+            if let Detail::AmiBuilt(b) = &detail
+                && let Some(recall) = self.ctx.control.recalled(&self.ctx, &b.ami_id).await?
+            {
+                refuse_recalled("ingest-worker", "AmiBuilt", &recall);
+                continue;
+            }
+            emitted.push(detail);
         }
+        Ok(StepOutput::Emit(emitted))
     }
 }
 
@@ -285,18 +318,23 @@ impl runtime::Step for ShareStep {
         }
         let now = chrono::Utc::now();
         match &e.detail {
-            Detail::AmiBuilt(built) => Ok(StepOutput::Emit(
-                crate::share::share(
-                    built,
-                    &self.images,
-                    &self.keys,
-                    &self.goldens,
-                    &self.records,
-                    &self.ctx.policy,
-                    now,
-                )
-                .await?,
-            )),
+            Detail::AmiBuilt(built) => {
+                if let Some(recall) = self.ctx.control.recalled(&self.ctx, &built.ami_id).await? {
+                    return Ok(refuse_recalled("share-worker", "AmiBuilt", &recall));
+                }
+                Ok(StepOutput::Emit(
+                    crate::share::share(
+                        built,
+                        &self.images,
+                        &self.keys,
+                        &self.goldens,
+                        &self.records,
+                        &self.ctx.policy,
+                        now,
+                    )
+                    .await?,
+                ))
+            }
             Detail::RolloutWindowOpened(window) => {
                 let stages = self
                     .stages
@@ -351,10 +389,15 @@ impl ParamStep {
 impl runtime::Step for ParamStep {
     async fn run(&self, event: &Inbound) -> Result<StepOutput, StepError> {
         let e = trusted("param-worker", &self.ctx.policy, event)?;
-        let Detail::AmiShared(shared) = &e.detail else {
-            return Err(refuse("param-worker", event));
+        let shared = match &e.detail {
+            Detail::AmiShared(shared) => shared,
+            Detail::AmiRecalled(recalled) => return self.recall(e, recalled).await,
+            _ => return Err(refuse("param-worker", event)),
         };
         let stage = own_stage(&self.ctx.policy, &self.ctx.account, &shared.target_account)?;
+        if let Some(recall) = self.ctx.control.recalled(&self.ctx, &shared.ami_id).await? {
+            return Ok(refuse_recalled("param-worker", "AmiShared", &recall));
+        }
         // Only the hub promotes, and only what its gate recorded: anything else is a forgery.
         if e.account != self.ctx.policy.hub_account {
             return Err(StepError::Permanent(format!(
@@ -394,6 +437,70 @@ impl runtime::Step for ParamStep {
                 &self.keys,
                 &self.params,
                 self.read_back_interval,
+            )
+            .await?,
+        ))
+    }
+}
+
+impl ParamStep {
+    /// A recall: only the hub's, only what its record says (the event is a wake-up call, not a
+    /// proof), honouring a pause like any other change.
+    async fn recall(
+        &self,
+        e: &events::Envelope<Detail>,
+        recalled: &events::AmiRecalled,
+    ) -> Result<StepOutput, StepError> {
+        let policy = &self.ctx.policy;
+        let stage = policy.stage_for_account(&self.ctx.account).ok_or_else(|| {
+            StepError::Permanent(format!(
+                "account {} is not a stage in the rollout policy",
+                self.ctx.account
+            ))
+        })?;
+        if e.account != policy.hub_account {
+            return Err(StepError::Permanent(format!(
+                "AmiRecalled for {} was put on the bus by account {}, not the hub {}: only the hub recalls an AMI; refused",
+                recalled.ami_id, e.account, policy.hub_account
+            )));
+        }
+        // Read fresh, not from the cache: the recall is seconds old.
+        let records = self.ctx.control.records(&self.ctx).await?;
+        let path = crate::control::recall_path(&recalled.ami_id);
+        let recall: Option<Recall> = crate::control::read(records, &path).await?;
+        let Some(recall) = recall.filter(|r| r.parameter == recalled.parameter_name) else {
+            return Err(StepError::Permanent(format!(
+                "AmiRecalled for {} ({}): the hub has no recall record {path} for that parameter; a recall is made with `amictl recall`; refused",
+                recalled.ami_id, recalled.parameter_name
+            )));
+        };
+        if policy
+            .families
+            .iter()
+            .all(|f| f.parameter_name != recall.parameter)
+        {
+            return Err(StepError::Permanent(format!(
+                "parameter {} is not a golden family in the rollout policy",
+                recall.parameter
+            )));
+        }
+        if let Some(wait) = self.ctx.control.hold_if_paused(&self.ctx, stage).await? {
+            return Ok(wait);
+        }
+        let recalls = crate::control::Recalls::read(records).await?;
+        let closes_at = recall.now.then(|| {
+            chrono::Utc::now() + chrono::Duration::hours(i64::from(stage.window.duration_hours))
+        });
+        Ok(StepOutput::Emit(
+            crate::param::recall_parameter(
+                recalled,
+                &recall,
+                &recalls,
+                &self.ctx.account,
+                &self.images,
+                &self.params,
+                self.read_back_interval,
+                closes_at,
             )
             .await?,
         ))
@@ -481,6 +588,12 @@ impl runtime::Step for PlanStep {
             _ => return Err(refuse("plan-worker", event)),
         };
         let stage = own_stage(&self.ctx.policy, &self.ctx.account, claimed)?;
+        let recalls = self.ctx.control.recalls(&self.ctx).await?;
+        if let Detail::ParamUpdated(p) = &e.detail
+            && let Some(recall) = recalls.of(&p.ami_id)
+        {
+            return Ok(refuse_recalled("plan-worker", "ParamUpdated", recall));
+        }
         if let Some(closed) = deadline.filter(|d| *d <= chrono::Utc::now()) {
             // A window event delivered late (a replay, a backlog): its window is over.
             tracing::info!(stage = %stage.name, %closed, "window already closed; nothing to plan");
@@ -510,6 +623,7 @@ impl runtime::Step for PlanStep {
             &self.params,
             &self.ctx.policy,
             stage,
+            &recalls,
         )
         .await?;
         Ok(StepOutput::Emit(requests))
@@ -560,6 +674,7 @@ impl runtime::Step for RefreshStep {
                     .control
                     .decision(&self.ctx, &req.ami_id, &stage.name)
                     .await?;
+                let recalled = self.ctx.control.recalled(&self.ctx, &req.ami_id).await?;
                 let ctx = RefreshContext {
                     groups: &self.groups,
                     stacks: &self.stacks,
@@ -569,6 +684,7 @@ impl runtime::Step for RefreshStep {
                     admission: &self.admission,
                     accepted_failures: decided.accepted_failures,
                     halt: decided.halt,
+                    recalled: recalled.as_ref(),
                 };
                 crate::refresh::request_refresh(&ctx, req, chrono::Utc::now()).await
             }

@@ -62,6 +62,9 @@ pub struct RefreshContext<'a, G, S, P> {
     /// An operator's halt of the stage for the request's AMI (`amictl halt`): nothing new starts,
     /// and with `cancel_running` a running refresh to the AMI is cancelled when it is polled.
     pub halt: Option<crate::control::Halt>,
+    /// The recall of the request's AMI, if an operator recalled it: nothing starts, a running
+    /// refresh to it is cancelled.
+    pub recalled: Option<&'a crate::control::Recall>,
 }
 
 impl<'a, G: Groups, S, P: Parameters> RefreshContext<'a, G, S, P> {
@@ -169,6 +172,9 @@ pub async fn request_refresh(
     let window = deadline_text(req.deadline);
     if let Some(done) = admission.closed_here(req, &window) {
         return Ok(done);
+    }
+    if let Some(recall) = ctx.recalled {
+        return recalled(ctx, req, recall).await;
     }
     // Most requests can only wait for a slot (a window opens with every stale group at once):
     // they are answered before any other call, which would only be repeated next time.
@@ -355,6 +361,48 @@ pub async fn request_refresh(
     Ok(check_later(settings, &id))
 }
 
+/// A request for a recalled AMI: a refresh of ours to it still running is cancelled (its poll
+/// then closes it `cancelled`, and puts back any default version it moved); otherwise the request
+/// ends `recalled`, nothing started. Waiting and deferred requests end here on their next
+/// delivery, whatever slot they waited for.
+async fn recalled(
+    ctx: &RefreshContext<'_, impl Groups, impl Stacks, impl Parameters>,
+    req: &AsgRefreshRequested,
+    recall: &crate::control::Recall,
+) -> Result<StepOutput, StepError> {
+    let refused = || {
+        finished(
+            req,
+            Outcome::Recalled,
+            format!("not started: {}", recall.refusal()),
+        )
+    };
+    let Some(group) = ctx.groups.get(&req.asg_name).await? else {
+        return Ok(refused());
+    };
+    let running = ctx
+        .marks()
+        .read(&group)
+        .await?
+        .map(|r| r.mark)
+        .or_else(|| ctx.admission.running(&req.asg_name).map(|(m, _)| m))
+        .filter(|m| m.ami == req.ami_id && m.is_running());
+    let Some(mark) = running else {
+        tracing::warn!(group = %req.asg_name, ami = %req.ami_id, "refused: a refresh to a recalled AMI ({})", recall.refusal());
+        return Ok(refused());
+    };
+    let refreshes = ctx.groups.refreshes(&req.asg_name).await?;
+    if refreshes
+        .iter()
+        .any(|r| r.id == mark.refresh_id && r.is_active() && r.status != "Cancelling")
+    {
+        ctx.groups.cancel_refresh(&req.asg_name).await?;
+        tracing::warn!(group = %req.asg_name, refresh = %mark.refresh_id, ami = %req.ami_id, "refresh to a recalled AMI cancelled ({})", recall.refusal());
+        return Ok(check_later(ctx.settings, &mark.refresh_id));
+    }
+    outcome::poll(ctx, req, &group, &mark).await
+}
+
 /// The stage's fleet failure tolerance: past `max_failed_groups` failed or rolled-back groups for
 /// the AMI (plus those accepted by a resume), no new refresh starts, and the request ends
 /// `halted` with the count, the tolerance and the way on. A percentage counts the account's
@@ -506,6 +554,7 @@ mod tests {
             admission,
             accepted_failures: 0,
             halt: None,
+            recalled: None,
         }
     }
 
@@ -557,6 +606,82 @@ mod tests {
         };
         request_refresh(&ctx, &req, Utc::now()).await.unwrap();
         assert_eq!(aws.started.lock().unwrap()[0].0, "next");
+    }
+
+    fn recall_of_new() -> crate::control::Recall {
+        crate::control::Recall {
+            decision: crate::control::Decision {
+                by: "arn:aws:sts::111111111111:assumed-role/ops/alice".into(),
+                at: "2026-12-05T02:00:00Z".parse().unwrap(),
+                reason: "kernel regression".into(),
+            },
+            ami: NEW.into(),
+            parameter: "/golden/al2023/ami-id".into(),
+            to: None,
+            now: false,
+        }
+    }
+
+    async fn run_recalled(
+        aws: &FakeAws,
+        req: &AsgRefreshRequested,
+        admission: &Admission,
+    ) -> StepOutput {
+        let recall = recall_of_new();
+        let ctx = RefreshContext {
+            groups: aws,
+            stacks: aws,
+            params: aws,
+            stage: &stage(),
+            settings: &settings(),
+            admission,
+            accepted_failures: 0,
+            halt: None,
+            recalled: Some(&recall),
+        };
+        request_refresh(&ctx, req, Utc::now()).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_for_a_recalled_ami_ends_recalled_and_a_running_refresh_is_cancelled() {
+        let (aws, _) = one_group_beyond_the_limit();
+        let admission = Admission::default();
+        // g0's refresh to the AMI runs when it is recalled.
+        let running = request("g0", Strategy::LaunchTemplate);
+        run_in(&aws, &running, &admission).await;
+        assert_eq!(aws.started.lock().unwrap().len(), 1);
+
+        // A waiting request: ends `recalled`, nothing started, no version made.
+        let before = aws.changes();
+        let (said, reason) = outcome(
+            &run_recalled(&aws, &request("g1", Strategy::LaunchTemplate), &admission).await,
+        );
+        assert_eq!(said, Outcome::Recalled);
+        assert_eq!(
+            reason,
+            format!(
+                "not started: {NEW} was recalled by arn:aws:sts::111111111111:assumed-role/ops/alice at 2026-12-05T02:00:00+00:00: kernel regression"
+            )
+        );
+        assert_eq!(aws.changes(), before, "nothing changed for g1");
+
+        // The running one's poll cancels it, once; the poll after it ends closes it cancelled.
+        let StepOutput::Defer { .. } = run_recalled(&aws, &running, &admission).await else {
+            panic!("a cancelled refresh is polled again");
+        };
+        run_recalled(&aws, &running, &admission).await;
+        let cancels = aws
+            .changes()
+            .iter()
+            .filter(|c| c.starts_with("cancel_refresh"))
+            .count();
+        assert_eq!(cancels, 1, "{:?}", aws.changes());
+        aws.refreshes.lock().unwrap().get_mut("g0").unwrap()[0].status = "Cancelled".into();
+        let (said, _) = outcome(&run_recalled(&aws, &running, &admission).await);
+        assert_eq!(said, Outcome::Cancelled);
+        let group = aws.groups.lock().unwrap()["g0"].clone();
+        assert_eq!(mark_of(&group).unwrap().state, MarkState::Cancelled);
+        assert_eq!(aws.started.lock().unwrap().len(), 1, "nothing else started");
     }
 
     /// Groups `g0` ..= `g{limit}`, one more than the stage's concurrency limit, each with a

@@ -1,0 +1,242 @@
+//! `amictl recall`: take a bad golden AMI out of the rollout, everywhere. Like a pause, a recall
+//! is operator intent: amictl writes its record in the **hub's** Parameter Store
+//! (`/amiflow/control/recall/<ami>`, signed with the caller's STS identity, a time and a reason)
+//! and puts an `AmiRecalled` event on the hub's bus. From then on every worker refuses the AMI;
+//! each stage's param-worker, woken by the event, reads the record and moves its golden parameter
+//! back if it holds the AMI, and the plan and refresh workers move the groups back as in any
+//! rollout. amictl itself changes no parameter and no group.
+//!
+//! `--dry-run` prints, per stage, the parameter change and every group that would move back with
+//! its strategy, judged with the workers' own code (`amictl plan`'s preview), and writes nothing.
+
+use anyhow::{Context, Result, anyhow};
+use clap::Args;
+use rollout::aws::{Parameters, SsmParameters};
+use rollout::control::{self, Recall, Recalls, previous_golden};
+
+use crate::control::{Hub, rollout_of};
+use crate::exit::refuse;
+use crate::plan::Action;
+use crate::scope::{BUS, Scope, ScopeArgs};
+
+/// Recall a bad golden AMI: refused everywhere from now on, every stage moved back.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "Every stage whose golden parameter holds the AMI goes back to the family's previous golden AMI that is not recalled (or to --to), with one new parameter version, and every group running the AMI moves back through the normal plan and refresh path: in the stage's next window, or at once with --now (an `amictl pause` still stops it). Refresh requests for the AMI end `recalled`, running refreshes to it are cancelled, and no stage is promoted to it again. A recall is never undone: roll out a newer AMI instead.\n\nExamples:\n  amictl recall ami-0123456789abcdef0 --reason \"CVE-2026-1234 in the kernel\" --dry-run\n  amictl recall ami-0123456789abcdef0 --reason \"CVE-2026-1234 in the kernel\" --now\n  amictl recall /golden/al2023/ami-id@ami-0123456789abcdef0 --to ami-0fedcba9876543210 --reason \"agent broken\""
+)]
+pub struct RecallArgs {
+    /// The AMI id, or the rollout (`<parameter name>@<ami id>`).
+    #[arg(value_name = "AMI-ID|ROLLOUT-ID")]
+    rollout: String,
+    /// Why (an incident, a CVE); recorded with who you are and when.
+    #[arg(long, value_name = "TEXT")]
+    reason: String,
+    /// The golden AMI to go back to; required when the family never had another one.
+    #[arg(long, value_name = "AMI-ID")]
+    to: Option<String>,
+    /// Move the groups back at once instead of in each stage's next window.
+    #[arg(long)]
+    now: bool,
+    /// Print what the recall would change in each stage, and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    scope: ScopeArgs,
+}
+
+/// What the recall changes in one stage.
+struct StageChange {
+    label: String,
+    /// The parameter's value now.
+    holds: Option<String>,
+    /// The AMI it goes back to; `None` when it does not hold the recalled AMI.
+    back_to: Option<String>,
+}
+
+pub async fn run(args: RecallArgs) -> Result<()> {
+    let why = args.reason.trim();
+    if why.is_empty() {
+        refuse!(
+            "--reason is empty: say why the AMI is recalled (an incident, a CVE); it is recorded with who you are and when"
+        );
+    }
+    let scope = Scope::open(&args.scope).await?;
+    let (parameter, ami) = rollout_of(&scope, &args.rollout).await?;
+    let hub = Hub::of(&scope);
+    let path = control::recall_path(&ami);
+    if let Some(earlier) = control::read::<Recall>(&hub.records, &path)
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+    {
+        refuse!(
+            "{ami} is already recalled ({path} in the hub), by {} at {}: {}; a recall is never repeated or undone (re-send its event with `amictl inject AmiRecalled` if a stage missed it)",
+            earlier.decision.by,
+            earlier.decision.at.to_rfc3339(),
+            earlier.decision.reason
+        );
+    }
+    let recalls = Recalls::read(&hub.records)
+        .await
+        .map_err(|e| anyhow!("{e}"))
+        .context("reading the recalls in the hub")?;
+    let to = match &args.to {
+        Some(text) => {
+            let (to_parameter, to) = rollout_of(&scope, text).await?;
+            if to == ami {
+                refuse!("--to {to} is the AMI being recalled: name the golden AMI to go back to");
+            }
+            if to_parameter != parameter {
+                refuse!(
+                    "--to {to} is of {to_parameter}, not {parameter}: name a golden AMI of the recalled AMI's family"
+                );
+            }
+            if let Some(r) = recalls.of(&to) {
+                refuse!(
+                    "--to {to} is recalled itself ({}): name a golden AMI that is not recalled",
+                    r.refusal()
+                );
+            }
+            Some(to)
+        }
+        None => None,
+    };
+    let mut changes = Vec::new();
+    for stage in &scope.policy.stages {
+        let account = scope.account(&stage.account)?;
+        let params = SsmParameters(aws_sdk_ssm::Client::new(&account.config));
+        let read = |e: runtime::StepError| {
+            anyhow!("{e}").context(format!("reading {parameter} in {}", account.label()))
+        };
+        let holds = params.get(&parameter).await.map_err(read)?.map(|p| p.value);
+        let back_to = if holds.as_deref() == Some(ami.as_str()) {
+            match &to {
+                Some(to) => Some(to.clone()),
+                None => {
+                    let history = params.history(&parameter).await.map_err(read)?;
+                    match previous_golden(&history, &ami, &recalls) {
+                        Some(previous) => Some(previous),
+                        None => refuse!(
+                            "{ami} is the only golden AMI {parameter} ever had in {} (that is not recalled): there is nothing to go back to; name one with --to <ami>",
+                            account.label()
+                        ),
+                    }
+                }
+            }
+        } else {
+            None
+        };
+        changes.push((
+            stage,
+            StageChange {
+                label: account.label(),
+                holds,
+                back_to,
+            },
+        ));
+    }
+
+    if args.dry_run {
+        println!("recall of {parameter}@{ami} (dry run: nothing is written)");
+        for (stage, change) in &changes {
+            let Some(back_to) = &change.back_to else {
+                println!(
+                    "{}: {parameter} holds {}: unchanged",
+                    change.label,
+                    change.holds.as_deref().unwrap_or("nothing")
+                );
+                continue;
+            };
+            let account = scope.account(&stage.account)?;
+            let judged = crate::plan::judge_stage(
+                account.config.clone(),
+                std::sync::Arc::new(scope.policy.clone()),
+                (*stage).clone(),
+                Some((parameter.clone(), back_to.clone())),
+                recalls.clone(),
+            )
+            .await
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("judging the groups of {}", change.label))?;
+            let moving: Vec<_> = judged
+                .window
+                .iter()
+                .filter(|g| g.requested && g.parameter.as_deref() == Some(parameter.as_str()))
+                .collect();
+            println!(
+                "{}: {parameter} {ami} -> {back_to} (one new version); {} groups move back{}",
+                change.label,
+                moving.len(),
+                if args.now {
+                    " at once"
+                } else {
+                    " in the stage's next window"
+                }
+            );
+            for g in moving {
+                let strategy = g
+                    .strategy
+                    .map(|s| serde_json::to_value(s).unwrap_or_default())
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let what = match g.action {
+                    Action::Refresh => String::new(),
+                    _ => format!(" ({})", g.reason),
+                };
+                println!(
+                    "  {:<40} {:<16} {} instances, from {}{what}",
+                    g.group,
+                    strategy,
+                    g.instances,
+                    g.from.as_deref().unwrap_or("?"),
+                );
+            }
+        }
+        return Ok(());
+    }
+
+    let decision = hub.decision(why).await?;
+    let recall = Recall {
+        decision,
+        ami: ami.clone(),
+        parameter: parameter.clone(),
+        to: to.clone(),
+        now: args.now,
+    };
+    control::write(&hub.records, &path, &recall)
+        .await
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("writing {path} in the hub {}", scope.hub().label()))?;
+    let mut event = events::AmiRecalled::new(&ami, &parameter, why, &recall.decision.by);
+    event.to_ami_id = to;
+    event.now = args.now;
+    crate::inject::put_event(scope.hub(), BUS, &events::Detail::from(event))
+        .await
+        .with_context(|| {
+            format!(
+                "the recall is recorded ({path}) and every worker refuses {ami}, but the stages were not told to move back: re-send it with `amictl inject AmiRecalled`"
+            )
+        })?;
+    println!(
+        "recalled {parameter}@{ami} ({path} in the hub): by {}, {}",
+        recall.decision.by, recall.decision.reason
+    );
+    for (_, change) in &changes {
+        match &change.back_to {
+            Some(back_to) => println!(
+                "{}: {parameter} goes back {ami} -> {back_to}; its groups move back {}",
+                change.label,
+                if args.now {
+                    "at once"
+                } else {
+                    "in its next window"
+                }
+            ),
+            None => println!(
+                "{}: holds {}: unchanged",
+                change.label,
+                change.holds.as_deref().unwrap_or("nothing")
+            ),
+        }
+    }
+    Ok(())
+}
