@@ -62,6 +62,27 @@ fn decision(reason: &str) -> Decision {
     }
 }
 
+/// Tag `groups` of `account` so the emulator's refreshes of them `fail` (and roll back) or `hold`
+/// (stay in progress until cancelled).
+async fn emulate_refreshes(world: &World, account: &str, groups: &[String], how: &str) {
+    let asg = aws_sdk_autoscaling::Client::new(world.config(account));
+    for name in groups {
+        asg.create_or_update_tags()
+            .tags(
+                aws_sdk_autoscaling::types::Tag::builder()
+                    .resource_id(name)
+                    .resource_type("auto-scaling-group")
+                    .key(FAIL_TAG)
+                    .value(how)
+                    .propagate_at_launch(false)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+}
+
 /// The groups of `account` world.py expects an outcome for.
 fn expected(world: &World, account: &str) -> std::collections::BTreeSet<String> {
     world
@@ -125,22 +146,7 @@ async fn a_bad_ami_halts_qa_and_never_reaches_uat_or_prod() {
         failing.len() > 3,
         "more than qa's 3 refreshes at once: {failing:?}"
     );
-    let asg = aws_sdk_autoscaling::Client::new(world.config(qa));
-    for name in &failing {
-        asg.create_or_update_tags()
-            .tags(
-                aws_sdk_autoscaling::types::Tag::builder()
-                    .resource_id(name)
-                    .resource_type("auto-scaling-group")
-                    .key(FAIL_TAG)
-                    .value("fail")
-                    .propagate_at_launch(false)
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-    }
+    emulate_refreshes(&world, qa, &failing, "fail").await;
     let before = snapshot(&world).await;
     let mut audit = Audit::default();
     support::publish(&world, &mut audit, Duration::from_secs(120)).await;
@@ -248,22 +254,11 @@ async fn an_operator_halt_with_cancel_running_cancels_qas_refreshes_and_keeps_ua
         .take(2)
         .collect();
     assert_eq!(held.len(), 2);
-    let asg = aws_sdk_autoscaling::Client::new(world.config(qa));
-    for g in &held {
-        asg.create_or_update_tags()
-            .tags(
-                aws_sdk_autoscaling::types::Tag::builder()
-                    .resource_id(g["name"].as_str().unwrap())
-                    .resource_type("auto-scaling-group")
-                    .key(FAIL_TAG)
-                    .value("hold")
-                    .propagate_at_launch(false)
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-    }
+    let names: Vec<String> = held
+        .iter()
+        .filter_map(|g| g["name"].as_str().map(str::to_owned))
+        .collect();
+    emulate_refreshes(&world, qa, &names, "hold").await;
     let before = snapshot(&world).await;
     let mut audit = Audit::default();
     support::publish(&world, &mut audit, Duration::from_secs(120)).await;
