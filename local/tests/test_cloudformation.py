@@ -1,38 +1,15 @@
 """boto3 checks of amiflow_shim.cloudformation: stack tags, SSM-typed parameter re-resolution on
 UpdateStack with the previous template and values, dynamic references left alone."""
 
+import pathlib
 import random
 import time
 
 import pytest
 from botocore.exceptions import ClientError
 
-SSM_TYPED = """
-Parameters:
-  ImageId:
-    Type: AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>
-    Default: /golden/web
-  InstanceType:
-    Type: String
-    Default: t3.micro
-Resources:
-  LT:
-    Type: AWS::EC2::LaunchTemplate
-    Properties:
-      LaunchTemplateData:
-        ImageId: !Ref ImageId
-        InstanceType: !Ref InstanceType
-  Group:
-    Type: AWS::AutoScaling::AutoScalingGroup
-    Properties:
-      MinSize: "1"
-      MaxSize: "3"
-      DesiredCapacity: "1"
-      AvailabilityZones: [us-east-1a]
-      LaunchTemplate:
-        LaunchTemplateId: !Ref LT
-        Version: !GetAtt LT.LatestVersionNumber
-"""
+# Shared with the Rust SDK checks (tests/tests/emulator/cloudformation.rs).
+SSM_TYPED = (pathlib.Path(__file__).parent / "templates" / "ssm-typed-stack.yaml").read_text()
 
 DYNAMIC = """
 Parameters:

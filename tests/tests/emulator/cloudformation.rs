@@ -10,32 +10,8 @@ use e2e::eventually;
 
 use crate::fixture::{WAIT, emulator, facts, group_lt_version, launch_facts, put_image_param};
 
-const SSM_TYPED: &str = r#"
-Parameters:
-  ImageId:
-    Type: AWS::SSM::Parameter::Value<AWS::EC2::Image::Id>
-    Default: /golden/web
-  InstanceType:
-    Type: String
-    Default: t3.micro
-Resources:
-  LT:
-    Type: AWS::EC2::LaunchTemplate
-    Properties:
-      LaunchTemplateData:
-        ImageId: !Ref ImageId
-        InstanceType: !Ref InstanceType
-  Group:
-    Type: AWS::AutoScaling::AutoScalingGroup
-    Properties:
-      MinSize: "1"
-      MaxSize: "3"
-      DesiredCapacity: "1"
-      AvailabilityZones: [us-east-1a]
-      LaunchTemplate:
-        LaunchTemplateId: !Ref LT
-        Version: !GetAtt LT.LatestVersionNumber
-"#;
+/// The stack both this file and local/tests/test_cloudformation.py make.
+const SSM_TYPED: &str = include_str!("../../../local/tests/templates/ssm-typed-stack.yaml");
 
 async fn stack_status(cfn: &aws_sdk_cloudformation::Client, stack: &str, want: &str) {
     eventually(&format!("stack {stack} {want}"), WAIT, || async {
