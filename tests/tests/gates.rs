@@ -21,9 +21,6 @@ use rollout::control::{self, Decision};
 use serde_json::Value;
 use support::{Audit, amis, observe, parameter, snapshot};
 
-/// The shim fails (and auto rolls back) the refresh of a group with this tag.
-const FAIL_TAG: &str = "amiflow:emulator-refresh-outcome";
-
 /// A pause reaches every worker within `AMIFLOW_CONTROL_SECONDS` (1 s here); a paused message
 /// comes back every `AMIFLOW_PAUSE_RECHECK_SECONDS`.
 const CONTROL_SECONDS: u64 = 1;
@@ -59,27 +56,6 @@ fn decision(reason: &str) -> Decision {
         by: "arn:aws:sts::111111111111:assumed-role/ops/e2e".into(),
         at: Utc::now(),
         reason: reason.into(),
-    }
-}
-
-/// Tag `groups` of `account` so the emulator's refreshes of them `fail` (and roll back) or `hold`
-/// (stay in progress until cancelled).
-async fn emulate_refreshes(world: &World, account: &str, groups: &[String], how: &str) {
-    let asg = aws_sdk_autoscaling::Client::new(world.config(account));
-    for name in groups {
-        asg.create_or_update_tags()
-            .tags(
-                aws_sdk_autoscaling::types::Tag::builder()
-                    .resource_id(name)
-                    .resource_type("auto-scaling-group")
-                    .key(FAIL_TAG)
-                    .value(how)
-                    .propagate_at_launch(false)
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
     }
 }
 
@@ -146,7 +122,7 @@ async fn a_bad_ami_halts_qa_and_never_reaches_uat_or_prod() {
         failing.len() > 3,
         "more than qa's 3 refreshes at once: {failing:?}"
     );
-    emulate_refreshes(&world, qa, &failing, "fail").await;
+    support::emulate_refreshes(&world, qa, &failing, "fail").await;
     let before = snapshot(&world).await;
     let mut audit = Audit::default();
     support::publish(&world, &mut audit, Duration::from_secs(120)).await;
@@ -258,7 +234,7 @@ async fn an_operator_halt_with_cancel_running_cancels_qas_refreshes_and_keeps_ua
         .iter()
         .filter_map(|g| g["name"].as_str().map(str::to_owned))
         .collect();
-    emulate_refreshes(&world, qa, &names, "hold").await;
+    support::emulate_refreshes(&world, qa, &names, "hold").await;
     let before = snapshot(&world).await;
     let mut audit = Audit::default();
     support::publish(&world, &mut audit, Duration::from_secs(120)).await;

@@ -457,15 +457,8 @@ async fn a_recall_before_any_stage_only_blocks_and_a_newer_ami_then_rolls_out() 
     }
 }
 
-/// How many instance refreshes the groups of `account` have had, all told.
-async fn refresh_count(world: &World, account: &str) -> usize {
-    let mut n = 0;
-    for g in world.groups(account) {
-        n += observe(world, account, &g).await.refreshes.len();
-    }
-    n
-}
-
+/// A recall while qa's refreshes run: the running one is cancelled, the waiting ones end
+/// `recalled` having changed nothing, and every group ends on the previous AMI, none refreshed twice.
 #[tokio::test]
 async fn a_recall_during_qas_window_ends_with_every_group_on_the_previous_ami() {
     let world = start().await;
@@ -474,15 +467,32 @@ async fn a_recall_during_qas_window_ends_with_every_group_on_the_previous_ami() 
     let (candidate, _) = amis(&world);
     let before = snapshot(&world).await;
     let previous = before.params[&qa].0.clone();
+    // One pinned group's refresh stays in progress (the emulator holds it) until it is cancelled:
+    // the recall finds it running, whatever the timing.
+    let held = world
+        .groups(&qa)
+        .into_iter()
+        .find(|g| {
+            g["expected"] == "refresh"
+                && g["strategy"] == "launch-template"
+                && g["kind"] == "pinned"
+        })
+        .expect("a pinned qa group the candidate moves");
+    let held_name = held["name"].as_str().unwrap().to_owned();
+    support::emulate_refreshes(&world, &qa, std::slice::from_ref(&held_name), "hold").await;
     let mut audit = Audit::default();
     let driver = world.driver();
     support::publish(&world, &mut audit, Duration::from_secs(120)).await;
 
-    // qa's window; once its first refreshes run (more groups wait for one of its 3 slots), the
+    // qa's window; once the held refresh runs (more groups wait for one of its 3 slots), the
     // candidate is recalled.
     driver.open(&driver.stages[0]).await.unwrap();
-    e2e::eventually("qa's first refresh", Duration::from_secs(120), || async {
-        (refresh_count(&world, &qa).await > 0).then_some(())
+    e2e::eventually("the held refresh to run", Duration::from_secs(120), || async {
+        let seen = observe(&world, &qa, &held).await;
+        seen.refreshes
+            .iter()
+            .any(|r| r.1 == "InProgress")
+            .then_some(())
     })
     .await;
     recall(&world, &candidate, true).await;
@@ -544,6 +554,14 @@ async fn a_recall_during_qas_window_ends_with_every_group_on_the_previous_ami() 
         never_started > 0,
         "the recall came while requests waited: {:?}",
         audit.finished
+    );
+    // The refresh running when the recall came was cancelled, and reported so.
+    let said = audit.outcomes(&qa, &held_name, &candidate).unwrap();
+    assert_eq!(said[0].0, "cancelled", "{held_name}: {said:?}");
+    let seen = &now.groups[&(qa.clone(), held_name.clone())];
+    assert!(
+        seen.refreshes.iter().any(|r| r.1 == "Cancelled"),
+        "{held_name}: {seen:?}"
     );
     // The stages after qa never changed.
     for account in &accounts[1..] {

@@ -534,3 +534,28 @@ pub fn seed(scenario: &str) -> u64 {
     eprintln!("{scenario}: seed {seed} (AMIFLOW_CHAOS_SEED={seed} replays it)");
     seed
 }
+
+/// The emulator fails (and auto rolls back) the refresh of a group with this tag set to `fail`,
+/// and keeps it in progress until cancelled when it says `hold`.
+pub const EMULATED_REFRESH_TAG: &str = "amiflow:emulator-refresh-outcome";
+
+/// Tag `groups` of `account` so the emulator's refreshes of them `fail` (and roll back) or `hold`
+/// (stay in progress until cancelled).
+pub async fn emulate_refreshes(world: &World, account: &str, groups: &[String], how: &str) {
+    let asg = aws_sdk_autoscaling::Client::new(world.config(account));
+    for name in groups {
+        asg.create_or_update_tags()
+            .tags(
+                aws_sdk_autoscaling::types::Tag::builder()
+                    .resource_id(name)
+                    .resource_type("auto-scaling-group")
+                    .key(EMULATED_REFRESH_TAG)
+                    .value(how)
+                    .propagate_at_launch(false)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+}
