@@ -487,13 +487,17 @@ async fn a_recall_during_qas_window_ends_with_every_group_on_the_previous_ami() 
     // qa's window; once the held refresh runs (more groups wait for one of its 3 slots), the
     // candidate is recalled.
     driver.open(&driver.stages[0]).await.unwrap();
-    e2e::eventually("the held refresh to run", Duration::from_secs(120), || async {
-        let seen = observe(&world, &qa, &held).await;
-        seen.refreshes
-            .iter()
-            .any(|r| r.1 == "InProgress")
-            .then_some(())
-    })
+    e2e::eventually(
+        "the held refresh to run",
+        Duration::from_secs(120),
+        || async {
+            let seen = observe(&world, &qa, &held).await;
+            seen.refreshes
+                .iter()
+                .any(|r| r.1 == "InProgress")
+                .then_some(())
+        },
+    )
     .await;
     recall(&world, &candidate, true).await;
     let moving = refreshed(&world, &qa);

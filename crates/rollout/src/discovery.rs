@@ -143,18 +143,17 @@ impl Resolver {
         wanted.sort();
         wanted.dedup();
         wanted.retain(|key| !self.versions.contains_key(key));
-        let found: Vec<((String, String), Option<(i64, String)>)> =
-            futures::stream::iter(wanted)
-                .map(|(id, version)| async move {
-                    let found = templates
-                        .template_version(&id, &version)
-                        .await?
-                        .map(|v| (v.number, v.image_id));
-                    Ok::<_, StepError>(((id, version), found))
-                })
-                .buffer_unordered(PREFETCH)
-                .try_collect()
-                .await?;
+        let found: Vec<((String, String), Option<(i64, String)>)> = futures::stream::iter(wanted)
+            .map(|(id, version)| async move {
+                let found = templates
+                    .template_version(&id, &version)
+                    .await?
+                    .map(|v| (v.number, v.image_id));
+                Ok::<_, StepError>(((id, version), found))
+            })
+            .buffer_unordered(PREFETCH)
+            .try_collect()
+            .await?;
         self.versions.extend(found);
         Ok(())
     }
@@ -377,7 +376,11 @@ mod tests {
         let g = resolver.resolve(&aws, &aws, group).await.unwrap();
         assert_eq!(g.ami.as_deref(), Some(NEW));
         assert_eq!(g.overrides.len(), 1);
-        assert_eq!(g.overrides[0].ami.as_deref(), Some(NEW), "lt-old's $Default is 2");
+        assert_eq!(
+            g.overrides[0].ami.as_deref(),
+            Some(NEW),
+            "lt-old's $Default is 2"
+        );
     }
 
     #[tokio::test]
