@@ -143,7 +143,7 @@ impl Resolver {
         wanted.sort();
         wanted.dedup();
         wanted.retain(|key| !self.versions.contains_key(key));
-        let found: Vec<((String, String), Option<(i64, String)>)> = futures::stream::iter(wanted)
+        let found: Vec<_> = futures::stream::iter(wanted)
             .map(|(id, version)| async move {
                 let found = templates
                     .template_version(&id, &version)
