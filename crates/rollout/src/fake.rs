@@ -73,6 +73,7 @@ impl FakeAws {
                 number: i as i64 + 1,
                 image_id: (*image).to_owned(),
                 is_default: i as i64 + 1 == default,
+                description: String::new(),
             })
             .collect();
         self.templates
@@ -151,12 +152,12 @@ impl Templates for FakeAws {
         &self,
         template: &str,
         ami: &str,
-    ) -> Result<Option<i64>, StepError> {
+    ) -> Result<Option<TemplateVersion>, StepError> {
         Ok(self.templates.lock().unwrap().get(template).and_then(|vs| {
             vs.iter()
                 .filter(|v| v.image_id == ami)
-                .map(|v| v.number)
-                .max()
+                .max_by_key(|v| v.number)
+                .cloned()
         }))
     }
 
@@ -165,6 +166,7 @@ impl Templates for FakeAws {
         template: &str,
         source: i64,
         ami: &str,
+        description: &str,
     ) -> Result<i64, StepError> {
         self.record(format!("create_version {template} from {source} {ami}"));
         let mut templates = self.templates.lock().unwrap();
@@ -176,6 +178,7 @@ impl Templates for FakeAws {
             number,
             image_id: ami.to_owned(),
             is_default: false,
+            description: description.to_owned(),
         });
         Ok(number)
     }

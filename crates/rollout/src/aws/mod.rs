@@ -98,7 +98,12 @@ mod permission_tests {
         let ec2 = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, [&rule]);
         let autoscaling = mock_client!(aws_sdk_autoscaling, RuleMode::MatchAny, []);
         let err = groups(ec2, autoscaling)
-            .create_version("lt-0abc", 2, "ami-0a1b2c3d4e5f60718")
+            .create_version(
+                "lt-0abc",
+                2,
+                "ami-0a1b2c3d4e5f60718",
+                "amiflow: ami-0a1b2c3d4e5f60718",
+            )
             .await
             .unwrap_err();
         assert_refused(

@@ -13,6 +13,9 @@ pub struct TemplateVersion {
     pub number: i64,
     pub image_id: String,
     pub is_default: bool,
+    /// The version's description (amiflow records in it what a version it made is for:
+    /// `crate::refresh::default_version`).
+    pub description: String,
 }
 
 pub trait Templates: Send + Sync {
@@ -22,16 +25,19 @@ pub trait Templates: Send + Sync {
         template: &str,
         version: &str,
     ) -> impl Future<Output = Result<Option<TemplateVersion>, StepError>> + Send;
+    /// The newest version whose image is `ami`.
     fn version_with_image(
         &self,
         template: &str,
         ami: &str,
-    ) -> impl Future<Output = Result<Option<i64>, StepError>> + Send;
+    ) -> impl Future<Output = Result<Option<TemplateVersion>, StepError>> + Send;
+    /// A new version of `template` from `source` with `ami`, described by `description`.
     fn create_version(
         &self,
         template: &str,
         source: i64,
         ami: &str,
+        description: &str,
     ) -> impl Future<Output = Result<i64, StepError>> + Send;
     fn set_default_version(
         &self,
@@ -45,6 +51,19 @@ fn template_filter(template: &str) -> (Option<String>, Option<String>) {
         (Some(template.to_owned()), None)
     } else {
         (None, Some(template.to_owned()))
+    }
+}
+
+fn read_version(v: &aws_sdk_ec2::types::LaunchTemplateVersion) -> TemplateVersion {
+    TemplateVersion {
+        number: v.version_number().unwrap_or_default(),
+        image_id: v
+            .launch_template_data()
+            .and_then(|d| d.image_id())
+            .unwrap_or_default()
+            .to_owned(),
+        is_default: v.default_version().unwrap_or(false),
+        description: v.version_description().unwrap_or_default().to_owned(),
     }
 }
 
@@ -75,25 +94,14 @@ impl Templates for AwsGroups {
                 ));
             }
         };
-        Ok(out
-            .launch_template_versions()
-            .first()
-            .map(|v| TemplateVersion {
-                number: v.version_number().unwrap_or_default(),
-                image_id: v
-                    .launch_template_data()
-                    .and_then(|d| d.image_id())
-                    .unwrap_or_default()
-                    .to_owned(),
-                is_default: v.default_version().unwrap_or(false),
-            }))
+        Ok(out.launch_template_versions().first().map(read_version))
     }
 
     async fn version_with_image(
         &self,
         template: &str,
         ami: &str,
-    ) -> Result<Option<i64>, StepError> {
+    ) -> Result<Option<TemplateVersion>, StepError> {
         let (id, name) = template_filter(template);
         let out = self
             .ec2
@@ -107,8 +115,8 @@ impl Templates for AwsGroups {
         Ok(out
             .launch_template_versions()
             .iter()
-            .filter_map(|v| v.version_number())
-            .max())
+            .map(read_version)
+            .max_by_key(|v| v.number))
     }
 
     async fn create_version(
@@ -116,6 +124,7 @@ impl Templates for AwsGroups {
         template: &str,
         source: i64,
         ami: &str,
+        description: &str,
     ) -> Result<i64, StepError> {
         let (id, name) = template_filter(template);
         runtime::limits::acquire(runtime::limits::Api::Ec2Mutating).await;
@@ -125,7 +134,7 @@ impl Templates for AwsGroups {
             .set_launch_template_id(id)
             .set_launch_template_name(name)
             .source_version(source.to_string())
-            .version_description(format!("amiflow: {ami}"))
+            .version_description(description)
             .launch_template_data(RequestLaunchTemplateData::builder().image_id(ami).build())
             .send()
             .await

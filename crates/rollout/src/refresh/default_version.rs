@@ -4,20 +4,26 @@
 //! that fails, rolls back or is cancelled leaves the group's configuration as it was, except for
 //! that default, which would make every later launch take the AMI that just failed.
 //!
-//! What was moved is recorded on the group before the first default changes, so a worker that
-//! restarts (or another process closing the refresh) finds it: [`RESTORE_TAG`] =
-//! `<ami>|<window>|<template>:<before>:<set>|...`. The AMI and window tie it to one request, as
-//! the mark's do: a refresh of another AMI or window never restores a default it did not move,
-//! and a start asked again in the same window (its first attempt failed after moving the
-//! default) keeps the record of the first. Restoring is idempotent and never overrides a person:
-//! a default that is no longer the one amiflow set (changed by hand meanwhile) is left alone, and
-//! the outcome's reason says which it was.
+//! What was moved is recorded in AWS before the first default changes, so a worker that
+//! restarts (or another process closing the refresh) finds it. Usually the version amiflow makes
+//! records it in its own description ([`note`]: `amiflow: <ami> | window <window> | default was
+//! <before>`), written by the `CreateLaunchTemplateVersion` that makes it, so moving a default
+//! costs no extra write. A version made earlier for the AMI (another window's, or one made for
+//! a pinned group) cannot be described again: then the group's [`RESTORE_TAG`] =
+//! `<ami>|<window>|<template>:<before>:<set>|...` records it, written just before the move. The
+//! AMI and window tie either record to one request, as the mark's do: a refresh of another AMI
+//! or window never restores a default it did not move, and a start asked again in the same
+//! window (its first attempt failed after moving the default) keeps the record of the first.
+//! Restoring is idempotent and never overrides a person: a default that is no longer the one
+//! amiflow set (changed by hand meanwhile) is left alone, and the outcome's reason says which it
+//! was.
 
 use events::Outcome;
 use runtime::StepError;
 
 use super::start::BeforeRefresh;
-use crate::aws::Groups;
+use crate::aws::{Group, Groups, LaunchSource};
+use crate::discovery::override_templates;
 use crate::mark::Mark;
 
 /// Tag recording the default versions a refresh's start moved (see the module's description).
@@ -91,8 +97,27 @@ impl Record {
     }
 }
 
+/// The description of a version amiflow makes for `ami`; when it is to become its template's
+/// default in `window` (`Some`), it records `before`, the default it replaces.
+pub(super) fn note(ami: &str, window: Option<&str>, before: i64) -> String {
+    match window {
+        Some(window) => format!("amiflow: {ami} | window {window} | default was {before}"),
+        None => format!("amiflow: {ami}"),
+    }
+}
+
+/// A [`note`] recording a default move: (AMI, window, the default before).
+fn parse_note(description: &str) -> Option<(&str, &str, i64)> {
+    let mut parts = description.strip_prefix("amiflow: ")?.split(" | ");
+    let ami = parts.next()?;
+    let window = parts.next()?.strip_prefix("window ")?;
+    let before = parts.next()?.strip_prefix("default was ")?.parse().ok()?;
+    Some((ami, window, before))
+}
+
 /// Run the start's actions on the group's templates (setting default versions), after recording
-/// on the group every default they move, so that a failed refresh can put them back.
+/// every default they move that the versions' descriptions do not record already (on the
+/// group's [`RESTORE_TAG`]), so that a failed refresh can put them back.
 pub(super) async fn move_defaults(
     groups: &impl Groups,
     group: &str,
@@ -106,8 +131,9 @@ pub(super) async fn move_defaults(
             template,
             version,
             before,
+            recorded,
         } = action;
-        if before != version && !moved.iter().any(|m| &m.template == template) {
+        if !recorded && before != version && !moved.iter().any(|m| &m.template == template) {
             moved.push(Moved {
                 template: template.clone(),
                 before: *before,
@@ -116,7 +142,7 @@ pub(super) async fn move_defaults(
         }
     }
     // Nothing moves (already the default: this request's earlier attempt moved it, and its
-    // record stays): nothing to record.
+    // record stays), or the new versions record it: nothing to write.
     if !moved.is_empty() {
         let record = Record {
             ami: ami.to_owned(),
@@ -151,16 +177,34 @@ pub(super) async fn restore(
     let Some(found) = groups.get(group).await? else {
         return Ok(None);
     };
-    let Some(record) = found
+    let mut moved = found
         .tags
         .get(RESTORE_TAG)
         .and_then(|v| Record::parse(v))
         .filter(|r| r.ami == mark.ami && r.window == mark.deadline)
-    else {
-        return Ok(None);
-    };
+        .map(|r| r.moved)
+        .unwrap_or_default();
+    for template in default_templates(&found) {
+        if moved.iter().any(|m| m.template == template) {
+            continue;
+        }
+        let Some(made) = groups.version_with_image(&template, &mark.ami).await? else {
+            continue;
+        };
+        if let Some((_, _, before)) =
+            parse_note(&made.description).filter(|(ami, window, before)| {
+                *ami == mark.ami && *window == mark.deadline && *before != made.number
+            })
+        {
+            moved.push(Moved {
+                template,
+                before,
+                set: made.number,
+            });
+        }
+    }
     let mut said = Vec::new();
-    for m in &record.moved {
+    for m in &moved {
         let now = groups
             .template_version(&m.template, "$Default")
             .await?
@@ -190,6 +234,26 @@ pub(super) async fn restore(
         });
     }
     Ok((!said.is_empty()).then(|| said.join("; ")))
+}
+
+/// The templates `group` launches from by `$Default` (its own and its overrides').
+fn default_templates(group: &Group) -> Vec<String> {
+    let LaunchSource::Template { id, version, mixed } = &group.source else {
+        return Vec::new();
+    };
+    let mut templates = Vec::new();
+    if version == "$Default" {
+        templates.push(id.clone());
+    }
+    for o in mixed.as_deref().map(override_templates).unwrap_or_default() {
+        if let Some(t) = o
+            .template
+            .filter(|t| o.version == "$Default" && !templates.contains(t))
+        {
+            templates.push(t);
+        }
+    }
+    templates
 }
 
 #[cfg(test)]

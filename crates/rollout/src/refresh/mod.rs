@@ -1299,24 +1299,37 @@ mod tests {
     /// A mixed-instances group on `lt-main` version 1 whose t3.small override launches from
     /// `override_template` version 1; the golden parameter holds NEW after OLD.
     fn mixed_with_override(aws: &FakeAws, override_template: Option<&str>) {
+        mixed_with_override_at(aws, override_template, "1");
+    }
+
+    /// A group launching lt-main version 1, whose t3.small override launches `override_template`
+    /// at `override_version`.
+    fn mixed_with_override_at(
+        aws: &FakeAws,
+        override_template: Option<&str>,
+        override_version: &str,
+    ) {
         use aws_sdk_autoscaling::types::{
             LaunchTemplate, LaunchTemplateOverrides, LaunchTemplateSpecification,
             MixedInstancesPolicy,
         };
-        let spec = |t: Option<&str>| {
+        let spec = |t: Option<&str>, version: &str| {
             LaunchTemplateSpecification::builder()
                 .set_launch_template_id(t.map(Into::into))
-                .version("1")
+                .version(version)
                 .build()
         };
         let policy = MixedInstancesPolicy::builder()
             .launch_template(
                 LaunchTemplate::builder()
-                    .launch_template_specification(spec(Some("lt-main")))
+                    .launch_template_specification(spec(Some("lt-main"), "1"))
                     .overrides(
                         LaunchTemplateOverrides::builder()
                             .instance_type("t3.small")
-                            .launch_template_specification(spec(override_template))
+                            .launch_template_specification(spec(
+                                override_template,
+                                override_version,
+                            ))
                             .build(),
                     )
                     .overrides(
@@ -1403,6 +1416,38 @@ mod tests {
             ]
         );
         assert!(aws.started.lock().unwrap()[0].1.auto_rollback);
+    }
+
+    #[tokio::test]
+    async fn a_default_override_whose_refresh_fails_gets_its_default_version_back() {
+        let aws = FakeAws::default();
+        mixed_with_override_at(&aws, Some("lt-over"), "$Default");
+        aws.template("lt-over", &[OLD], 1);
+        let req = request("web", Strategy::LaunchTemplate);
+        run(&aws, &req).await;
+        assert_eq!(default_of(&aws, "lt-over"), 2);
+        assert_eq!(
+            aws.templates.lock().unwrap()["lt-over"][1].description,
+            format!(
+                "amiflow: {NEW} | window {} | default was 1",
+                deadline_text(req.deadline)
+            )
+        );
+        // The pinned main template's version records no move.
+        assert_eq!(
+            aws.templates.lock().unwrap()["lt-main"][1].description,
+            format!("amiflow: {NEW}")
+        );
+        end_refresh(&aws, "web", "Failed", "launch failed");
+        let (o, reason) = outcome(&run(&aws, &req).await);
+        assert_eq!(
+            (o, reason.as_str()),
+            (
+                Outcome::Failed,
+                "launch failed; the default version of lt-over was set back to 1 (from 2)"
+            )
+        );
+        assert_eq!(default_of(&aws, "lt-over"), 1);
     }
 
     #[tokio::test]
@@ -1605,22 +1650,29 @@ mod tests {
             let req = request("web", Strategy::LaunchTemplate);
             assert!(matches!(run(&aws, &req).await, StepOutput::Defer { .. }));
             assert_eq!(default_of(&aws, "lt-1"), 2);
-            // What was moved is on the group before the default moves (a worker that dies in
-            // between still knows what to put back).
+            // What was moved is in AWS before the default moves (a worker that dies in between
+            // still knows what to put back): in the description of the version made for it, so
+            // moving the default costs no other write.
             let changes = aws.changes();
-            let recorded = changes
+            let made = changes
                 .iter()
-                .position(|c| c.starts_with("set_tag web amiflow:restore-default="))
-                .expect("the move is recorded");
+                .position(|c| c == &format!("create_version lt-1 from 1 {NEW}"))
+                .expect("a version is made");
             let moved = changes
                 .iter()
                 .position(|c| c == "set_default_version lt-1 2")
                 .expect("the default is moved");
-            assert!(recorded < moved, "{changes:?}");
+            assert!(made < moved, "{changes:?}");
             let window = deadline_text(req.deadline);
             assert_eq!(
-                aws.groups.lock().unwrap()["web"].tags["amiflow:restore-default"],
-                format!("{NEW}|{window}|lt-1:1:2")
+                aws.templates.lock().unwrap()["lt-1"][1].description,
+                format!("amiflow: {NEW} | window {window} | default was 1")
+            );
+            assert!(
+                !changes
+                    .iter()
+                    .any(|c| c.starts_with("set_tag web amiflow:restore-default")),
+                "{changes:?}"
             );
 
             end_refresh(
@@ -1696,14 +1748,56 @@ mod tests {
         }
         assert!(matches!(run(&aws, &req).await, StepOutput::Defer { .. }));
         assert_eq!(
-            aws.groups.lock().unwrap()["web"].tags["amiflow:restore-default"],
-            format!("{NEW}|{}|lt-1:1:2", deadline_text(req.deadline)),
+            aws.templates.lock().unwrap()["lt-1"][1].description,
+            format!(
+                "amiflow: {NEW} | window {} | default was 1",
+                deadline_text(req.deadline)
+            ),
             "the default before the first attempt, not the one it set"
         );
         end_refresh(&aws, "web", "Failed", "launch failed");
         let (o, reason) = outcome(&run(&aws, &req).await);
         assert_eq!(o, Outcome::Failed);
         assert!(reason.ends_with("set back to 1 (from 2)"), "{reason}");
+        assert_eq!(default_of(&aws, "lt-1"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_version_made_in_another_window_moves_the_default_with_the_record_on_the_group() {
+        let aws = FakeAws::default();
+        // Version 2 already holds the AMI (made in an earlier window, whose refresh failed and
+        // put the default back): its description cannot record this move.
+        aws.template("lt-1", &[OLD, NEW], 1);
+        aws.group("web", "lt-1", "$Default", OLD, 2);
+        let req = request("web", Strategy::LaunchTemplate);
+        assert!(matches!(run(&aws, &req).await, StepOutput::Defer { .. }));
+        let changes = aws.changes();
+        assert!(
+            !changes.iter().any(|c| c.starts_with("create_version")),
+            "{changes:?}"
+        );
+        let recorded = changes
+            .iter()
+            .position(|c| c.starts_with("set_tag web amiflow:restore-default="))
+            .expect("the move is recorded on the group");
+        let moved = changes
+            .iter()
+            .position(|c| c == "set_default_version lt-1 2")
+            .expect("the default is moved");
+        assert!(recorded < moved, "{changes:?}");
+        assert_eq!(
+            aws.groups.lock().unwrap()["web"].tags["amiflow:restore-default"],
+            format!("{NEW}|{}|lt-1:1:2", deadline_text(req.deadline))
+        );
+        end_refresh(&aws, "web", "Failed", "launch failed");
+        let (o, reason) = outcome(&run(&aws, &req).await);
+        assert_eq!(
+            (o, reason.as_str()),
+            (
+                Outcome::Failed,
+                "launch failed; the default version of lt-1 was set back to 1 (from 2)"
+            )
+        );
         assert_eq!(default_of(&aws, "lt-1"), 1);
     }
 

@@ -17,11 +17,12 @@ use aws_sdk_autoscaling::types::{
 use events::{AsgRefreshRequested, Outcome, Strategy};
 use runtime::{StepError, StepOutput};
 
-use super::{RefreshContext, defer, finished};
+use super::{RefreshContext, default_version, defer, finished};
 use crate::aws::{
     Group, Groups, LaunchSource, Parameters, RefreshRequest, STACK_TAG, Stack, Stacks,
 };
 use crate::discovery::override_templates;
+use crate::mark::deadline_text;
 use crate::policy::{CloudFormationMode, Stage};
 
 /// What the group's configuration calls for.
@@ -79,6 +80,8 @@ pub(super) enum BeforeRefresh {
         template: String,
         version: i64,
         before: i64,
+        /// The version's description records this move: nothing else to write before it.
+        recorded: bool,
     },
 }
 
@@ -158,13 +161,24 @@ async fn launch_template(
             ..Plan::default()
         }));
     }
+    let pin = |spec: &str| pins(spec, stage);
+    let window = deadline_text(req.deadline);
     // Exactly one new version per template and AMI: reuse one that already has the AMI.
     let version = if main_moves {
-        Some(new_version(groups, &template, current.number, &req.ami_id).await?)
+        let moves_default = (spec == "$Default" && !pin(&spec)).then_some(window.as_str());
+        Some(
+            new_version(
+                groups,
+                &template,
+                current.number,
+                &req.ami_id,
+                moves_default,
+            )
+            .await?,
+        )
     } else {
         None
     };
-    let pin = |spec: &str| pins(spec, stage);
     let spec_for = |template: &str, v: String| {
         LaunchTemplateSpecification::builder()
             .launch_template_id(template)
@@ -176,15 +190,20 @@ async fn launch_template(
     // The main template's spec in the desired configuration, and whether it is a number.
     let main_spec = match version {
         Some(v) if pin(&spec) => {
+            let v = v.number;
             how.push(format!("pinned to {template} version {v}"));
             v.to_string()
         }
-        Some(v) => {
+        Some(NewVersion {
+            number: v,
+            recorded,
+        }) => {
             if spec == "$Default" {
                 before_refresh.push(BeforeRefresh::SetDefault {
                     template: template.clone(),
                     version: v,
                     before: current.number,
+                    recorded,
                 });
                 how.push(format!("{template} default version set to {v}"));
             } else {
@@ -211,6 +230,7 @@ async fn launch_template(
                     template: m.template.clone(),
                     version: m.version,
                     before: m.before,
+                    recorded: m.recorded,
                 });
             }
             how.push(format!(
@@ -275,16 +295,35 @@ async fn launch_template(
     }))
 }
 
+/// The version of `template` holding `ami` (one made earlier for it, or a new one from
+/// `source`), and whether its description records the default move about to be made.
+#[derive(Clone, Copy)]
+struct NewVersion {
+    number: i64,
+    recorded: bool,
+}
+
 /// The version of `template` holding `ami`: one made earlier for it, or a new one from `source`.
+/// When it is about to become the default of a `$Default` template (`moves_default` names the
+/// request's window), a new version's description records the default it replaces
+/// ([`default_version::note`]), so that no other write is needed before the default moves.
 async fn new_version(
     groups: &impl Groups,
     template: &str,
     source: i64,
     ami: &str,
-) -> Result<i64, StepError> {
+    moves_default: Option<&str>,
+) -> Result<NewVersion, StepError> {
+    let note = default_version::note(ami, moves_default, source);
     Ok(match groups.version_with_image(template, ami).await? {
-        Some(v) => v,
-        None => groups.create_version(template, source, ami).await?,
+        Some(v) => NewVersion {
+            recorded: moves_default.is_some() && v.description == note,
+            number: v.number,
+        },
+        None => NewVersion {
+            number: groups.create_version(template, source, ami, &note).await?,
+            recorded: moves_default.is_some(),
+        },
     })
 }
 
@@ -300,6 +339,8 @@ struct OverrideMove {
     version: i64,
     /// The version the group's spec resolves to now (its default, for `$Default`).
     before: i64,
+    /// The version's description records its default move ([`NewVersion`]).
+    recorded: bool,
 }
 
 #[derive(Debug, Default)]
@@ -321,6 +362,7 @@ async fn moved_overrides(
         return Ok(Ok(OverrideMoves::default()));
     }
     let history = ctx.params.history(&req.parameter_name).await?;
+    let window = deadline_text(req.deadline);
     let mut moves = OverrideMoves::default();
     for (index, o) in templates.into_iter().enumerate() {
         let broken = |why: String| {
@@ -354,13 +396,23 @@ async fn moved_overrides(
             moves.left_alone.push(image);
             continue;
         }
-        let version = new_version(ctx.groups, &template, current.number, &req.ami_id).await?;
+        let moves_default =
+            (o.version == "$Default" && !pins(&o.version, ctx.stage)).then_some(window.as_str());
+        let version = new_version(
+            ctx.groups,
+            &template,
+            current.number,
+            &req.ami_id,
+            moves_default,
+        )
+        .await?;
         moves.moved.push(OverrideMove {
             index,
             instance_type: o.instance_type,
             template,
             spec: o.version,
-            version,
+            version: version.number,
+            recorded: version.recorded,
             before: current.number,
         });
     }
