@@ -115,49 +115,7 @@ pub struct Resolver {
     parameters: HashMap<String, Option<String>>,
 }
 
-/// How many template versions [`Resolver::prefetch`] reads at once.
-const PREFETCH: usize = 8;
-
 impl Resolver {
-    /// Read every template version `groups` launch from (their main template and each
-    /// mixed-instances override's), [`PREFETCH`] at a time, into the cache: judging hundreds of
-    /// groups then waits for one round trip per eight templates instead of one per group.
-    pub async fn prefetch(
-        &mut self,
-        templates: &impl Groups,
-        groups: &[Group],
-    ) -> Result<(), StepError> {
-        use futures::{StreamExt, TryStreamExt};
-        let mut wanted: Vec<(String, String)> = Vec::new();
-        for group in groups {
-            let LaunchSource::Template { id, version, mixed } = &group.source else {
-                continue;
-            };
-            wanted.push((id.clone(), version.clone()));
-            for o in mixed.as_deref().map(override_templates).unwrap_or_default() {
-                if let Some(template) = o.template {
-                    wanted.push((template, o.version));
-                }
-            }
-        }
-        wanted.sort();
-        wanted.dedup();
-        wanted.retain(|key| !self.versions.contains_key(key));
-        let found: Vec<_> = futures::stream::iter(wanted)
-            .map(|(id, version)| async move {
-                let found = templates
-                    .template_version(&id, &version)
-                    .await?
-                    .map(|v| (v.number, v.image_id));
-                Ok::<_, StepError>(((id, version), found))
-            })
-            .buffer_unordered(PREFETCH)
-            .try_collect()
-            .await?;
-        self.versions.extend(found);
-        Ok(())
-    }
-
     pub async fn resolve(
         &mut self,
         groups: &impl Groups,
@@ -358,29 +316,6 @@ mod tests {
     async fn judge(aws: &FakeAws, group: Group) -> Verdict {
         let g = Resolver::default().resolve(aws, aws, group).await.unwrap();
         verdict(&g, NEW, &[OLD.into(), NEW.into()], "amiflow:skip")
-    }
-
-    #[tokio::test]
-    async fn prefetch_reads_every_template_a_group_launches_from_so_resolve_needs_no_call() {
-        let aws = FakeAws::default();
-        aws.template("lt-main", &[NEW], 1);
-        aws.template("lt-old", &[OLD, NEW], 2);
-        let group = mixed_group(vec![override_with(Some("lt-old"), Some("$Default"))]);
-        let mut resolver = Resolver::default();
-        resolver
-            .prefetch(&aws, std::slice::from_ref(&group))
-            .await
-            .unwrap();
-        // Every template gone: what the group launches is still known, from the prefetch alone.
-        aws.templates.lock().unwrap().clear();
-        let g = resolver.resolve(&aws, &aws, group).await.unwrap();
-        assert_eq!(g.ami.as_deref(), Some(NEW));
-        assert_eq!(g.overrides.len(), 1);
-        assert_eq!(
-            g.overrides[0].ami.as_deref(),
-            Some(NEW),
-            "lt-old's $Default is 2"
-        );
     }
 
     #[tokio::test]

@@ -55,10 +55,8 @@ pub async fn judge_all(
         }
     }
     let mut resolver = Resolver::default();
-    let listed = groups.list().await?;
-    resolver.prefetch(groups, &listed).await?;
     let mut judged = Vec::new();
-    for group in listed {
+    for group in groups.list().await? {
         let g = resolver.resolve(groups, params, group).await?;
         let mut found = None;
         for (name, current, history) in &families {
