@@ -13,12 +13,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use aws_sdk_ssm::types::ParameterType;
 use runtime::StepError;
 
-use super::code_of;
 use super::groups::{Group, Groups};
 use super::parameters::SsmParameters;
+use super::records::{Records, SsmRecords};
 use super::stacks::STACK_TAG;
 use crate::mark::{Mark, MarkState, Record, STATE_TAG, mark_of};
 
@@ -84,55 +83,24 @@ pub trait MarkParameters: Send + Sync {
     fn mark_values(&self) -> impl Future<Output = Result<Vec<String>, StepError>> + Send;
 }
 
+/// The mark parameters are records like amiflow's others (`aws::records`), one per group.
 impl MarkParameters for SsmParameters {
     async fn mark_value(&self, group: &str) -> Result<Option<String>, StepError> {
-        match self
-            .0
-            .get_parameter()
-            .name(parameter_name(group))
-            .send()
+        SsmRecords(self.0.clone())
+            .read_record(&parameter_name(group))
             .await
-        {
-            Ok(out) => Ok(out.parameter().and_then(|p| p.value()).map(str::to_owned)),
-            Err(e) if code_of(&e) == Some("ParameterNotFound") => Ok(None),
-            Err(e) => Err(StepError::from_sdk("ssm:GetParameter", &e)),
-        }
     }
 
     async fn put_mark_value(&self, group: &str, value: &str) -> Result<(), StepError> {
-        runtime::limits::acquire(runtime::limits::Api::SsmPutParameter).await;
-        self.0
-            .put_parameter()
-            .name(parameter_name(group))
-            .value(value)
-            .r#type(ParameterType::String)
-            .overwrite(true)
-            .send()
+        SsmRecords(self.0.clone())
+            .write_record(&parameter_name(group), value)
             .await
-            .map_err(|e| StepError::from_sdk("ssm:PutParameter", &e))?;
-        Ok(())
     }
 
     async fn mark_values(&self) -> Result<Vec<String>, StepError> {
-        // Ten parameters a page is the most GetParametersByPath returns.
-        let mut pages = self
-            .0
-            .get_parameters_by_path()
-            .path(MARKS_PATH)
-            .recursive(false)
-            .max_results(10)
-            .into_paginator()
-            .send();
-        let mut values = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| StepError::from_sdk("ssm:GetParametersByPath", &e))?;
-            values.extend(
-                page.parameters()
-                    .iter()
-                    .filter_map(|p| p.value().map(str::to_owned)),
-            );
-        }
-        Ok(values)
+        // Every name under the path is one level deep: `parameter_name` escapes each `/`.
+        let records = SsmRecords(self.0.clone()).list_records(MARKS_PATH).await?;
+        Ok(records.into_iter().map(|r| r.value).collect())
     }
 }
 

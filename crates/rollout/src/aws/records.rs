@@ -1,6 +1,7 @@
 //! amiflow's own records in SSM Parameter Store (String parameters under `/amiflow/`, each a JSON
-//! document): promotions, pauses, approvals, resumes. Parameter Store keeps every version with the
-//! identity that wrote it (`LastModifiedUser`), so the console shows who changed what and when.
+//! document): promotions, pauses, approvals, resumes, recalls, and the marks of stack-owned groups
+//! (`aws::marks`). Parameter Store keeps every version with the identity that wrote it
+//! (`LastModifiedUser`), so the console shows who changed what and when.
 
 use aws_sdk_ssm::types::ParameterType;
 use runtime::StepError;
