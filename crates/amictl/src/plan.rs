@@ -16,9 +16,9 @@ use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use events::{Outcome, Strategy};
 use rollout::aws::{AwsGroups, CfnStacks, MarkParameters, ParamValue, Parameters, SsmParameters};
 use rollout::control::{Decision, Pause, Recalls};
-use rollout::discovery::Verdict;
+use rollout::discovery::{Resolver, Verdict};
 use rollout::gate::{self, GateState};
-use rollout::plan::{GroupPlan, Judged, group_plan, judge_all};
+use rollout::plan::{GroupPlan, Judged, group_plan, judge_all_with};
 use rollout::policy::{Policy, Stage};
 use rollout::refresh::{Foreseen, foresee};
 use runtime::StepError;
@@ -212,7 +212,9 @@ pub async fn judge_stage(
     let groups = AwsGroups::new(&config);
     let params = SsmParameters(aws_sdk_ssm::Client::new(&config));
     let stacks = CfnStacks(aws_sdk_cloudformation::Client::new(&config));
-    let real = judge_all(&groups, &params, &policy, &stage).await?;
+    // One resolver: the as-if judgement below reads no template version twice.
+    let mut resolver = Resolver::default();
+    let real = judge_all_with(&mut resolver, &groups, &params, &policy, &stage).await?;
     let window = match candidate {
         Some((parameter, ami)) => {
             let as_if = AsIf {
@@ -220,7 +222,7 @@ pub async fn judge_stage(
                 parameter,
                 ami,
             };
-            let judged = judge_all(&groups, &as_if, &policy, &stage).await?;
+            let judged = judge_all_with(&mut resolver, &groups, &as_if, &policy, &stage).await?;
             previews(&judged, &as_if, &stacks, &stage, &recalls).await?
         }
         None => previews(&real, &params, &stacks, &stage, &recalls).await?,

@@ -381,6 +381,12 @@ pub struct AsgRefreshRequested {
     /// When the window closes; after it the refresh is skipped, not started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DateTime<Utc>>,
+    /// How many of the stage's groups the plan-worker judged against `parameter_name` (the
+    /// family's groups): a percentage `max_failed_groups` is taken of these. Absent in requests
+    /// made by hand; the refresh-worker then counts the account's groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub family_groups: Option<u32>,
 }
 
 impl AsgRefreshRequested {
@@ -405,7 +411,14 @@ impl AsgRefreshRequested {
             ami_id: ami_id.to_owned(),
             strategy,
             deadline,
+            family_groups: None,
         }
+    }
+
+    /// The request, saying how many groups the family has in the stage.
+    pub fn with_family_groups(mut self, groups: u32) -> Self {
+        self.family_groups = Some(groups);
+        self
     }
 }
 

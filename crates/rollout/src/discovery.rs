@@ -116,6 +116,13 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// Forget the parameter values read so far, keeping the template versions: judging the same
+    /// groups again against other parameters (`amictl plan --ami`: as if a golden parameter held
+    /// another AMI) reads no version twice, and each `resolve:ssm:` value from the new ones.
+    pub fn forget_parameters(&mut self) {
+        self.parameters.clear();
+    }
+
     pub async fn resolve(
         &mut self,
         groups: &impl Groups,

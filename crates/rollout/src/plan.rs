@@ -4,6 +4,8 @@
 //! `RolloutWindowOpened`, so a refresh that failed or was missed is retried next window without
 //! anyone replaying events.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use events::{AsgRefreshRequested, Detail, Strategy};
 use runtime::StepError;
@@ -47,6 +49,20 @@ pub async fn judge_all(
     policy: &Policy,
     stage: &Stage,
 ) -> Result<Vec<Judged>, StepError> {
+    judge_all_with(&mut Resolver::default(), groups, params, policy, stage).await
+}
+
+/// [`judge_all`], reusing the template versions `resolver` has read (it keeps those it reads
+/// now): judging an account a second time, as if a golden parameter held another AMI, then costs
+/// no template read. Parameter values are always read anew from `params`.
+pub async fn judge_all_with(
+    resolver: &mut Resolver,
+    groups: &impl Groups,
+    params: &impl Parameters,
+    policy: &Policy,
+    stage: &Stage,
+) -> Result<Vec<Judged>, StepError> {
+    resolver.forget_parameters();
     let mut families = Vec::new();
     for f in &policy.families {
         if let Some(current) = params.get(&f.parameter_name).await? {
@@ -54,7 +70,6 @@ pub async fn judge_all(
             families.push((f.parameter_name.clone(), current.value, history));
         }
     }
-    let mut resolver = Resolver::default();
     let mut judged = Vec::new();
     for group in groups.list().await? {
         let g = resolver.resolve(groups, params, group).await?;
@@ -189,8 +204,14 @@ pub async fn plan(
     stage: &Stage,
     recalls: &Recalls,
 ) -> Result<Vec<Detail>, StepError> {
+    let judged = judge_all(groups, params, policy, stage).await?;
+    // Each family's groups in the stage: a percentage failure tolerance is taken of these.
+    let mut family_groups: HashMap<&str, u32> = HashMap::new();
+    for parameter in judged.iter().filter_map(|j| j.parameter.as_deref()) {
+        *family_groups.entry(parameter).or_default() += 1;
+    }
     let mut requests = Vec::new();
-    for j in judge_all(groups, params, policy, stage).await? {
+    for j in &judged {
         let Some(parameter) = &j.parameter else {
             continue;
         };
@@ -208,7 +229,7 @@ pub async fn plan(
             tracing::warn!(group = %j.group.group.name, parameter = %parameter, "refused: a refresh to a recalled AMI ({})", recall.refusal());
             continue;
         }
-        let GroupPlan::Request(strategy) = group_plan(&j, &target) else {
+        let GroupPlan::Request(strategy) = group_plan(j, &target) else {
             continue;
         };
         requests.push(
@@ -221,6 +242,7 @@ pub async fn plan(
                 strategy,
                 deadline,
             )
+            .with_family_groups(family_groups[parameter.as_str()])
             .into(),
         );
     }
@@ -237,6 +259,118 @@ mod tests {
     const PARAMETER: &str = "/golden/al2023/ami-id";
     const OLD: &str = "ami-0000000000000000a";
     const NEW: &str = "ami-0000000000000000b";
+
+    #[tokio::test]
+    async fn a_request_says_how_many_groups_its_family_has_in_the_stage() {
+        let policy = Policy::parse(include_str!("../../../local/amiflow.toml")).unwrap();
+        let stage = policy.stage_named("qa").unwrap();
+        let aws = FakeAws::default();
+        aws.template("lt-old", &[OLD], 1);
+        aws.group("on-old", "lt-old", "1", OLD, 1);
+        aws.template("lt-new", &[NEW], 1);
+        aws.group("on-new", "lt-new", "1", NEW, 1);
+        // Not of the family: an AMI the parameter never held.
+        aws.template("lt-other", &["ami-00000000000000ccc"], 1);
+        aws.group("other", "lt-other", "1", "ami-00000000000000ccc", 1);
+        aws.params.lock().unwrap().insert(
+            PARAMETER.into(),
+            ParamValue {
+                value: NEW.into(),
+                version: 2,
+                data_type: "aws:ec2:image".into(),
+            },
+        );
+        aws.earlier_values
+            .lock()
+            .unwrap()
+            .insert(PARAMETER.into(), vec![OLD.into()]);
+        let out = plan(
+            "k",
+            "111111111111",
+            None,
+            &aws,
+            &aws,
+            &policy,
+            stage,
+            &Recalls::default(),
+        )
+        .await
+        .unwrap();
+        let asked: Vec<(String, Option<u32>)> = out
+            .into_iter()
+            .map(|d| match d {
+                Detail::AsgRefreshRequested(r) => (r.asg_name, r.family_groups),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(asked, [("on-old".into(), Some(2))]);
+    }
+
+    #[tokio::test]
+    async fn a_second_judgement_with_one_resolver_reads_no_template_but_every_parameter_anew() {
+        let policy = Policy::parse(include_str!("../../../local/amiflow.toml")).unwrap();
+        let stage = policy.stage_named("qa").unwrap();
+        let aws = FakeAws::default();
+        aws.template("lt-old", &[OLD], 1);
+        aws.group("on-old", "lt-old", "1", OLD, 1);
+        let resolved = format!("resolve:ssm:{PARAMETER}");
+        aws.template("lt-ssm", &[resolved.as_str()], 1);
+        aws.group("reads-ssm", "lt-ssm", "1", NEW, 1);
+        let holding = |value: &str, earlier: &str| {
+            aws.params.lock().unwrap().insert(
+                PARAMETER.into(),
+                ParamValue {
+                    value: value.into(),
+                    version: 3,
+                    data_type: "aws:ec2:image".into(),
+                },
+            );
+            aws.earlier_values
+                .lock()
+                .unwrap()
+                .insert(PARAMETER.into(), vec![earlier.into()]);
+        };
+        let amis = |judged: &[Judged]| -> Vec<(String, Option<String>, Verdict)> {
+            let mut v: Vec<_> = judged
+                .iter()
+                .map(|j| {
+                    (
+                        j.group.group.name.clone(),
+                        j.group.ami.clone(),
+                        j.verdict.clone(),
+                    )
+                })
+                .collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        holding(NEW, OLD);
+        let mut resolver = Resolver::default();
+        let real = judge_all_with(&mut resolver, &aws, &aws, &policy, stage)
+            .await
+            .unwrap();
+        assert_eq!(
+            amis(&real),
+            [
+                ("on-old".into(), Some(OLD.into()), Verdict::Stale),
+                ("reads-ssm".into(), Some(NEW.into()), Verdict::Current),
+            ]
+        );
+        // Every template gone: the second judgement still knows them, from the first one's reads,
+        // and reads the parameter again (the resolve:ssm: group follows it).
+        aws.templates.lock().unwrap().clear();
+        holding(OLD, NEW);
+        let again = judge_all_with(&mut resolver, &aws, &aws, &policy, stage)
+            .await
+            .unwrap();
+        assert_eq!(
+            amis(&again),
+            [
+                ("on-old".into(), Some(OLD.into()), Verdict::Current),
+                ("reads-ssm".into(), Some(OLD.into()), Verdict::Current),
+            ]
+        );
+    }
 
     #[tokio::test]
     async fn nothing_is_planned_to_a_recalled_ami_and_groups_on_it_move_back() {

@@ -405,9 +405,11 @@ async fn recalled(
 
 /// The stage's fleet failure tolerance: past `max_failed_groups` failed or rolled-back groups for
 /// the AMI (plus those accepted by a resume), no new refresh starts, and the request ends
-/// `halted` with the count, the tolerance and the way on. A percentage counts the account's
-/// groups here (the gate, which keeps the next stage closed, counts the family's exactly). An
-/// operator's halt (`amictl halt`) ends it `halted` whatever the count.
+/// `halted` with the count, the tolerance and the way on. A percentage is taken of the family's
+/// groups in the stage, as the plan-worker counted them when it asked (as the gate, which keeps
+/// the next stage closed, counts them), never of more than the account holds: a request made by
+/// hand, without the count, or claiming more, counts the account's. An operator's halt
+/// (`amictl halt`) ends it `halted` whatever the count.
 async fn halted(
     ctx: &RefreshContext<'_, impl Groups, impl Stacks, impl Parameters>,
     req: &AsgRefreshRequested,
@@ -435,7 +437,9 @@ async fn halted(
     let tolerance = &ctx.stage.max_failed_groups;
     let groups = match tolerance {
         crate::policy::FailureTolerance::Percent(_) => {
-            ctx.admission.group_count(ctx.groups).await?
+            let account = ctx.admission.group_count(ctx.groups).await?;
+            req.family_groups
+                .map_or(account, |family| account.min(family as usize))
         }
         crate::policy::FailureTolerance::Groups(_) => 0,
     };
@@ -606,6 +610,65 @@ mod tests {
         };
         request_refresh(&ctx, &req, Utc::now()).await.unwrap();
         assert_eq!(aws.started.lock().unwrap()[0].0, "next");
+    }
+
+    #[tokio::test]
+    async fn a_percentage_tolerance_is_taken_of_the_familys_groups_never_more_than_the_account() {
+        let aws = FakeAws::default();
+        // Ten groups in the account; two failed for NEW.
+        for i in 0..10 {
+            let g = format!("g{i}");
+            aws.template(&format!("lt-{g}"), &[OLD], 1);
+            aws.group(&g, &format!("lt-{g}"), "1", OLD, 1);
+        }
+        let failed = Mark {
+            ami: NEW.into(),
+            state: MarkState::Failed,
+            refresh_id: "ir-0".into(),
+            deadline: "-".into(),
+            parameter: "/golden/al2023/ami-id".into(),
+        };
+        for g in ["g0", "g1"] {
+            for (k, v) in failed.tags(None) {
+                aws.groups
+                    .lock()
+                    .unwrap()
+                    .get_mut(g)
+                    .unwrap()
+                    .tags
+                    .insert(k.into(), v);
+            }
+        }
+        let mut stage = stage();
+        stage.max_failed_groups = crate::policy::FailureTolerance::Percent(50.0);
+        stage.max_concurrent_refreshes = 10;
+        let settings = settings();
+        let decide = |req: AsgRefreshRequested| {
+            let (aws, stage, settings) = (&aws, &stage, &settings);
+            async move {
+                let admission = Admission::default();
+                let ctx = context(aws, stage, settings, &admission);
+                request_refresh(&ctx, &req, Utc::now()).await.unwrap()
+            }
+        };
+        // The family is four of the ten: 50% of 4 is 2, and 2 failed: within it.
+        decide(request("g2", Strategy::LaunchTemplate).with_family_groups(4)).await;
+        assert_eq!(aws.started.lock().unwrap().last().unwrap().0, "g2");
+        // The family is three: 50% of 3 is 1, and 2 failed: halted, counted of the family.
+        let (said, reason) =
+            outcome(&decide(request("g3", Strategy::LaunchTemplate).with_family_groups(3)).await);
+        assert_eq!(said, Outcome::Halted);
+        assert!(
+            reason.contains("more than the 1 it tolerates (max_failed_groups = 50%)"),
+            "{reason}"
+        );
+        // A request claiming a family larger than the account counts the account's ten: 5
+        // tolerated, so the claim buys no more than the account gives.
+        decide(request("g4", Strategy::LaunchTemplate).with_family_groups(1000)).await;
+        assert_eq!(aws.started.lock().unwrap().last().unwrap().0, "g4");
+        let (said, _) =
+            outcome(&decide(request("g5", Strategy::LaunchTemplate).with_family_groups(2)).await);
+        assert_eq!(said, Outcome::Halted, "50% of 2 is 1, and 2 failed");
     }
 
     fn recall_of_new() -> crate::control::Recall {
