@@ -179,24 +179,42 @@ impl Driver {
     ) -> Result<()> {
         let ami = built.ami_id.clone();
         self.put(&self.hub, &Detail::from(built)).await?;
-        let deadline = Instant::now() + within;
-        let mut waiting: Vec<&Stage> = self.stages.iter().take(1).collect();
+        let Some(first) = self.stages.first() else {
+            return Ok(());
+        };
+        self.wait_for(
+            audit,
+            within,
+            |audit| audit.published(&ami).contains(&first.account),
+            |_| {
+                format!(
+                    "no ParamUpdated for {ami} from {:?} within {within:?}",
+                    [&first.name]
+                )
+            },
+        )
+        .await?;
+        published(first);
+        Ok(())
+    }
+
+    /// Collect the audit every `POLL` until `done` says the wait is over, or fail with what
+    /// `timed_out` says once `within` has passed.
+    async fn wait_for(
+        &self,
+        audit: &mut Audit,
+        within: Duration,
+        mut done: impl FnMut(&Audit) -> bool,
+        timed_out: impl FnOnce(&Audit) -> String,
+    ) -> Result<()> {
+        let began = Instant::now();
         loop {
             self.collect(audit).await?;
-            let done = audit.published(&ami);
-            waiting.retain(|s| {
-                let here = done.contains(&s.account);
-                if here {
-                    published(s);
-                }
-                !here
-            });
-            if waiting.is_empty() {
+            if done(audit) {
                 return Ok(());
             }
-            if Instant::now() >= deadline {
-                let names: Vec<&str> = waiting.iter().map(|s| s.name.as_str()).collect();
-                bail!("no ParamUpdated for {ami} from {names:?} within {within:?}");
+            if began.elapsed() >= within {
+                bail!("{}", timed_out(audit));
             }
             tokio::time::sleep(POLL).await;
         }
@@ -247,20 +265,18 @@ impl Driver {
         audit: &mut Audit,
         within: Duration,
     ) -> Result<()> {
-        let began = Instant::now();
-        loop {
-            self.collect(audit).await?;
-            if audit.published(ami).contains(&stage.account) {
-                return Ok(());
-            }
-            if began.elapsed() >= within {
-                bail!(
+        self.wait_for(
+            audit,
+            within,
+            |audit| audit.published(ami).contains(&stage.account),
+            |_| {
+                format!(
                     "stage {} was not promoted to {ami} within {within:?} (no ParamUpdated): its gate stayed closed (amictl status says why)",
                     stage.name
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
+                )
+            },
+        )
+        .await
     }
 
     /// Wait until each of `expected` (group names of `stage`) has an outcome for `ami`, calling
@@ -274,27 +290,31 @@ impl Driver {
         within: Duration,
         mut progress: impl FnMut(usize),
     ) -> Result<()> {
-        let began = Instant::now();
-        loop {
-            self.collect(audit).await?;
-            let missing: Vec<&String> = expected
+        let missing = |audit: &Audit| -> Vec<&String> {
+            expected
                 .iter()
                 .filter(|g| audit.outcomes(&stage.account, g, ami).is_none())
-                .collect();
-            progress(expected.len() - missing.len());
-            if missing.is_empty() {
-                return Ok(());
-            }
-            if began.elapsed() >= within {
-                bail!(
+                .collect()
+        };
+        self.wait_for(
+            audit,
+            within,
+            |audit| {
+                let left = missing(audit).len();
+                progress(expected.len() - left);
+                left == 0
+            },
+            |audit| {
+                let missing = missing(audit);
+                format!(
                     "stage {}: {} of {} groups have no AsgRefreshFinished for {ami} after {within:?}: {missing:?}",
                     stage.name,
                     missing.len(),
                     expected.len()
-                );
-            }
-            tokio::time::sleep(POLL).await;
-        }
+                )
+            },
+        )
+        .await
     }
 }
 
