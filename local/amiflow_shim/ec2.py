@@ -23,6 +23,9 @@ What moto 5.2.5 gets wrong (see shared/EMULATOR.md) and what this module does ab
   ``DescribeLaunchTemplateVersions`` honours ``Versions``, ``MinVersion``/``MaxVersion``, ``Filters``
   and pages with ``MaxResults``/``NextToken`` (moto ignored filters and silently capped at 15);
   versions come newest first, as AWS returns them. ``DeleteLaunchTemplateVersions`` is added.
+  ``CreateLaunchTemplateVersion`` honours ``ClientToken`` (moto ignored it): the same token with the
+  same request returns the version the first call made, with another request
+  ``IdempotentParameterMismatch``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from typing import Any
 CREATION_DATE_TAG = "amiflow:emulator-creation-date"
 
 _lock = threading.RLock()
+# CreateLaunchTemplateVersion's idempotency tokens: (account, token) -> (template id, request, version).
+_version_tokens: dict[tuple[str, str], tuple[str, str, Any]] = {}
 _orig: dict[str, Any] = {}
 
 
@@ -340,7 +345,22 @@ def _create_launch_template_version(self):
 
     self.error_on_dryrun()
 
+    token = self._get_param("ClientToken")
+    asked = json.dumps([source_version, version_description, overrides], sort_keys=True, default=str)
     with _lock:
+        if token:
+            seen = _version_tokens.get((self.current_account, token))
+            if seen is not None:
+                # AWS: the same token with the same request returns the version made the first
+                # time (a retry whose reply was lost); with another request, it is refused.
+                if seen[0] != template.id or seen[1] != asked:
+                    from moto.ec2.exceptions import EC2ClientError
+
+                    raise EC2ClientError(
+                        "IdempotentParameterMismatch",
+                        f"Client token {token} was used with a different request.",
+                    )
+                return ActionResult({"LaunchTemplateVersion": _version_result(self, template, seen[2])})
         if source_version:
             data = copy.deepcopy(template.get_version(source_version).data)
             # AWS: the new version inherits every launch parameter of the source version, except
@@ -349,6 +369,8 @@ def _create_launch_template_version(self):
         else:
             data = overrides
         version = template.create_version(data, version_description)
+        if token:
+            _version_tokens[(self.current_account, token)] = (template.id, asked, version)
     return ActionResult({"LaunchTemplateVersion": _version_result(self, template, version)})
 
 

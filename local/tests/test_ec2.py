@@ -184,6 +184,31 @@ def _lt_with_versions(ec2, name, count, images):
     return lt, user_data
 
 
+def test_launch_template_version_client_token_makes_a_retry_return_the_first_version(accounts):
+    sessions, _ = accounts
+    ec2 = sessions["a"].client("ec2")
+    ami1, ami2 = register(ec2, "img-tok-one"), register(ec2, "img-tok-two")
+    lt, _ = _lt_with_versions(ec2, "tokens", 1, [ami1])
+
+    def create(token, image=ami2):
+        return ec2.create_launch_template_version(
+            LaunchTemplateId=lt, SourceVersion="1", VersionDescription="amiflow", ClientToken=token,
+            LaunchTemplateData={"ImageId": image},
+        )["LaunchTemplateVersion"]["VersionNumber"]
+
+    assert create("retry-1") == 2
+    # The same request again (its first reply lost): the same version, none made.
+    assert create("retry-1") == 2
+    versions = ec2.describe_launch_template_versions(LaunchTemplateId=lt)["LaunchTemplateVersions"]
+    assert sorted(v["VersionNumber"] for v in versions) == [1, 2]
+    # Another token is another request.
+    assert create("retry-2") == 3
+    # The token of another request: refused.
+    with pytest.raises(ClientError) as err:
+        create("retry-1", image=ami1)
+    assert err.value.response["Error"]["Code"] == "IdempotentParameterMismatch"
+
+
 def test_launch_template_version_inherits_from_source(accounts):
     sessions, _ = accounts
     ec2 = sessions["a"].client("ec2")

@@ -60,7 +60,7 @@ pub fn parameter_name(group: &str) -> String {
 
 /// FNV-1a, 64 bits: a hash that stays the same across builds (the standard library's does not
 /// promise to), so every version of amiflow finds the same parameter.
-fn fnv1a(bytes: &[u8]) -> u64 {
+pub(super) fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })

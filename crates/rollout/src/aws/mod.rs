@@ -115,6 +115,65 @@ mod permission_tests {
     }
 
     #[tokio::test]
+    async fn a_new_version_carries_a_client_token_that_only_the_same_request_repeats() {
+        use std::sync::{Arc, Mutex};
+        let tokens = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&tokens);
+        let rule = mock!(aws_sdk_ec2::Client::create_launch_template_version)
+            .match_requests(move |req| {
+                seen.lock()
+                    .unwrap()
+                    .push(req.client_token().unwrap_or_default().to_owned());
+                true
+            })
+            .then_output(|| {
+                aws_sdk_ec2::operation::create_launch_template_version::CreateLaunchTemplateVersionOutput::builder()
+                    .launch_template_version(
+                        aws_sdk_ec2::types::LaunchTemplateVersion::builder()
+                            .version_number(3)
+                            .build(),
+                    )
+                    .build()
+            });
+        let ec2 = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, [&rule]);
+        let autoscaling = mock_client!(aws_sdk_autoscaling, RuleMode::MatchAny, []);
+        let aws = groups(ec2, autoscaling);
+        let ami = "ami-0a1b2c3d4e5f60718";
+        let note = format!("amiflow: {ami}");
+        for (template, source, image, description) in [
+            ("lt-0abc", 2, ami, note.as_str()),
+            ("lt-0abc", 2, ami, note.as_str()),
+            ("lt-0abc", 1, ami, note.as_str()),
+            ("lt-0def", 2, ami, note.as_str()),
+            ("lt-0abc", 2, "ami-0fffffffffffffff1", note.as_str()),
+            ("lt-0abc", 2, ami, "amiflow: other"),
+        ] {
+            assert_eq!(
+                aws.create_version(template, source, image, description)
+                    .await
+                    .unwrap(),
+                3
+            );
+        }
+        let tokens = tokens.lock().unwrap().clone();
+        assert!(
+            tokens[0].starts_with("amiflow-ami-0a1b2c3d4e5f60718-"),
+            "{tokens:?}"
+        );
+        assert!(
+            tokens.iter().all(|t| t.len() <= 64 && t.is_ascii()),
+            "{tokens:?}"
+        );
+        assert_eq!(tokens[0], tokens[1], "the same request, the same token");
+        let distinct: std::collections::BTreeSet<&String> = tokens.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            5,
+            "any other request, another token: {tokens:?}"
+        );
+    }
+
+    #[tokio::test]
     async fn ssm_access_denied_exception_names_the_action() {
         let body = format!(
             r#"{{"__type":"AccessDeniedException","message":"{WHO}: ssm:PutParameter on resource: arn:aws:ssm:us-east-1:222222222222:parameter/golden/al2023/ami-id because no identity-based policy allows the ssm:PutParameter action"}}"#

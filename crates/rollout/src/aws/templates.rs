@@ -67,6 +67,22 @@ fn read_version(v: &aws_sdk_ec2::types::LaunchTemplateVersion) -> TemplateVersio
     }
 }
 
+/// The idempotency token of a new version (`ClientToken`, at most 64 ASCII characters): the same
+/// request always carries the same token, so a retry whose first reply was lost (the version was
+/// made) gets that version back from EC2 instead of making a second one.
+fn version_token(template: &str, source: i64, ami: &str, description: &str) -> String {
+    let request = format!("{template}\n{source}\n{ami}\n{description}");
+    let ami: String = ami
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(21)
+        .collect();
+    format!(
+        "amiflow-{ami}-{:016x}",
+        super::marks::fnv1a(request.as_bytes())
+    )
+}
+
 impl Templates for AwsGroups {
     async fn template_version(
         &self,
@@ -136,6 +152,7 @@ impl Templates for AwsGroups {
             .source_version(source.to_string())
             .version_description(description)
             .launch_template_data(RequestLaunchTemplateData::builder().image_id(ami).build())
+            .client_token(version_token(template, source, ami, description))
             .send()
             .await
             .map_err(|e| StepError::from_sdk("ec2:CreateLaunchTemplateVersion", &e))?;
