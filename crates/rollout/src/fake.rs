@@ -65,6 +65,22 @@ impl FakeAws {
         );
     }
 
+    /// The golden parameter `name` holds `value`, after `earlier` (oldest first).
+    pub fn golden(&self, name: &str, value: &str, earlier: &[&str]) {
+        self.params.lock().unwrap().insert(
+            name.to_owned(),
+            ParamValue {
+                value: value.to_owned(),
+                version: earlier.len() as i64 + 1,
+                data_type: "aws:ec2:image".into(),
+            },
+        );
+        self.earlier_values.lock().unwrap().insert(
+            name.to_owned(),
+            earlier.iter().map(|e| (*e).to_owned()).collect(),
+        );
+    }
+
     pub fn template(&self, id: &str, images: &[&str], default: i64) {
         let versions = images
             .iter()

@@ -463,7 +463,6 @@ pub async fn judge_ami(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aws::ParamValue;
     use crate::control::Decision;
     use crate::fake::FakeAws;
     use crate::mark::{Mark, deadline_text};
@@ -506,18 +505,7 @@ mod tests {
     }
 
     fn set(aws: &FakeAws, value: &str) {
-        aws.params.lock().unwrap().insert(
-            PARAMETER.into(),
-            ParamValue {
-                value: value.into(),
-                version: 2,
-                data_type: "aws:ec2:image".into(),
-            },
-        );
-        aws.earlier_values
-            .lock()
-            .unwrap()
-            .insert(PARAMETER.into(), vec![OLD.into()]);
+        aws.golden(PARAMETER, value, &[OLD]);
     }
 
     /// qa holds NEW; `n` groups there, each on one template version per AMI.

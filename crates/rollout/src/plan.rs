@@ -252,7 +252,6 @@ pub async fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aws::ParamValue;
     use crate::control::{Decision, Recall};
     use crate::fake::FakeAws;
 
@@ -272,18 +271,7 @@ mod tests {
         // Not of the family: an AMI the parameter never held.
         aws.template("lt-other", &["ami-00000000000000ccc"], 1);
         aws.group("other", "lt-other", "1", "ami-00000000000000ccc", 1);
-        aws.params.lock().unwrap().insert(
-            PARAMETER.into(),
-            ParamValue {
-                value: NEW.into(),
-                version: 2,
-                data_type: "aws:ec2:image".into(),
-            },
-        );
-        aws.earlier_values
-            .lock()
-            .unwrap()
-            .insert(PARAMETER.into(), vec![OLD.into()]);
+        aws.golden(PARAMETER, NEW, &[OLD]);
         let out = plan(
             "k",
             "111111111111",
@@ -316,20 +304,7 @@ mod tests {
         let resolved = format!("resolve:ssm:{PARAMETER}");
         aws.template("lt-ssm", &[resolved.as_str()], 1);
         aws.group("reads-ssm", "lt-ssm", "1", NEW, 1);
-        let holding = |value: &str, earlier: &str| {
-            aws.params.lock().unwrap().insert(
-                PARAMETER.into(),
-                ParamValue {
-                    value: value.into(),
-                    version: 3,
-                    data_type: "aws:ec2:image".into(),
-                },
-            );
-            aws.earlier_values
-                .lock()
-                .unwrap()
-                .insert(PARAMETER.into(), vec![earlier.into()]);
-        };
+        let holding = |value: &str, earlier: &str| aws.golden(PARAMETER, value, &[earlier]);
         let amis = |judged: &[Judged]| -> Vec<(String, Option<String>, Verdict)> {
             let mut v: Vec<_> = judged
                 .iter()
@@ -381,20 +356,7 @@ mod tests {
         aws.group("on-old", "lt-old", "1", OLD, 1);
         aws.template("lt-new", &[NEW], 1);
         aws.group("on-new", "lt-new", "1", NEW, 1);
-        let holding = |value: &str, earlier: &str| {
-            aws.params.lock().unwrap().insert(
-                PARAMETER.into(),
-                ParamValue {
-                    value: value.into(),
-                    version: 3,
-                    data_type: "aws:ec2:image".into(),
-                },
-            );
-            aws.earlier_values
-                .lock()
-                .unwrap()
-                .insert(PARAMETER.into(), vec![earlier.into()]);
-        };
+        let holding = |value: &str, earlier: &str| aws.golden(PARAMETER, value, &[earlier]);
         let mut recalls = Recalls::default();
         recalls.0.insert(
             NEW.into(),

@@ -1412,18 +1412,7 @@ mod tests {
                 mixed: Some(Box::new(policy)),
             };
         }
-        aws.params.lock().unwrap().insert(
-            "/golden/al2023/ami-id".into(),
-            crate::aws::ParamValue {
-                value: NEW.into(),
-                version: 2,
-                data_type: "aws:ec2:image".into(),
-            },
-        );
-        aws.earlier_values
-            .lock()
-            .unwrap()
-            .insert("/golden/al2023/ami-id".into(), vec![OLD.into()]);
+        aws.golden("/golden/al2023/ami-id", NEW, &[OLD]);
     }
 
     /// The (template, version) of the main template and of each override of a started refresh's
