@@ -259,6 +259,18 @@ mod tests {
     const OLD: &str = "ami-0000000000000000a";
     const NEW: &str = "ami-0000000000000000b";
 
+    /// The plan-worker's requests for the fake account, with no window deadline.
+    async fn plan_in(
+        aws: &FakeAws,
+        policy: &Policy,
+        stage: &Stage,
+        recalls: &Recalls,
+    ) -> Vec<Detail> {
+        plan("k", "111111111111", None, aws, aws, policy, stage, recalls)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
     async fn a_request_says_how_many_groups_its_family_has_in_the_stage() {
         let policy = Policy::parse(include_str!("../../../local/amiflow.toml")).unwrap();
@@ -272,18 +284,7 @@ mod tests {
         aws.template("lt-other", &["ami-00000000000000ccc"], 1);
         aws.group("other", "lt-other", "1", "ami-00000000000000ccc", 1);
         aws.golden(PARAMETER, NEW, &[OLD]);
-        let out = plan(
-            "k",
-            "111111111111",
-            None,
-            &aws,
-            &aws,
-            &policy,
-            stage,
-            &Recalls::default(),
-        )
-        .await
-        .unwrap();
+        let out = plan_in(&aws, &policy, stage, &Recalls::default()).await;
         let asked: Vec<(String, Option<u32>)> = out
             .into_iter()
             .map(|d| match d {
@@ -383,46 +384,13 @@ mod tests {
         };
         // The parameter holds the recalled AMI (it has not gone back yet): nothing moves to it.
         holding(NEW, OLD);
-        let out = plan(
-            "k",
-            "111111111111",
-            None,
-            &aws,
-            &aws,
-            &policy,
-            stage,
-            &recalls,
-        )
-        .await
-        .unwrap();
+        let out = plan_in(&aws, &policy, stage, &recalls).await;
         assert_eq!(requested(out), []);
-        let out = plan(
-            "k",
-            "111111111111",
-            None,
-            &aws,
-            &aws,
-            &policy,
-            stage,
-            &Recalls::default(),
-        )
-        .await
-        .unwrap();
+        let out = plan_in(&aws, &policy, stage, &Recalls::default()).await;
         assert_eq!(requested(out), [("on-old".into(), NEW.into())]);
         // Gone back: the group on the recalled AMI is an earlier value of the parameter, stale.
         holding(OLD, NEW);
-        let out = plan(
-            "k",
-            "111111111111",
-            None,
-            &aws,
-            &aws,
-            &policy,
-            stage,
-            &recalls,
-        )
-        .await
-        .unwrap();
+        let out = plan_in(&aws, &policy, stage, &recalls).await;
         assert_eq!(requested(out), [("on-new".into(), OLD.into())]);
     }
 }
