@@ -209,6 +209,17 @@ impl Control {
         Ok(self.recalls(ctx).await?.of(ami).cloned())
     }
 
+    /// The recall of `ami`, read now (one `GetParameter` in the hub), past the cache: what a
+    /// worker confirms just before it changes something for the AMI.
+    pub async fn recalled_now(
+        &self,
+        ctx: &Context,
+        ami: &str,
+    ) -> Result<Option<Recall>, StepError> {
+        let records = self.records(ctx).await?;
+        crate::control::read(records, &crate::control::recall_path(ami)).await
+    }
+
     /// `Some(deferral)` while `stage` is paused: the message waits, neither lost nor acted on.
     pub async fn hold_if_paused(
         &self,
@@ -395,7 +406,14 @@ impl runtime::Step for ParamStep {
             _ => return Err(refuse("param-worker", event)),
         };
         let stage = own_stage(&self.ctx.policy, &self.ctx.account, &shared.target_account)?;
-        if let Some(recall) = self.ctx.control.recalled(&self.ctx, &shared.ami_id).await? {
+        // Read now, not from the cache: a parameter written after a recall's move back would
+        // hold the recalled AMI again.
+        if let Some(recall) = self
+            .ctx
+            .control
+            .recalled_now(&self.ctx, &shared.ami_id)
+            .await?
+        {
             return Ok(refuse_recalled("param-worker", "AmiShared", &recall));
         }
         // Only the hub promotes, and only what its gate recorded: anything else is a forgery.
@@ -685,6 +703,7 @@ impl runtime::Step for RefreshStep {
                     accepted_failures: decided.accepted_failures,
                     halt: decided.halt,
                     recalled: recalled.as_ref(),
+                    recall_now: &HubRecall(&self.ctx),
                 };
                 crate::refresh::request_refresh(&ctx, req, chrono::Utc::now()).await
             }
@@ -706,6 +725,18 @@ impl runtime::Step for RefreshStep {
             }
             other => Err(refuse("refresh-worker", other)),
         }
+    }
+}
+
+/// The refresh-worker's fresh read of a recall, in the hub.
+struct HubRecall<'a>(&'a Context);
+
+impl crate::refresh::RecallCheck for HubRecall<'_> {
+    fn recall_of<'a>(
+        &'a self,
+        ami: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<Recall>, StepError>> {
+        Box::pin(self.0.control.recalled_now(self.0, ami))
     }
 }
 

@@ -63,8 +63,39 @@ pub struct RefreshContext<'a, G, S, P> {
     /// and with `cancel_running` a running refresh to the AMI is cancelled when it is polled.
     pub halt: Option<crate::control::Halt>,
     /// The recall of the request's AMI, if an operator recalled it: nothing starts, a running
-    /// refresh to it is cancelled.
+    /// refresh to it is cancelled. Read from the worker's cache (`AMIFLOW_CONTROL_SECONDS` old
+    /// at most): it answers the many deliveries that only wait or poll.
     pub recalled: Option<&'a crate::control::Recall>,
+    /// The recall read again, past the cache, just before the request changes anything: a
+    /// refresh never starts to an AMI recalled since the cache was read.
+    pub recall_now: &'a dyn RecallCheck,
+}
+
+/// A fresh read of an AMI's recall record (one `GetParameter` in the hub).
+///
+/// Why it is read again before a start: a recall moves each stage's parameter back, and the
+/// plan-worker then moves back every group it finds configured for the recalled AMI. A start
+/// trusting a cache read from before the recall could change the group after that judgement,
+/// leaving it on the recalled AMI with nothing asking it back until the stage's next window.
+/// Read here, a recall recorded before the request's first change refuses it. What is left is a
+/// recall recorded during the few calls between this read and the change, whose parameter move
+/// and plan also complete within them.
+pub trait RecallCheck: Sync {
+    fn recall_of<'a>(
+        &'a self,
+        ami: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<crate::control::Recall>, StepError>>;
+}
+
+/// A known answer, for tests and for callers that have just read the record.
+impl RecallCheck for Option<crate::control::Recall> {
+    fn recall_of<'a>(
+        &'a self,
+        ami: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<crate::control::Recall>, StepError>> {
+        let found = self.as_ref().filter(|r| r.ami == ami).cloned();
+        Box::pin(async move { Ok(found) })
+    }
 }
 
 impl<'a, G: Groups, S, P: Parameters> RefreshContext<'a, G, S, P> {
@@ -281,6 +312,10 @@ pub async fn request_refresh(
     if let Some(halted) = halted(ctx, req).await? {
         return Ok(halted);
     }
+    // Nothing has changed yet: confirm the AMI is not recalled since the cache was read.
+    if let Some(recall) = ctx.recall_now.recall_of(&req.ami_id).await? {
+        return recalled(ctx, req, &recall).await;
+    }
     // The group's refreshes (to recognise one of ours, or someone else's) are read while the
     // plan is made.
     let (decided, refreshes) = tokio::join!(
@@ -380,14 +415,31 @@ async fn recalled(
     let Some(group) = ctx.groups.get(&req.asg_name).await? else {
         return Ok(refused());
     };
-    let running = ctx
+    let marked = ctx
         .marks()
         .read(&group)
         .await?
         .map(|r| r.mark)
-        .or_else(|| ctx.admission.running(&req.asg_name).map(|(m, _)| m))
+        .or_else(|| ctx.admission.running(&req.asg_name).map(|(m, _)| m));
+    let running = marked
+        .clone()
         .filter(|m| m.ami == req.ami_id && m.is_running());
     let Some(mark) = running else {
+        // A refresh running with no mark of another AMI's naming it may be one another process
+        // started for this request and has not marked yet: its mark decides, next delivery.
+        let refreshes = ctx.groups.refreshes(&req.asg_name).await?;
+        if let Some(active) = refreshes
+            .iter()
+            .find(|r| r.is_active() && marked.as_ref().is_none_or(|m| m.refresh_id != r.id))
+        {
+            return Ok(defer(
+                ctx.settings,
+                format!(
+                    "{} is recalled; refresh {} is {} on the group with no mark yet: waiting for its mark to say whose it is",
+                    req.ami_id, active.id, active.status
+                ),
+            ));
+        }
         tracing::warn!(group = %req.asg_name, ami = %req.ami_id, "refused: a refresh to a recalled AMI ({})", recall.refusal());
         return Ok(refused());
     };
@@ -559,6 +611,7 @@ mod tests {
             accepted_failures: 0,
             halt: None,
             recalled: None,
+            recall_now: &None,
         }
     }
 
@@ -701,6 +754,7 @@ mod tests {
             accepted_failures: 0,
             halt: None,
             recalled: Some(&recall),
+            recall_now: &None,
         };
         request_refresh(&ctx, req, Utc::now()).await.unwrap()
     }
@@ -745,6 +799,68 @@ mod tests {
         let group = aws.groups.lock().unwrap()["g0"].clone();
         assert_eq!(mark_of(&group).unwrap().state, MarkState::Cancelled);
         assert_eq!(aws.started.lock().unwrap().len(), 1, "nothing else started");
+    }
+
+    #[tokio::test]
+    async fn a_recalled_request_waits_for_the_mark_of_a_refresh_another_process_just_started() {
+        let (aws, _) = one_group_beyond_the_limit();
+        // Another process started g0's refresh and has not written its mark yet.
+        let running = request("g0", Strategy::LaunchTemplate);
+        run_in(&aws, &running, &Admission::default()).await;
+        let marked = aws.groups.lock().unwrap()["g0"].tags.clone();
+        aws.groups
+            .lock()
+            .unwrap()
+            .get_mut("g0")
+            .unwrap()
+            .tags
+            .remove(crate::mark::REFRESH_TAG);
+        let StepOutput::Defer { reason, .. } =
+            run_recalled(&aws, &running, &Admission::default()).await
+        else {
+            panic!("a request for a recalled AMI is not refused while an unmarked refresh runs");
+        };
+        assert!(
+            reason.ends_with("with no mark yet: waiting for its mark to say whose it is"),
+            "{reason}"
+        );
+        // Its mark written, the refresh is ours and cancelled: nothing claims it never started.
+        aws.groups.lock().unwrap().get_mut("g0").unwrap().tags = marked;
+        let StepOutput::Defer { .. } = run_recalled(&aws, &running, &Admission::default()).await
+        else {
+            panic!("the cancelled refresh is polled again");
+        };
+        assert!(
+            aws.changes()
+                .iter()
+                .any(|c| c.starts_with("cancel_refresh g0")),
+            "{:?}",
+            aws.changes()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_recall_the_cache_has_not_seen_yet_refuses_the_start_before_any_change() {
+        let (aws, _) = one_group_beyond_the_limit();
+        let (stage, settings, admission) = (stage(), settings(), Admission::default());
+        let recalled_since = Some(recall_of_new());
+        let ctx = RefreshContext {
+            recall_now: &recalled_since,
+            ..context(&aws, &stage, &settings, &admission)
+        };
+        let before = aws.changes();
+        let (said, reason) = outcome(
+            &request_refresh(&ctx, &request("g0", Strategy::LaunchTemplate), Utc::now())
+                .await
+                .unwrap(),
+        );
+        assert_eq!(said, Outcome::Recalled);
+        assert!(
+            reason.starts_with(&format!("not started: {NEW} was recalled by ")),
+            "{reason}"
+        );
+        assert_eq!(aws.changes(), before, "no version, no default, no mark");
+        assert!(aws.started.lock().unwrap().is_empty(), "nothing started");
     }
 
     /// Groups `g0` ..= `g{limit}`, one more than the stage's concurrency limit, each with a
