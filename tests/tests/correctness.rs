@@ -178,7 +178,9 @@ async fn amictl_status(world: &World, stage: &str) -> Value {
         .arg(policy)
         .env("AMIFLOW_STATE_DIR", world.dir.path())
         .env("AWS_ENDPOINT_URL", world.local.endpoint())
-        .env("AWS_REGION", "us-east-1")
+        // A shell set for another region: amictl reads the policy's region (us-east-1), so the
+        // groups below are still found (the emulator keeps each region apart, as AWS does).
+        .env("AWS_REGION", "eu-west-1")
         .env("AWS_ACCESS_KEY_ID", creds.access_key_id())
         .env("AWS_SECRET_ACCESS_KEY", creds.secret_access_key())
         .env(
@@ -189,12 +191,31 @@ async fn amictl_status(world: &World, stage: &str) -> Value {
         .output()
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "amictl status failed: {}",
+    let reports: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "amictl status printed no report ({e}; {}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    // Exit 3 exactly when a group's last refresh failed or rolled back, or a stage is halted.
+    let failed = reports[0]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["state"] == "failed" || g["state"] == "rolled-back");
+    let halted = reports[0]["runs"]
+        .as_array()
+        .is_some_and(|runs| runs.iter().any(|r| r["halted"] == true))
+        || reports[0]["gates"]
+            .as_array()
+            .is_some_and(|gates| gates.iter().any(|g| g["state"] == "halted"));
+    assert_eq!(
+        out.status.code(),
+        Some(if failed || halted { 3 } else { 0 }),
+        "amictl status: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let reports: Value = serde_json::from_slice(&out.stdout).unwrap();
     reports[0].clone()
 }
 

@@ -34,8 +34,6 @@ pub struct PauseArgs {
     /// Why, for the record (who and when are recorded from your AWS identity).
     #[arg(long, value_name = "TEXT")]
     reason: String,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
 /// Lift a pause; or let a stage that halted for an AMI go on, accepting the failures it has.
@@ -54,8 +52,6 @@ pub struct ResumeArgs {
     /// Why (required to resume a halted stage).
     #[arg(long, value_name = "TEXT")]
     reason: Option<String>,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
 /// Approve an AMI for a stage that requires approval.
@@ -73,8 +69,6 @@ pub struct ApproveArgs {
     /// Why (a change ticket, who signed off).
     #[arg(long, value_name = "TEXT")]
     reason: String,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
 /// Halt a stage for an AMI now, whatever its failures: nothing new starts there.
@@ -95,8 +89,6 @@ pub struct HaltArgs {
     /// Why, for the record (who and when are recorded from your AWS identity).
     #[arg(long, value_name = "TEXT")]
     reason: String,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
 /// The hub's records, with the caller's identity for signing decisions.
@@ -278,9 +270,9 @@ pub async fn runs_of(
     Ok(runs)
 }
 
-pub async fn pause(args: PauseArgs) -> Result<()> {
+pub async fn pause(args: PauseArgs, scope: &ScopeArgs) -> Result<()> {
     let why = reason(&args.reason)?.to_owned();
-    let scope = Scope::open(&args.scope).await?;
+    let scope = Scope::open(scope).await?;
     let name = match &args.stage {
         Some(name) => Some(stage(&scope, name)?.name.clone()),
         None => None,
@@ -301,9 +293,9 @@ pub async fn pause(args: PauseArgs) -> Result<()> {
     Ok(())
 }
 
-pub async fn resume(args: ResumeArgs) -> Result<()> {
+pub async fn resume(args: ResumeArgs, scope: &ScopeArgs) -> Result<()> {
     let why = args.reason.as_deref().map(reason).transpose()?;
-    let scope = Scope::open(&args.scope).await?;
+    let scope = Scope::open(scope).await?;
     let hub = Hub::of(&scope);
     let pauses = hub.pauses().await?;
     let Some(name) = &args.stage else {
@@ -480,9 +472,9 @@ pub async fn rollout_of(scope: &Scope, text: &str) -> Result<(String, String)> {
     Ok((parameter, image.id))
 }
 
-pub async fn approve(args: ApproveArgs) -> Result<()> {
+pub async fn approve(args: ApproveArgs, scope: &ScopeArgs) -> Result<()> {
     let why = reason(&args.reason)?.to_owned();
-    let scope = Scope::open(&args.scope).await?;
+    let scope = Scope::open(scope).await?;
     let stage = stage(&scope, &args.stage)?;
     if !stage.requires_approval {
         let needing: Vec<&str> = scope
@@ -589,9 +581,9 @@ pub async fn approve(args: ApproveArgs) -> Result<()> {
     Ok(())
 }
 
-pub async fn halt(args: HaltArgs) -> Result<()> {
+pub async fn halt(args: HaltArgs, scope: &ScopeArgs) -> Result<()> {
     let why = reason(&args.reason)?.to_owned();
-    let scope = Scope::open(&args.scope).await?;
+    let scope = Scope::open(scope).await?;
     let stage = stage(&scope, &args.stage)?;
     let (parameter, ami) = rollout_of(&scope, &args.rollout).await?;
     let stages = ScopeStages::of(&scope);

@@ -316,6 +316,8 @@ async fn gate_line(stage: &str) -> Result<String> {
     let scope = crate::scope::Scope::open(&crate::scope::ScopeArgs {
         local: true,
         config: None,
+        region: None,
+        profile: None,
     })
     .await?;
     let preview = crate::plan::preview(&scope, Some(stage), None).await?;

@@ -70,14 +70,13 @@ pub struct ListArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
 #[derive(Debug, Clone, Default, Args)]
 pub struct Filters {
-    /// Only messages of this detail-type (repeatable).
-    #[arg(long = "detail-type", value_name = "TYPE")]
+    /// Only messages of this detail-type (repeatable): amiflow's own, or an AWS event its rules
+    /// route (quote those with spaces).
+    #[arg(long = "detail-type", value_name = "TYPE", value_parser = detail_type_parser())]
     detail_types: Vec<String>,
     /// Only messages of this rollout (`<parameter>@<ami id>`).
     #[arg(long, value_name = "ROLLOUT-ID")]
@@ -91,6 +90,15 @@ pub struct Filters {
     /// Only messages dead-lettered more recently than this.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     newer_than: Option<Duration>,
+}
+
+/// A detail-type a DLQ can hold: a typo is refused with the closest one, not matched to nothing.
+fn detail_type_parser() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(
+        events::Detail::TYPES
+            .into_iter()
+            .chain(events::AWS_DETAIL_TYPES),
+    )
 }
 
 impl Filters {
@@ -143,14 +151,12 @@ pub struct ReplayArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
-pub async fn run(command: DlqCommand) -> Result<()> {
+pub async fn run(command: DlqCommand, scope: &ScopeArgs) -> Result<()> {
     match command {
-        DlqCommand::List(args) => list(args).await,
-        DlqCommand::Replay(args) => replay(args).await,
+        DlqCommand::List(args) => list(args, scope).await,
+        DlqCommand::Replay(args) => replay(args, scope).await,
     }
 }
 
@@ -189,8 +195,8 @@ pub struct ListedQueue {
     pub messages: Vec<DeadLetter>,
 }
 
-async fn list(args: ListArgs) -> Result<()> {
-    let scope = Scope::open(&args.scope).await?;
+async fn list(args: ListArgs, scope: &ScopeArgs) -> Result<()> {
+    let scope = Scope::open(scope).await?;
     let mut listed = Vec::new();
     for (sqs, dlq) in chosen_dlqs(&scope, &args.which).await? {
         // An empty DLQ costs no receive (and no one-second long poll).
@@ -368,8 +374,8 @@ impl Plan<'_> {
     }
 }
 
-async fn replay(args: ReplayArgs) -> Result<()> {
-    let scope = Scope::open(&args.scope).await?;
+async fn replay(args: ReplayArgs, scope: &ScopeArgs) -> Result<()> {
+    let scope = Scope::open(scope).await?;
     let chosen = chosen_dlqs(&scope, &args.which).await?;
     if let (Some(to), Some((sqs, _))) = (&args.to, chosen.first()) {
         sqs.get_queue_attributes()

@@ -1,7 +1,7 @@
 //! What amictl's exit code says (README "Exit codes"): 0 done, 1 an error (AWS unreachable, a
 //! record amiflow did not write, ...), 2 the command line was wrong (clap's own refusals, and
 //! input refused after reading AWS: an unknown stage, AMI or rollout), 3 the command did its job
-//! and the answer is bad news (a stage halted). Commands return these as errors; `main` maps them.
+//! and the answer needs a person (a stage halted, a group's refresh failed). Commands return these as errors; `main` maps them.
 
 use std::process::ExitCode;
 
@@ -10,10 +10,10 @@ use std::process::ExitCode;
 #[error("{0}")]
 pub struct Usage(pub String);
 
-/// The command answered, and the answer is that something is halted: exit 3.
+/// The command answered, and the answer needs a person (a stage halted, a group failed): exit 3.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct Halted(pub String);
+pub struct Attention(pub String);
 
 /// `Err(Usage)` with a formatted message.
 macro_rules! refuse {
@@ -27,7 +27,7 @@ pub(crate) use refuse;
 pub fn code(err: &anyhow::Error) -> ExitCode {
     if err.downcast_ref::<Usage>().is_some() {
         ExitCode::from(2)
-    } else if err.downcast_ref::<Halted>().is_some() {
+    } else if err.downcast_ref::<Attention>().is_some() {
         ExitCode::from(3)
     } else {
         ExitCode::FAILURE

@@ -55,11 +55,9 @@ pub struct InjectArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
-pub async fn run(args: InjectArgs) -> Result<()> {
+pub async fn run(args: InjectArgs, scope: &ScopeArgs) -> Result<()> {
     if args.schema {
         let schemas = events::schema::all();
         let schema = schemas
@@ -75,7 +73,7 @@ pub async fn run(args: InjectArgs) -> Result<()> {
     let detail = complete(&args.event_type, detail, chrono::Utc::now());
     let detail = validate(&args.event_type, Value::Object(detail))?;
 
-    let scope = Scope::open(&args.scope).await?;
+    let scope = Scope::open(scope).await?;
     check_accounts(&scope, &detail)?;
     let account = match &args.account {
         Some(which) => scope.account(which)?,

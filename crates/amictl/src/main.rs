@@ -27,12 +27,15 @@ use clap::{CommandFactory, Parser, Subcommand};
     name = "amictl",
     version,
     about = "Operate amiflow: run it locally against an emulated AWS, inspect and drive rollouts",
-    long_about = "Operate amiflow: run it locally against an emulated AWS, inspect and drive rollouts.\n\nEvery command that reads or changes AWS acts on the local world (amictl local up) unless --config names the rollout policy; then it uses the standard AWS credential chain (AWS_PROFILE, SSO, environment) and assumes the policy's role_name in the other accounts.",
+    long_about = "Operate amiflow: run it locally against an emulated AWS, inspect and drive rollouts.\n\nEvery command that reads or changes AWS acts on the local world (amictl local up) unless --config names the rollout policy; then it acts in the policy's region (or --region; never AWS_REGION) with the standard AWS credential chain (--profile, AWS_PROFILE, SSO, environment) and assumes the policy's role_name in the other accounts. These flags go before or after the command.",
     after_help = "Examples:\n  amictl demo                                   # a whole rollout, locally\n  amictl local up && eval \"$(amictl local env)\"\n  amictl status --stage prod\n  amictl plan --stage prod\n  amictl pause --all --reason \"incident 42\"\n  amictl recall ami-0123456789abcdef0 --reason \"CVE-2026-1234\" --dry-run\n  amictl dlq list\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0\n  amictl completions bash > /etc/bash_completion.d/amictl"
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Where every command acts (global: before or after the subcommand).
+    #[command(flatten)]
+    scope: scope::ScopeArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,17 +86,17 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(args).await,
         Command::Local(command) => local::run(command).await,
-        Command::Inject(args) => inject::run(args).await,
-        Command::Dlq(command) => dlq::run(command).await,
-        Command::Rerun(command) => rerun::run(command).await,
-        Command::Status(args) => status::run(args).await,
-        Command::Trace(args) => trace::run(args).await,
-        Command::Plan(args) => plan::run(args).await,
-        Command::Pause(args) => control::pause(args).await,
-        Command::Resume(args) => control::resume(args).await,
-        Command::Approve(args) => control::approve(args).await,
-        Command::Halt(args) => control::halt(args).await,
-        Command::Recall(args) => recall::run(args).await,
+        Command::Inject(args) => inject::run(args, &cli.scope).await,
+        Command::Dlq(command) => dlq::run(command, &cli.scope).await,
+        Command::Rerun(command) => rerun::run(command, &cli.scope).await,
+        Command::Status(args) => status::run(args, &cli.scope).await,
+        Command::Trace(args) => trace::run(args, &cli.scope).await,
+        Command::Plan(args) => plan::run(args, &cli.scope).await,
+        Command::Pause(args) => control::pause(args, &cli.scope).await,
+        Command::Resume(args) => control::resume(args, &cli.scope).await,
+        Command::Approve(args) => control::approve(args, &cli.scope).await,
+        Command::Halt(args) => control::halt(args, &cli.scope).await,
+        Command::Recall(args) => recall::run(args, &cli.scope).await,
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "amictl", &mut std::io::stdout());
             Ok(())

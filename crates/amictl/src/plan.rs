@@ -25,7 +25,7 @@ use runtime::StepError;
 use serde::Serialize;
 
 use crate::control::{Hub, StageRun};
-use crate::exit::Halted;
+use crate::exit::Attention;
 use crate::scope::{Scope, ScopeArgs};
 
 /// What each stage's next window would do, group by group, and whether its gate is open.
@@ -46,8 +46,6 @@ pub struct PlanArgs {
     /// List every group, current and untouched ones too.
     #[arg(long)]
     all: bool,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
 /// What the window does to one group.
@@ -334,8 +332,8 @@ async fn previews(
     Ok(out)
 }
 
-pub async fn run(args: PlanArgs) -> Result<()> {
-    let scope = Scope::open(&args.scope).await?;
+pub async fn run(args: PlanArgs, scope: &ScopeArgs) -> Result<()> {
+    let scope = Scope::open(scope).await?;
     let only = match &args.stage {
         Some(name) => Some(crate::control::stage(&scope, name)?.name.clone()),
         None => None,
@@ -368,7 +366,7 @@ pub fn halted_verdict(preview: &Preview) -> Result<()> {
     if halted.is_empty() {
         return Ok(());
     }
-    Err(Halted(format!(
+    Err(Attention(format!(
         "halted: {}; fix the cause, then `amictl resume --stage STAGE --reason ...`",
         halted.join("; ")
     ))

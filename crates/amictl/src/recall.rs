@@ -40,8 +40,6 @@ pub struct RecallArgs {
     /// Print what the recall would change in each stage, and change nothing.
     #[arg(long)]
     dry_run: bool,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
 /// What the recall changes in one stage.
@@ -53,14 +51,14 @@ struct StageChange {
     back_to: Option<String>,
 }
 
-pub async fn run(args: RecallArgs) -> Result<()> {
+pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
     let why = args.reason.trim();
     if why.is_empty() {
         refuse!(
             "--reason is empty: say why the AMI is recalled (an incident, a CVE); it is recorded with who you are and when"
         );
     }
-    let scope = Scope::open(&args.scope).await?;
+    let scope = Scope::open(scope).await?;
     let (parameter, ami) = rollout_of(&scope, &args.rollout).await?;
     let hub = Hub::of(&scope);
     let path = control::recall_path(&ami);

@@ -46,8 +46,6 @@ pub struct WindowArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
 #[derive(Debug, Args)]
@@ -68,19 +66,17 @@ pub struct AmiArgs {
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
-pub async fn run(command: Rerun) -> Result<()> {
+pub async fn run(command: Rerun, scope: &ScopeArgs) -> Result<()> {
     match command {
-        Rerun::Window(args) => window(args).await,
-        Rerun::Ami(args) => ami(args).await,
+        Rerun::Window(args) => window(args, scope).await,
+        Rerun::Ami(args) => ami(args, scope).await,
     }
 }
 
-async fn window(args: WindowArgs) -> Result<()> {
-    let scope = Scope::open(&args.scope).await?;
+async fn window(args: WindowArgs, scope: &ScopeArgs) -> Result<()> {
+    let scope = Scope::open(scope).await?;
     let account = scope.account(&args.stage)?;
     let stage = scope.stage_policy(account).ok_or_else(|| {
         anyhow!(
@@ -101,8 +97,8 @@ async fn window(args: WindowArgs) -> Result<()> {
     report(&detail, account, BUS, id.as_deref(), args.json)
 }
 
-async fn ami(args: AmiArgs) -> Result<()> {
-    let scope = Scope::open(&args.scope).await?;
+async fn ami(args: AmiArgs, scope: &ScopeArgs) -> Result<()> {
+    let scope = Scope::open(scope).await?;
     let hub = scope.hub();
     if !args.ami_id.starts_with("ami-") {
         bail!(

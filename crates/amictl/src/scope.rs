@@ -10,27 +10,41 @@ use aws_config::SdkConfig;
 use clap::Args;
 use rollout::policy::Policy;
 
+use crate::exit::refuse;
 use crate::local;
 
 /// The bus every amiflow account has (DESIGN.md section 2).
 pub const BUS: &str = "amiflow";
 
+/// The help heading of the flags saying where a command acts (global: before or after it).
+const SCOPE: &str = "Where it acts (before or after the command)";
+
 #[derive(Debug, Clone, Args)]
 pub struct ScopeArgs {
     /// Act on the local world started by `amictl local up` (the default when --config is not
     /// given).
-    #[arg(long, global = true, conflicts_with = "config")]
+    #[arg(long, global = true, conflicts_with = "config", help_heading = SCOPE)]
     pub local: bool,
-    /// The rollout policy TOML: act on real AWS through the standard credential chain
-    /// (AWS_PROFILE, SSO, environment), assuming the policy's `role_name` in every other account.
+    /// The rollout policy TOML: act on real AWS in the policy's region through the standard
+    /// credential chain (--profile, AWS_PROFILE, SSO, environment), assuming the policy's
+    /// `role_name` in every other account.
     #[arg(
         long,
         global = true,
+        help_heading = SCOPE,
         value_name = "FILE",
         env = "AMIFLOW_CONFIG",
         hide_env_values = true
     )]
     pub config: Option<PathBuf>,
+    /// The AWS region, with --config [default: the policy's `region`; AWS_REGION is not used,
+    /// so that a shell set for another region cannot show an empty installation].
+    #[arg(long, global = true, value_name = "REGION", help_heading = SCOPE)]
+    pub region: Option<String>,
+    /// The AWS profile of the base credentials, with --config [default: AWS_PROFILE, then the
+    /// standard chain].
+    #[arg(long, global = true, value_name = "NAME", help_heading = SCOPE)]
+    pub profile: Option<String>,
 }
 
 /// One account amiflow runs in, with credentials acting there.
@@ -62,8 +76,18 @@ pub struct Scope {
 impl Scope {
     pub async fn open(args: &ScopeArgs) -> Result<Self> {
         match &args.config {
-            Some(path) if !args.local => Self::aws(path).await,
-            _ => Self::local().await,
+            Some(path) if !args.local => Self::aws(path, args).await,
+            _ => {
+                if let Some(flag) = [("--region", &args.region), ("--profile", &args.profile)]
+                    .iter()
+                    .find_map(|(flag, value)| value.as_ref().map(|_| flag))
+                {
+                    refuse!(
+                        "{flag} applies to AWS, named by --config FILE (or AMIFLOW_CONFIG); the local world has its own region and credentials: drop {flag}, or add --config"
+                    );
+                }
+                Self::local().await
+            }
         }
     }
 
@@ -103,13 +127,19 @@ impl Scope {
         })
     }
 
-    async fn aws(path: &std::path::Path) -> Result<Self> {
+    async fn aws(path: &std::path::Path, args: &ScopeArgs) -> Result<Self> {
         let policy = Policy::load(path).with_context(|| format!("reading {}", path.display()))?;
-        let clients = runtime::Clients::from_env(policy.role_name.clone())
+        let region = args.region.clone().unwrap_or_else(|| policy.region.clone());
+        let mut loader = runtime::SdkTimeouts::from_env()?
+            .apply(aws_config::defaults(aws_config::BehaviorVersion::latest()))
+            .region(aws_config::Region::new(region.clone()));
+        if let Some(profile) = &args.profile {
+            loader = loader.profile_name(profile);
+        }
+        let base = loader.load().await;
+        let clients = runtime::Clients::new(base, policy.role_name.clone())
             .await
-            .context(
-                "no usable AWS credentials: set AWS_PROFILE (run `aws sso login` first for an SSO profile) or the AWS_ACCESS_KEY_ID variables, or use --local",
-            )?;
+            .map_err(|e| unusable(e, &region, args.profile.as_deref()))?;
         let mut ids: Vec<(String, String)> = Vec::new();
         if !policy
             .stages
@@ -201,6 +231,39 @@ impl Scope {
             self.known()
         )
     }
+}
+
+/// Why the base credentials could not be used, told apart: an unknown profile, no credentials,
+/// an endpoint that cannot be reached (DNS, network, a proxy), or what AWS replied.
+fn unusable(err: anyhow::Error, region: &str, profile: Option<&str>) -> anyhow::Error {
+    let text = format!("{err:#}");
+    let profile = profile
+        .map(str::to_owned)
+        .or_else(|| std::env::var("AWS_PROFILE").ok());
+    if let Some(name) = profile.filter(|_| {
+        text.contains("ProfileNotDefined")
+            || text.contains("profile not defined")
+            || text.contains("was not defined")
+            || text.contains("could not find source profile")
+    }) {
+        return anyhow::Error::new(crate::exit::Usage(format!(
+            "AWS profile `{name}` is not in ~/.aws/config or ~/.aws/credentials: name one of `aws configure list-profiles`, or run `aws configure sso --profile {name}`"
+        )));
+    }
+    if text.contains("no providers in chain provided credentials")
+        || text.contains("CredentialsNotLoaded")
+        || text.contains("the credential provider was not enabled")
+    {
+        return anyhow!(
+            "no usable AWS credentials: set AWS_PROFILE or --profile (run `aws sso login` first for an SSO profile) or the AWS_ACCESS_KEY_ID variables, or use --local ({text})"
+        );
+    }
+    if text.contains("dispatch failure") || text.contains("io error") || text.contains("timeout") {
+        return anyhow!(
+            "could not reach AWS STS in {region} (DNS, network or proxy; AWS_ENDPOINT_URL if set): {text}"
+        );
+    }
+    err.context(format!("AWS refused these credentials in {region}"))
 }
 
 /// An AWS SDK error for people: `Code: message`, or what happened when there is no AWS error

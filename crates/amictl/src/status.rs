@@ -11,13 +11,14 @@ use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use serde::Serialize;
 
 use crate::compliance::{self, AccountCompliance, GroupState};
+use crate::exit::Attention;
 use crate::plan::{GatePreview, Preview, RunPreview};
 use crate::scope::{Scope, ScopeArgs};
 
 /// Show each stage's compliance with its golden parameters.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Exit codes: 0 the report was made, 3 a stage is halted (the gates table says which and why), 2 a wrong argument, 1 an error.\n\nExamples:\n  amictl status                         # the local world (amictl local up)\n  amictl status --stage prod --json     # one stage, for scripts\n  amictl status --config amiflow.toml   # real AWS: standard credentials, the policy's role per account"
+    after_help = "Exit codes: 0 the report was made and nothing needs a person, 3 a stage is halted or a group's last refresh failed or rolled back (the tables say which and why), 2 a wrong argument, 1 an error.\n\nExamples:\n  amictl status                         # the local world (amictl local up)\n  amictl status --stage prod --json     # one stage, for scripts\n  amictl status --config amiflow.toml   # real AWS: standard credentials, the policy's role per account"
 )]
 pub struct StatusArgs {
     /// Only this stage (a stage name from the policy, or an account id).
@@ -29,12 +30,10 @@ pub struct StatusArgs {
     /// List every group, not only those that are not current.
     #[arg(long)]
     all: bool,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
-pub async fn run(args: StatusArgs) -> Result<()> {
-    let scope = Scope::open(&args.scope).await?;
+pub async fn run(args: StatusArgs, scope: &ScopeArgs) -> Result<()> {
+    let scope = Scope::open(scope).await?;
     let mut reports = Vec::new();
     for account in scope.select(args.stage.as_deref())? {
         let Some(stage) = scope.stage_policy(account) else {
@@ -86,8 +85,39 @@ pub async fn run(args: StatusArgs) -> Result<()> {
             println!("\n{details}");
         }
     }
-    // Exit 3 when a stage is halted, as `amictl plan` (what a cron job or a script gates on).
-    crate::plan::halted_verdict(&gates)
+    // Exit 3 when something needs a person (what a cron job or a script gates on): a stage
+    // halted, as `amictl plan`, or a group whose last refresh failed or rolled back.
+    let halted = crate::plan::halted_verdict(&gates);
+    let failed = failed_groups(&reports);
+    match (halted, failed.is_empty()) {
+        (Ok(()), true) => Ok(()),
+        (Err(halted), true) => Err(halted),
+        (halted, false) => {
+            let failed = format!(
+                "{} group(s) whose last refresh did not succeed: {}; `amictl trace` tells why",
+                failed.len(),
+                failed.join(", ")
+            );
+            Err(Attention(match halted {
+                Ok(()) => failed,
+                Err(halted) => format!("{halted:#}; {failed}"),
+            })
+            .into())
+        }
+    }
+}
+
+/// `stage/group (state)` of every group whose last refresh to its golden AMI failed or rolled back.
+fn failed_groups(reports: &[AccountCompliance]) -> Vec<String> {
+    reports
+        .iter()
+        .flat_map(|r| {
+            r.groups
+                .iter()
+                .filter(|g| matches!(g.state, GroupState::Failed | GroupState::RolledBack))
+                .map(|g| format!("{}/{} ({})", r.stage, g.name, g.state.as_str()))
+        })
+        .collect()
 }
 
 /// One stage in `status --json`: its compliance, and how its rollouts stand at the gates.

@@ -39,8 +39,6 @@ pub struct TraceArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    scope: ScopeArgs,
 }
 
 /// One thing that happened (or failed) in a rollout.
@@ -62,7 +60,7 @@ pub struct Trace {
     pub steps: Vec<TraceStep>,
 }
 
-pub async fn run(args: TraceArgs) -> Result<()> {
+pub async fn run(args: TraceArgs, scope: &ScopeArgs) -> Result<()> {
     let Some((parameter, ami)) = args.rollout_id.rsplit_once('@') else {
         bail!(
             "{:?} is not a rollout id: expected <parameter name>@<ami id>, e.g. /golden/al2023/ami-id@ami-0123456789abcdef0",
@@ -75,7 +73,7 @@ pub async fn run(args: TraceArgs) -> Result<()> {
             args.rollout_id
         );
     }
-    let scope = Scope::open(&args.scope).await?;
+    let scope = Scope::open(scope).await?;
     let stage_of = |id: &str| {
         scope
             .accounts

@@ -67,10 +67,19 @@ impl World {
         out
     }
 
+    /// The JSON a command printed: with exit 0, or 3 (`status` and `plan` answered, and the
+    /// answer needs a person: a halted stage, a failed group; the JSON says which).
     fn json(&self, args: &[&str]) -> Value {
-        let out = ok(&self.run(args), &args.join(" "));
-        serde_json::from_str(&out)
-            .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}):\n{out}"))
+        let out = self.run(args);
+        assert!(
+            matches!(out.status.code(), Some(0 | 3)),
+            "{args:?} failed ({}):\n{}",
+            out.status,
+            text(&out.stderr)
+        );
+        let printed = text(&out.stdout);
+        serde_json::from_str(&printed)
+            .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}):\n{printed}"))
     }
 
     fn fails(&self, args: &[&str]) -> String {
@@ -813,10 +822,90 @@ fn bad_input_is_refused_with_what_to_fix() {
     .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     .output()
     .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
     let err = text(&out.stderr);
     assert!(
         err.contains("no usable AWS credentials") && err.contains("AWS_PROFILE"),
+        "{err}"
+    );
+    // The same, flags before the subcommand (they are global), with a profile no file defines:
+    // the profile is named, not "no credentials".
+    std::fs::write(
+        dir.path().join("config"),
+        "[profile ops]\nregion = us-east-1\n",
+    )
+    .unwrap();
+    let unreachable = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = command(dir.path(), args);
+        c.env("HOME", dir.path())
+            .env("AWS_CONFIG_FILE", dir.path().join("config"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    let config = policy.to_str().unwrap();
+    let out = unreachable(
+        &["--config", config, "--profile", "opps", "dlq", "list"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("AWS profile `opps` is not in") && err.contains("list-profiles"),
+        "{err}"
+    );
+    // Credentials that work but an endpoint nobody answers at: said so, with the region used,
+    // which is the policy's (us-east-1), not AWS_REGION's.
+    let out = unreachable(
+        &["--config", config, "status"],
+        &[
+            ("AWS_REGION", "eu-west-1"),
+            ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("could not reach AWS STS in us-east-1"),
+        "{err}"
+    );
+    let out = unreachable(
+        &["status", "--config", config, "--region", "ap-south-2"],
+        &[
+            ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+        ],
+    );
+    assert!(
+        text(&out.stderr).contains("could not reach AWS STS in ap-south-2"),
+        "{}",
+        text(&out.stderr)
+    );
+    // --region and --profile belong to AWS: refused on the local world, saying so.
+    let out = amictl(dir.path(), &["--profile", "ops", "status"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--profile applies to AWS, named by --config FILE"),
+        "{}",
+        text(&out.stderr)
+    );
+    // A misspelt detail-type is refused with the closest one, not matched to nothing.
+    let out = amictl(
+        dir.path(),
+        &["dlq", "replay", "--detail-type", "AmiShard", "--dry-run"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("invalid value 'AmiShard'") && err.contains("'AmiShared'"),
         "{err}"
     );
 }
@@ -1047,6 +1136,7 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
         .unwrap();
     assert_eq!(reads::golden_parameter(&uat).await.0, candidate);
     // uat tolerates one failed group (local/amiflow.toml): two rolled back halt it.
+    let mut rolled_back = Vec::new();
     for kind in ["pinned", "latest"] {
         let failed_group = w.world["accounts"]["222222222222"]["groups"]
             .as_array()
@@ -1076,6 +1166,7 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
             .send()
             .await
             .unwrap();
+        rolled_back.push(failed_group);
     }
     let err = refused(&approve(&[
         &rollout, "--stage", "prod", "--reason", "CAB-1",
@@ -1235,6 +1326,20 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
     assert!(out.contains("lifted the halt of uat for"), "{out}");
     assert_eq!(record(&hub, &path).await, None, "the halt is gone");
     let out = w.run(&["plan", "--stage", "uat", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    // No stage halted, but two groups rolled back: `status` still exits 3, naming them (a cron
+    // job gates on it); qa, with none, exits 0.
+    let out = w.run(&["status", "--stage", "uat"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("2 group(s) whose last refresh did not succeed")
+            && rolled_back
+                .iter()
+                .all(|g| err.contains(&format!("uat/{g} (rolled-back)"))),
+        "{err}"
+    );
+    let out = w.run(&["status", "--stage", "qa"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 

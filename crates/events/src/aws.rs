@@ -47,6 +47,21 @@ pub enum RefreshEventKind {
     RollbackFailed,
 }
 
+/// Every AWS event detail-type amiflow's rules route to its queues (`deploy/*.yaml`): the
+/// instance-refresh outcomes and the two ways an AMI is announced as built.
+pub const AWS_DETAIL_TYPES: [&str; 10] = [
+    "EC2 Auto Scaling Instance Refresh Started",
+    "EC2 Auto Scaling Instance Refresh Checkpoint Reached",
+    "EC2 Auto Scaling Instance Refresh Succeeded",
+    "EC2 Auto Scaling Instance Refresh Failed",
+    "EC2 Auto Scaling Instance Refresh Cancelled",
+    "EC2 Auto Scaling Instance Refresh Rollback Started",
+    "EC2 Auto Scaling Instance Refresh Rollback Succeeded",
+    "EC2 Auto Scaling Instance Refresh Rollback Failed",
+    "EC2 AMI State Change",
+    "EC2 Image Builder Image State Change",
+];
+
 impl RefreshEventKind {
     const PREFIX: &'static str = "EC2 Auto Scaling Instance Refresh ";
 
@@ -182,4 +197,34 @@ pub(crate) fn regex_ami(id: &str) -> bool {
         (hex.len() == 8 || hex.len() == 17)
             && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AWS_DETAIL_TYPES;
+
+    /// The list is the deployment's: every AWS detail-type a rule in `deploy/` routes, no other.
+    #[test]
+    fn the_aws_detail_types_are_those_the_deployed_rules_route() {
+        let mut routed = std::collections::BTreeSet::new();
+        for file in ["hub.yaml", "spoke.yaml"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../deploy")
+                .join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            for line in text.lines() {
+                let line = line
+                    .trim()
+                    .trim_start_matches("- ")
+                    .trim_start_matches("detail-type: ")
+                    .trim_matches(|c| c == '[' || c == ']');
+                if line.starts_with("EC2 ") {
+                    routed.insert(line.to_owned());
+                }
+            }
+        }
+        let listed: std::collections::BTreeSet<String> =
+            AWS_DETAIL_TYPES.iter().map(|t| (*t).to_owned()).collect();
+        assert_eq!(listed, routed);
+    }
 }

@@ -16,7 +16,8 @@ mod parse;
 pub mod schema;
 
 pub use aws::{
-    AmiStateChange, AwsEvent, ImageBuilderStateChange, InstanceRefreshEvent, RefreshEventKind,
+    AWS_DETAIL_TYPES, AmiStateChange, AwsEvent, ImageBuilderStateChange, InstanceRefreshEvent,
+    RefreshEventKind,
 };
 pub use detail::{
     AmiBuilt, AmiRecalled, AmiShared, AsgRefreshFinished, AsgRefreshRequested, Detail, Meta,
