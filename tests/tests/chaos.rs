@@ -610,8 +610,53 @@ async fn events_from_accounts_and_sources_outside_the_configuration_are_refused_
     let (candidate, _) = amis(&world);
     let built = Detail::from(support::candidate_built(&world)).to_value();
     let window = window_now(&qa, "qa");
+    // Forged from inside: refresh requests put by a stage account (uat), for a qa group, that
+    // pass the envelope's checks but not the policy's.
+    let uat = world.accounts()[1].clone();
+    let qa_groups = world.groups(&qa);
+    let group_of = |kind: &str| {
+        qa_groups
+            .iter()
+            .find(|g| g["kind"] == kind)
+            .unwrap_or_else(|| panic!("a qa group of kind {kind}"))["name"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let forged_request = |group: &str, parameter: &str, ami: &str| {
+        envelope(
+            &uat,
+            "amiflow",
+            "AsgRefreshRequested",
+            Detail::from(AsgRefreshRequested::new(
+                "forged",
+                &qa,
+                group,
+                parameter,
+                ami,
+                Strategy::LaunchTemplate,
+                None,
+            ))
+            .to_value(),
+        )
+    };
+    let golden_now = before.params[&qa].0.clone();
     // (case, account, queue, body, what the reason must say)
     let cases: Vec<(&str, String, &str, String, &str)> = vec![
+        (
+            "refresh-request-from-a-stage-for-a-parameter-outside-the-policy",
+            qa.clone(),
+            "refresh",
+            forged_request(&group_of("pinned"), "/golden/nope/ami-id", &golden_now),
+            "names /golden/nope/ami-id, which is no golden family of the rollout policy",
+        ),
+        (
+            "refresh-request-from-a-stage-for-a-group-of-another-family",
+            qa.clone(),
+            "refresh",
+            forged_request(&group_of("other-family"), PARAMETER, &golden_now),
+            "which is no earlier golden AMI of /golden/al2023/ami-id",
+        ),
         (
             "amiflow-event-put-by-a-foreign-account",
             hub.clone(),

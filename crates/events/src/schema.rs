@@ -150,7 +150,13 @@ pub fn validate(detail_type: &str, detail: &serde_json::Value) -> Option<Vec<Vio
             | jsonschema::error::ValidationErrorKind::UnevaluatedProperties { unexpected } => {
                 violations.extend(unexpected.iter().map(|field| Violation {
                     path: format!("{path}/{}", escape(field)),
-                    message: format!("unknown field {field:?}: {detail_type} has no such field"),
+                    message: format!(
+                        "unknown field {field:?}: {detail_type} has no such field{}",
+                        match closest_field(detail_type, field).filter(|_| path.is_empty()) {
+                            Some(known) => format!("; did you mean {known:?}?"),
+                            None => String::new(),
+                        }
+                    ),
                 }));
             }
             _ => violations.push(Violation {
@@ -160,6 +166,22 @@ pub fn validate(detail_type: &str, detail: &serde_json::Value) -> Option<Vec<Vio
         }
     }
     Some(violations)
+}
+
+/// The detail field of `detail_type` closest to a misspelt `field`, if one is close enough to be
+/// what was meant (Jaro-Winkler similarity of at least 0.8, as clap's own suggestions).
+pub fn closest_field(detail_type: &str, field: &str) -> Option<String> {
+    let schemas = all();
+    let properties = schemas
+        .get(detail_type)?
+        .as_value()
+        .get("properties")?
+        .as_object()?
+        .keys()
+        .map(|known| (strsim::jaro_winkler(field, known), known.clone()))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    properties.map(|(_, known)| known)
 }
 
 /// A property name as a JSON pointer token (RFC 6901).

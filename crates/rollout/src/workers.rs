@@ -682,6 +682,19 @@ impl runtime::Step for RefreshStep {
                     return Err(refuse("refresh-worker", event));
                 };
                 let stage = own_stage(&self.ctx.policy, &self.ctx.account, &req.account)?;
+                // Only a golden family of the policy is rolled out, whoever asks.
+                if self
+                    .ctx
+                    .policy
+                    .families
+                    .iter()
+                    .all(|f| f.parameter_name != req.parameter_name)
+                {
+                    return Err(StepError::Permanent(format!(
+                        "AsgRefreshRequested for {} names {}, which is no golden family of the rollout policy; refused",
+                        req.asg_name, req.parameter_name
+                    )));
+                }
                 // Running refreshes go on in AWS and their outcome events still close them; no
                 // request is acted on while the stage is paused.
                 if let Some(wait) = self.ctx.control.hold_if_paused(&self.ctx, stage).await? {

@@ -278,10 +278,15 @@ pub async fn request_refresh(
         }
     }
     // A request of an earlier rollout delivered late must not move the group back: act only on
-    // the AMI the golden parameter holds now.
-    if let Some(current) = current?
-        && current.value != req.ami_id
-    {
+    // the AMI the golden parameter holds now. A parameter that does not exist here holds no AMI
+    // to move to: the request was not made by a plan of this account.
+    let Some(current) = current? else {
+        return Err(StepError::Permanent(format!(
+            "AsgRefreshRequested for {} names {}, which does not exist in this account: there is no golden AMI to move to; refused",
+            req.asg_name, req.parameter_name
+        )));
+    };
+    if current.value != req.ami_id {
         return Ok(finished(
             req,
             Outcome::Skipped,
@@ -555,6 +560,13 @@ mod tests {
     use events::{InstanceRefreshEvent, RefreshEventKind};
 
     const NEW: &str = "ami-0000000000000000b";
+
+    /// An account whose golden parameter holds `NEW`, after `OLD`.
+    fn fake() -> FakeAws {
+        let aws = FakeAws::default();
+        aws.golden("/golden/al2023/ami-id", NEW, &[OLD]);
+        aws
+    }
     const OLD: &str = "ami-0000000000000000a";
 
     fn stage() -> Stage {
@@ -617,7 +629,7 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_stage_tolerance_a_request_ends_halted_and_starts_nothing() {
-        let aws = FakeAws::default();
+        let aws = fake();
         for g in ["failed-one", "next"] {
             aws.template(&format!("lt-{g}"), &[OLD], 1);
             aws.group(g, &format!("lt-{g}"), "1", OLD, 1);
@@ -667,7 +679,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_percentage_tolerance_is_taken_of_the_familys_groups_never_more_than_the_account() {
-        let aws = FakeAws::default();
+        let aws = fake();
         // Ten groups in the account; two failed for NEW.
         for i in 0..10 {
             let g = format!("g{i}");
@@ -801,6 +813,49 @@ mod tests {
         assert_eq!(aws.started.lock().unwrap().len(), 1, "nothing else started");
     }
 
+    /// Whoever asks, a request is refused (a permanent error, dead-lettered with the reason)
+    /// when its parameter does not exist here, or its group is on no earlier golden AMI of the
+    /// family: nothing is made, nothing started.
+    #[tokio::test]
+    async fn a_request_for_a_missing_parameter_or_a_group_of_another_family_is_refused() {
+        let aws = FakeAws::default();
+        aws.template("lt-web", &[OLD], 1);
+        aws.group("web", "lt-web", "1", OLD, 1);
+        let (stage, settings, admission) = (stage(), settings(), Admission::default());
+        let ctx = context(&aws, &stage, &settings, &admission);
+        let req = request("web", Strategy::LaunchTemplate);
+        let Err(StepError::Permanent(why)) = request_refresh(&ctx, &req, Utc::now()).await else {
+            panic!("a request naming a parameter that does not exist is refused");
+        };
+        assert_eq!(
+            why,
+            "AsgRefreshRequested for web names /golden/al2023/ami-id, which does not exist in this account: there is no golden AMI to move to; refused"
+        );
+        // The parameter exists, but the group runs another family's AMI.
+        const WINDOWS: &str = "ami-0000000000000000f";
+        aws.golden("/golden/al2023/ami-id", NEW, &[OLD]);
+        aws.template("lt-win", &[WINDOWS], 1);
+        aws.group("win", "lt-win", "1", WINDOWS, 1);
+        let req = request("win", Strategy::LaunchTemplate);
+        let Err(StepError::Permanent(why)) = request_refresh(&ctx, &req, Utc::now()).await else {
+            panic!("a request for a group of another family is refused");
+        };
+        assert!(
+            why.starts_with(&format!(
+                "group win launches {WINDOWS} (launch template lt-win version 1), which is no earlier golden AMI of /golden/al2023/ami-id"
+            )),
+            "{why}"
+        );
+        assert!(
+            !aws.changes()
+                .iter()
+                .any(|c| c.starts_with("create_version")),
+            "{:?}",
+            aws.changes()
+        );
+        assert!(aws.started.lock().unwrap().is_empty(), "nothing started");
+    }
+
     #[tokio::test]
     async fn a_recalled_request_waits_for_the_mark_of_a_refresh_another_process_just_started() {
         let (aws, _) = one_group_beyond_the_limit();
@@ -866,7 +921,7 @@ mod tests {
     /// Groups `g0` ..= `g{limit}`, one more than the stage's concurrency limit, each with a
     /// template of its own on the old AMI.
     fn one_group_beyond_the_limit() -> (FakeAws, usize) {
-        let aws = FakeAws::default();
+        let aws = fake();
         let limit = stage().max_concurrent_refreshes as usize;
         for i in 0..=limit {
             aws.template(&format!("lt-{i}"), &[OLD], 1);
@@ -887,7 +942,7 @@ mod tests {
 
     #[tokio::test]
     async fn pinned_group_gets_one_new_version_and_one_refresh_however_often_asked() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD, OLD], 1);
         aws.group("web", "lt-1", "2", OLD, 2);
         let req = request("web", Strategy::LaunchTemplate);
@@ -924,7 +979,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_any_instance_refresh_event_the_request_polls_its_refresh_to_an_outcome() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         let req = request("web", Strategy::LaunchTemplate);
@@ -970,7 +1025,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_operator_halt_ends_a_new_request_halted_with_who_and_why() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         let req = request("web", Strategy::LaunchTemplate);
@@ -994,7 +1049,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_halt_with_cancel_running_cancels_the_running_refresh_and_closes_it_cancelled() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         let req = request("web", Strategy::LaunchTemplate);
@@ -1038,7 +1093,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_refresh_started_but_never_marked_is_taken_over_not_started_again() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         let req = request("web", Strategy::LaunchTemplate);
@@ -1077,7 +1132,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_late_request_for_an_ami_the_parameter_no_longer_holds_changes_nothing() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         // The parameter moved on (to OLD here: a request of an earlier rollout arrives late).
@@ -1091,7 +1146,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_existing_version_with_the_ami_is_reused() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD, NEW], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         run(&aws, &request("web", Strategy::LaunchTemplate)).await;
@@ -1106,7 +1161,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_group_whose_launch_template_was_deleted_fails_with_the_fix() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.group("web", "lt-gone", "3", OLD, 2);
         let (o, reason) = outcome(&run(&aws, &request("web", Strategy::LaunchTemplate)).await);
         assert_eq!(o, Outcome::Failed);
@@ -1119,7 +1174,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_deleted_group_is_skipped() {
-        let aws = FakeAws::default();
+        let aws = fake();
         let (o, reason) = outcome(&run(&aws, &request("gone", Strategy::LaunchTemplate)).await);
         assert_eq!(o, Outcome::Skipped);
         assert!(reason.contains("no longer exists"), "{reason}");
@@ -1127,7 +1182,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_after_the_window_closed_is_skipped_without_changes() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         let mut req = request("web", Strategy::LaunchTemplate);
@@ -1266,7 +1321,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_event_of_a_refresh_started_here_closes_it_and_the_poll_after_costs_no_call() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         let admission = Admission::default();
@@ -1322,7 +1377,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_resolve_ssm_group_is_refreshed_without_skip_matching_or_rollback() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &["resolve:ssm:/golden/al2023/ami-id"], 1);
         aws.group("web", "lt-1", "$Default", OLD, 2);
         run(&aws, &request("web", Strategy::LaunchTemplate)).await;
@@ -1337,7 +1392,7 @@ mod tests {
 
     /// Group `web` owned by stack `app` in `status` with `parameters`.
     fn stack_owned(status: &str, parameters: Vec<(String, String, Option<String>)>) -> FakeAws {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         aws.groups
@@ -1559,7 +1614,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_override_template_on_an_earlier_golden_ami_moves_with_the_main_one() {
-        let aws = FakeAws::default();
+        let aws = fake();
         mixed_with_override(&aws, Some("lt-over"));
         aws.template("lt-over", &[OLD], 1);
         run(&aws, &request("web", Strategy::LaunchTemplate)).await;
@@ -1588,7 +1643,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_default_override_whose_refresh_fails_gets_its_default_version_back() {
-        let aws = FakeAws::default();
+        let aws = fake();
         mixed_with_override_at(&aws, Some("lt-over"), "$Default");
         aws.template("lt-over", &[OLD], 1);
         let req = request("web", Strategy::LaunchTemplate);
@@ -1620,7 +1675,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_main_template_on_the_ami_does_not_hide_an_override_on_an_earlier_one() {
-        let aws = FakeAws::default();
+        let aws = fake();
         mixed_with_override(&aws, Some("lt-over"));
         aws.template("lt-main", &[NEW], 1);
         aws.template("lt-over", &[OLD], 1);
@@ -1636,7 +1691,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_override_template_on_another_ami_is_left_alone() {
-        let aws = FakeAws::default();
+        let aws = fake();
         mixed_with_override(&aws, Some("lt-win"));
         aws.template("lt-win", &["ami-00000000000000win"], 1);
         run(&aws, &request("web", Strategy::LaunchTemplate)).await;
@@ -1663,7 +1718,7 @@ mod tests {
             ),
             (None, "its launch template specification names no template"),
         ] {
-            let aws = FakeAws::default();
+            let aws = fake();
             mixed_with_override(&aws, template);
             let (o, reason) = outcome(&run(&aws, &request("web", Strategy::LaunchTemplate)).await);
             assert_eq!(
@@ -1687,7 +1742,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_successful_refresh_is_checked_against_the_group_before_it_is_reported() {
-        let aws = FakeAws::default();
+        let aws = fake();
         default_group_changed_by_hand(&aws);
         let req = request("web", Strategy::LaunchTemplate);
         assert!(matches!(run(&aws, &req).await, StepOutput::Defer { .. }));
@@ -1726,7 +1781,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_stage_that_overrides_hand_made_changes_moves_the_group_again() {
-        let aws = FakeAws::default();
+        let aws = fake();
         default_group_changed_by_hand(&aws);
         let req = request("web", Strategy::LaunchTemplate);
         run(&aws, &req).await;
@@ -1768,7 +1823,7 @@ mod tests {
 
     #[tokio::test]
     async fn instances_left_behind_by_a_successful_refresh_fail_it_with_the_count() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         let req = request("web", Strategy::LaunchTemplate);
@@ -1812,7 +1867,7 @@ mod tests {
             ("Failed", Outcome::Failed),
             ("Cancelled", Outcome::Cancelled),
         ] {
-            let aws = FakeAws::default();
+            let aws = fake();
             aws.template("lt-1", &[OLD], 1);
             aws.group("web", "lt-1", "$Default", OLD, 2);
             let req = request("web", Strategy::LaunchTemplate);
@@ -1869,7 +1924,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_default_changed_by_hand_during_a_failed_refresh_is_left_as_set() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD, OLD], 1);
         aws.group("web", "lt-1", "$Default", OLD, 2);
         let req = request("web", Strategy::LaunchTemplate);
@@ -1901,7 +1956,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_start_asked_again_keeps_the_first_attempts_record_of_the_default() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "$Default", OLD, 2);
         let req = request("web", Strategy::LaunchTemplate);
@@ -1932,7 +1987,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_version_made_in_another_window_moves_the_default_with_the_record_on_the_group() {
-        let aws = FakeAws::default();
+        let aws = fake();
         // Version 2 already holds the AMI (made in an earlier window, whose refresh failed and
         // put the default back): its description cannot record this move.
         aws.template("lt-1", &[OLD, NEW], 1);
@@ -1971,7 +2026,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_instance_refresh_event_restores_the_default_too_and_a_success_keeps_it() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.template("lt-2", &[OLD], 1);
         aws.group("bad", "lt-1", "$Default", OLD, 2);
@@ -2024,7 +2079,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pinned_groups_failed_refresh_moves_no_default_version() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         let req = request("web", Strategy::LaunchTemplate);
@@ -2041,7 +2096,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_stages_max_healthy_percentage_and_bake_time_go_with_the_refresh() {
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         let mut stage = stage();
@@ -2064,7 +2119,7 @@ mod tests {
             (100, Some(200), Some(900))
         );
         // The local policy's stages set neither: AWS's defaults, as before.
-        let aws = FakeAws::default();
+        let aws = fake();
         aws.template("lt-1", &[OLD], 1);
         aws.group("web", "lt-1", "1", OLD, 2);
         run(&aws, &request("web", Strategy::LaunchTemplate)).await;

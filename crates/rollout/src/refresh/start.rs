@@ -154,6 +154,20 @@ async fn launch_template(
     }
     let main_moves =
         current.image_id != req.ami_id && !current.image_id.starts_with("resolve:ssm:");
+    // Only a group on an earlier golden AMI of the request's family is moved, whoever asked:
+    // never another family's group, nor one on an AMI amiflow never published.
+    if main_moves
+        && !ctx
+            .params
+            .history(&req.parameter_name)
+            .await?
+            .contains(&current.image_id)
+    {
+        return Err(StepError::Permanent(format!(
+            "group {} launches {} (launch template {template} version {spec}), which is no earlier golden AMI of {}: amiflow moves only the groups of a family; refused",
+            req.asg_name, current.image_id, req.parameter_name
+        )));
+    }
     if !main_moves && overrides.moved.is_empty() {
         return Ok(Decision::AlreadyThere(Plan {
             how: "configuration already on the AMI".into(),
