@@ -80,17 +80,14 @@ fn ensure_workers_built() -> Result<()> {
     match cargo {
         // Under cargo: always ask it, so the workers are as fresh as amictl (a no-op when they are).
         Some(cargo) if manifest.is_file() => {
-            eprintln!("amictl: building the worker binaries (cargo build -p rollout --bins)");
+            // cargo's own progress goes to standard error: a cold build takes minutes, and a
+            // silent one looks hung.
+            eprintln!(
+                "amictl: building the worker binaries (cargo build -p rollout --bins; a few minutes the first time)"
+            );
             let mut command = std::process::Command::new(cargo);
             command
-                .args([
-                    "build",
-                    "--quiet",
-                    "-p",
-                    "rollout",
-                    "--bins",
-                    "--manifest-path",
-                ])
+                .args(["build", "-p", "rollout", "--bins", "--manifest-path"])
                 .arg(&manifest);
             if dir.ends_with("release") {
                 command.arg("--release");

@@ -4,6 +4,7 @@
 //! only after that send succeeded. Interrupted, a replay stops between two messages and releases
 //! the rest; running the same command again resumes it, since what was moved is no longer there.
 
+use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +19,7 @@ use governor::{Quota, RateLimiter};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use crate::exit::Attention;
 use crate::queues::{self, DeadLetter, Dlq, age, queue_name};
 use crate::scope::{Scope, ScopeArgs, aws_error};
 
@@ -42,7 +44,7 @@ pub enum DlqCommand {
     /// With no filter, no --max and no --dry-run it asks SQS to move everything
     /// (StartMessageMoveTask) where SQS offers that, and moves one by one where it does not.
     #[command(
-        after_help = "Examples:\n  amictl dlq replay --dry-run                                    # what would move, moves nothing\n  amictl dlq replay --detail-type AmiShared --reason 'not visible'\n  amictl dlq replay --account uat --queue refresh --older-than 1h --max 100 --rate 5"
+        after_help = "Exit codes: 0 moved (or, with --dry-run, shown) and none came back within --wait, 3 a replayed message failed again within --wait (the output says why), 2 a wrong argument, 1 an error or an interrupt.\n\nExamples:\n  amictl dlq replay --dry-run                                    # what would move, moves nothing\n  amictl dlq replay --detail-type AmiShared --reason 'not visible'\n  amictl dlq replay --account uat --queue refresh --older-than 1h --max 100 --rate 5"
     )]
     Replay(ReplayArgs),
 }
@@ -67,9 +69,8 @@ pub struct ListArgs {
     /// Messages read per DLQ at most (a DLQ may hold thousands).
     #[arg(long, value_name = "N", default_value_t = 100)]
     limit: usize,
-    /// Print JSON instead of tables.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
 }
 
 #[derive(Debug, Clone, Default, Args)]
@@ -148,9 +149,12 @@ pub struct ReplayArgs {
     /// Show what would move; move nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Print JSON instead of tables.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
+    /// After moving, watch the DLQs this long for replayed messages that fail again at once
+    /// (exit 3 when one does, with its new reason); `0s` to return as soon as they are sent.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    wait: Duration,
 }
 
 pub async fn run(command: DlqCommand, scope: &ScopeArgs) -> Result<()> {
@@ -211,7 +215,7 @@ async fn list(args: ListArgs, scope: &ScopeArgs) -> Result<()> {
             dlq,
         });
     }
-    if args.json {
+    if args.output.json() {
         println!("{}", serde_json::to_string_pretty(&listed)?);
         return Ok(());
     }
@@ -332,6 +336,8 @@ pub struct QueueReplay {
     /// Sent but not deleted from the DLQ: delivered twice (at-least-once).
     pub sent_not_deleted: usize,
     pub messages: Vec<Replayed>,
+    /// Replayed messages that came back to this DLQ within `--wait`.
+    pub failed_again: Vec<FailedAgain>,
     pub error: Option<String>,
 }
 
@@ -349,6 +355,17 @@ pub struct Replayed {
     pub kind: String,
     pub destination: String,
     pub moved: bool,
+    #[serde(skip)]
+    pub fingerprint: String,
+}
+
+/// A replayed message back in its DLQ within `--wait`: it failed again.
+#[derive(Debug, Serialize)]
+pub struct FailedAgain {
+    pub message_id: String,
+    pub detail_type: Option<String>,
+    pub kind: String,
+    pub reason: String,
 }
 
 struct Plan<'a> {
@@ -428,7 +445,10 @@ async fn replay(args: ReplayArgs, scope: &ScopeArgs) -> Result<()> {
         };
         reports.push(report);
     }
-    if args.json {
+    if !args.dry_run && !args.wait.is_zero() && plan.moved > 0 && !plan.stopped() {
+        watch_failing_again(&chosen, &mut reports, plan.started_ms, args.wait).await?;
+    }
+    if args.output.json() {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
         print_replay(&reports, args.dry_run);
@@ -447,7 +467,76 @@ async fn replay(args: ReplayArgs, scope: &ScopeArgs) -> Result<()> {
             r.error.as_deref().unwrap_or_default()
         );
     }
+    let again: Vec<(&QueueReplay, &FailedAgain)> = reports
+        .iter()
+        .flat_map(|r| r.failed_again.iter().map(move |f| (r, f)))
+        .collect();
+    if let Some((r, first)) = again.first() {
+        return Err(Attention(format!(
+            "{} replayed message(s) failed again within {}: {} in {} {}: {}: {}; fix the cause (`amictl dlq list` shows every reason), then replay again",
+            again.len(),
+            humantime::format_duration(args.wait),
+            first.detail_type.as_deref().unwrap_or("(not an event)"),
+            r.stage,
+            r.dlq,
+            first.kind,
+            first.reason
+        ))
+        .into());
+    }
     Ok(())
+}
+
+/// Watch each DLQ messages were moved from, for up to `wait`, for those messages coming back
+/// (dead-lettered after the replay began, with the fingerprint of one moved; after a whole-queue
+/// move task, whose messages are not known one by one, any message dead-lettered since). Stops
+/// early once every moved message is back.
+async fn watch_failing_again(
+    chosen: &[(Client, Dlq)],
+    reports: &mut [QueueReplay],
+    started_ms: u64,
+    wait: Duration,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let mut all_back = true;
+        for report in reports.iter_mut().filter(|r| r.moved > 0) {
+            let Some((sqs, dlq)) = chosen
+                .iter()
+                .find(|(_, d)| d.name == report.dlq && d.account == report.account)
+            else {
+                continue;
+            };
+            let moved: HashSet<&str> = report
+                .messages
+                .iter()
+                .filter(|m| m.moved)
+                .map(|m| m.fingerprint.as_str())
+                .collect();
+            let whole_queue = report.method == "StartMessageMoveTask";
+            let back: Vec<FailedAgain> = queues::peek(sqs, &dlq.url, 1000)
+                .await?
+                .into_iter()
+                .filter(|d| {
+                    d.sent_ms >= started_ms
+                        && (whole_queue || moved.contains(d.fingerprint.as_str()))
+                })
+                .map(|d| FailedAgain {
+                    message_id: d.message_id,
+                    detail_type: d.detail_type,
+                    kind: d.kind,
+                    reason: d.reason,
+                })
+                .collect();
+            all_back &= !whole_queue && back.len() >= moved.len();
+            report.failed_again = back;
+        }
+        if all_back || tokio::time::Instant::now() >= deadline {
+            return Ok(());
+        }
+    }
 }
 
 /// SQS can move a whole DLQ back by itself when nothing is filtered and the destination is the
@@ -638,6 +727,7 @@ async fn replay_queue(sqs: &Client, dlq: &Dlq, plan: &mut Plan<'_>) -> QueueRepl
                 kind: dl.kind.clone(),
                 destination: queue_name(&dest).to_owned(),
                 moved: false,
+                fingerprint: dl.fingerprint.clone(),
             };
             if plan.args.dry_run || plan.stopped() || !plan.budget_left() {
                 report.not_moved += 1;
@@ -758,6 +848,18 @@ fn print_replay(reports: &[QueueReplay], dry_run: bool) {
             );
         }
     }
+    for r in reports {
+        for f in &r.failed_again {
+            println!(
+                "{} {}: {} failed again at once ({}): {}",
+                r.stage,
+                r.dlq,
+                f.detail_type.as_deref().unwrap_or("(not an event)"),
+                f.kind,
+                f.reason
+            );
+        }
+    }
     if dry_run {
         println!("\ndry run: nothing was moved");
     }
@@ -783,6 +885,7 @@ mod tests {
             source_queue: Some("http://localhost/333333333333/amiflow-param".into()),
             body_bytes: 100,
             attributes: BTreeMap::new(),
+            fingerprint: "body:0".into(),
         }
     }
 

@@ -11,8 +11,10 @@ use aws_sdk_eventbridge::types::PutEventsRequestEntry;
 use clap::Args;
 use clap::builder::PossibleValuesParser;
 use events::Detail;
+use rollout::aws::Images;
 use serde_json::{Map, Value, json};
 
+use crate::exit::refuse;
 use crate::scope::{Account, BUS, Scope, ScopeArgs};
 
 /// Validate an event against its schema and put it on an amiflow bus.
@@ -20,6 +22,13 @@ use crate::scope::{Account, BUS, Scope, ScopeArgs};
 #[command(after_help = "\
 Fields: NAME=TEXT sets a string, NAME:=JSON sets any JSON value (numbers, arrays, null).
 schema_version, emitted_at, caused_by, key and rollout_id are filled in when absent.
+
+Before anything is sent the event is checked as a worker checks it (the schema, a misspelt field
+named with the closest one, the accounts of the installation) and as `amictl rerun ami` does
+(the policy's golden parameter and region, the AMI available in the hub); --force skips the
+latter, for drills of the dead-letter path.
+
+Exit codes: 0 sent (or printed, with --dry-run), 2 the event was refused, 1 an error.
 
 Examples:
   amictl inject AmiBuilt --schema                       # the fields and their rules
@@ -52,9 +61,13 @@ pub struct InjectArgs {
     /// Print the detail-type's JSON Schema and exit.
     #[arg(long)]
     schema: bool,
-    /// Print the result as JSON.
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
+    /// Send even what the policy or AWS says a worker must refuse (an AMI that does not exist, a
+    /// parameter or region outside the policy), for drills of the dead-letter path. The schema
+    /// and the accounts are still checked.
     #[arg(long)]
-    json: bool,
+    force: bool,
 }
 
 pub async fn run(args: InjectArgs, scope: &ScopeArgs) -> Result<()> {
@@ -75,6 +88,9 @@ pub async fn run(args: InjectArgs, scope: &ScopeArgs) -> Result<()> {
 
     let scope = Scope::open(scope).await?;
     check_accounts(&scope, &detail)?;
+    if !args.force {
+        check_policy(&scope, &detail).await?;
+    }
     let account = match &args.account {
         Some(which) => scope.account(which)?,
         None => default_account(&scope, &detail)?,
@@ -84,7 +100,13 @@ pub async fn run(args: InjectArgs, scope: &ScopeArgs) -> Result<()> {
     } else {
         Some(put_event(account, &args.bus, &detail).await?)
     };
-    report(&detail, account, &args.bus, outcome.as_deref(), args.json)
+    report(
+        &detail,
+        account,
+        &args.bus,
+        outcome.as_deref(),
+        args.output.json(),
+    )
 }
 
 /// Print what was (or, without an event id, would be) sent.
@@ -252,7 +274,7 @@ pub fn validate(detail_type: &str, detail: Value) -> Result<Detail> {
     }
     if !violations.is_empty() {
         let lines: Vec<String> = violations.iter().map(|v| format!("  {v}")).collect();
-        bail!(
+        refuse!(
             "the {detail_type} detail is invalid ({} problem{}):\n{}\nsee the rules with `amictl inject {detail_type} --schema`",
             violations.len(),
             if violations.len() == 1 { "" } else { "s" },
@@ -273,7 +295,7 @@ pub fn validate(detail_type: &str, detail: Value) -> Result<Detail> {
     match events::parse_message(&envelope.to_string()) {
         Ok(events::Inbound::Amiflow(event)) => Ok(event.detail),
         Ok(_) => bail!("{detail_type} is not an amiflow event"),
-        Err(rejection) => bail!("a worker would reject this event: {}", rejection.message),
+        Err(rejection) => refuse!("a worker would reject this event: {}", rejection.message),
     }
 }
 
@@ -289,6 +311,64 @@ fn check_accounts(scope: &Scope, detail: &Detail) -> Result<()> {
     if let Some(targets) = value.get("targets").and_then(Value::as_array) {
         for id in targets.iter().filter_map(Value::as_str) {
             scope.require_known_account(id, "/targets")?;
+        }
+    }
+    Ok(())
+}
+
+/// What `amictl rerun ami` checks, for any event: its golden parameter is one of the policy's,
+/// its region the policy's, and its AMI visible and available in the hub. A worker refuses
+/// anything else (dead-lettered, or dropped with a log line), so it is refused here, before
+/// anything is sent; `--force` sends it anyway.
+async fn check_policy(scope: &Scope, detail: &Detail) -> Result<()> {
+    let value = detail.to_value();
+    let text = |field: &str| value.get(field).and_then(Value::as_str);
+    const DRILL: &str = "(--force sends it anyway, for a drill)";
+    if let Some(parameter) = text("parameter_name")
+        && !scope
+            .policy
+            .families
+            .iter()
+            .any(|f| f.parameter_name == parameter)
+    {
+        refuse!(
+            "/parameter_name {parameter} is no golden parameter of {}; use one of {} {DRILL}",
+            scope.origin,
+            scope
+                .policy
+                .families
+                .iter()
+                .map(|f| f.parameter_name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if let Some(region) = text("region")
+        && region != scope.policy.region
+    {
+        refuse!(
+            "/region {region} is not the policy's region {}: amiflow shares and rolls out in {} only {DRILL}",
+            scope.policy.region,
+            scope.policy.region
+        );
+    }
+    if let Some(ami) = text("ami_id") {
+        let hub = scope.hub();
+        let images = rollout::aws::Ec2Images(aws_sdk_ec2::Client::new(&hub.config));
+        let image = images
+            .describe(ami)
+            .await
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| format!("reading {ami} in the hub {}", hub.label()))?;
+        match image {
+            None => refuse!(
+                "/ami_id {ami}: no such AMI is visible in the hub {} {DRILL}",
+                hub.label()
+            ),
+            Some(image) if image.state != "available" => {
+                refuse!("/ami_id {ami} is {}, not available {DRILL}", image.state)
+            }
+            Some(_) => {}
         }
     }
     Ok(())

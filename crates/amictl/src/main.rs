@@ -9,6 +9,7 @@ mod dlq;
 mod exit;
 mod inject;
 mod local;
+mod output;
 mod plan;
 mod procs;
 mod queues;
@@ -16,6 +17,7 @@ mod recall;
 mod rerun;
 mod scope;
 mod status;
+mod tables;
 mod trace;
 
 use std::process::ExitCode;

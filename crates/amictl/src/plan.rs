@@ -12,7 +12,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow};
 use chrono::Utc;
 use clap::Args;
-use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
 use events::{Outcome, Strategy};
 use rollout::aws::{AwsGroups, CfnStacks, MarkParameters, ParamValue, Parameters, SsmParameters};
 use rollout::control::{Decision, Pause, Recalls};
@@ -40,9 +39,8 @@ pub struct PlanArgs {
     /// Preview this AMI (or rollout id `<parameter>@<ami>`) instead of each stage's golden AMI.
     #[arg(long, value_name = "AMI-ID|ROLLOUT-ID")]
     ami: Option<String>,
-    /// Print JSON instead of tables.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
     /// List every group, current and untouched ones too.
     #[arg(long)]
     all: bool,
@@ -343,7 +341,7 @@ pub async fn run(args: PlanArgs, scope: &ScopeArgs) -> Result<()> {
         None => None,
     };
     let preview = preview(&scope, only.as_deref(), candidate).await?;
-    if args.json {
+    if args.output.json() {
         println!("{}", serde_json::to_string_pretty(&preview)?);
     } else {
         print!("{}", render(&preview, args.all));
@@ -549,11 +547,8 @@ fn render(preview: &Preview, all: bool) -> String {
                 g.detail
             ));
         }
-        let mut table = Table::new();
-        table
-            .load_preset(UTF8_FULL_CONDENSED)
-            .set_content_arrangement(ContentArrangement::Dynamic)
-            .set_header([
+        let mut table = crate::tables::for_people(
+            &[
                 "group",
                 "action",
                 "strategy",
@@ -561,10 +556,10 @@ fn render(preview: &Preview, all: bool) -> String {
                 "auto rollback",
                 "from -> to",
                 "why",
-            ]);
-        if table.width().is_none() {
-            table.set_width(140);
-        }
+            ],
+            &["group", "from -> to"],
+            140,
+        );
         for g in s
             .groups
             .iter()

@@ -258,6 +258,10 @@ pub struct DeadLetter {
     pub body_bytes: usize,
     /// Every message attribute, as kept for a replay.
     pub attributes: BTreeMap<String, String>,
+    /// What makes the message the same one when it comes back to a DLQ: its event's `key`, or
+    /// its body's hash when it is no event.
+    #[serde(skip)]
+    pub fingerprint: String,
 }
 
 impl DeadLetter {
@@ -302,13 +306,21 @@ impl DeadLetter {
                 }),
             ),
         };
+        let key = detail.and_then(|d| text(d.get("key")));
+        let fingerprint = key.clone().unwrap_or_else(|| {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            body.hash(&mut hasher);
+            format!("body:{:016x}", hasher.finish())
+        });
         DeadLetter {
+            fingerprint,
             message_id: message.message_id().unwrap_or_default().to_owned(),
             detail_type,
             rollout_id: detail
                 .and_then(|d| text(d.get("rollout_id")))
                 .filter(|r| !r.is_empty()),
-            key: detail.and_then(|d| text(d.get("key"))),
+            key,
             sent_at: chrono::DateTime::from_timestamp_millis(sent_ms as i64)
                 .unwrap_or_default()
                 .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),

@@ -9,9 +9,9 @@
 //! `--dry-run` prints, per stage, the parameter change and every group that would move back with
 //! its strategy, judged with the workers' own code (`amictl plan`'s preview), and writes nothing.
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use rollout::aws::{Parameters, SsmParameters};
+use rollout::aws::{Images, Parameters, SsmParameters};
 use rollout::control::{self, Recall, Recalls, previous_golden};
 
 use crate::control::{Hub, rollout_of};
@@ -22,7 +22,7 @@ use crate::scope::{BUS, Scope, ScopeArgs};
 /// Recall a bad golden AMI: refused everywhere from now on, every stage moved back.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Every stage whose golden parameter holds the AMI goes back to the family's previous golden AMI that is not recalled (or to --to), with one new parameter version, and every group running the AMI moves back through the normal plan and refresh path: in the stage's next window, or at once with --now (an `amictl pause` still stops it). Refresh requests for the AMI end `recalled`, running refreshes to it are cancelled, and no stage is promoted to it again. A recall is never undone: roll out a newer AMI instead.\n\nExamples:\n  amictl recall ami-0123456789abcdef0 --reason \"CVE-2026-1234 in the kernel\" --dry-run\n  amictl recall ami-0123456789abcdef0 --reason \"CVE-2026-1234 in the kernel\" --now\n  amictl recall /golden/al2023/ami-id@ami-0123456789abcdef0 --to ami-0fedcba9876543210 --reason \"agent broken\""
+    after_help = "Every stage whose golden parameter holds the AMI goes back to the family's previous golden AMI that is not recalled (or to --to), with one new parameter version, and every group running the AMI moves back through the normal plan and refresh path: in the stage's next window, or at once with --now (an `amictl pause` still stops it). Refresh requests for the AMI end `recalled`, running refreshes to it are cancelled, and no stage is promoted to it again. A recall is never undone: roll out a newer AMI instead.\n\nExamples:\n  amictl recall ami-0123456789abcdef0 --reason \"CVE-2026-1234 in the kernel\" --dry-run\n  amictl recall ami-0123456789abcdef0 --reason \"CVE-2026-1234 in the kernel\" --now\n  amictl recall /golden/al2023/ami-id@ami-0123456789abcdef0 --to ami-0fedcba9876543210 --reason \"agent broken\"\n  amictl recall ami-0123456789abcdef0 --reason \"backdoored package\" --now --disable-image"
 )]
 pub struct RecallArgs {
     /// The AMI id, or the rollout (`<parameter name>@<ami id>`).
@@ -40,6 +40,12 @@ pub struct RecallArgs {
     /// Print what the recall would change in each stage, and change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Also disable the AMI in the hub (`ec2:DisableImage`) and remove its launch permissions:
+    /// nothing new launches from it in any account. A group still configured for it cannot
+    /// launch instances until it has moved back, so use it when running the AMI is worse than
+    /// not scaling. Given for an AMI already recalled, it only disables the image.
+    #[arg(long)]
+    disable_image: bool,
 }
 
 /// What the recall changes in one stage.
@@ -66,6 +72,16 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
         .await
         .map_err(|e| anyhow!("{e}"))?
     {
+        if args.disable_image {
+            if args.dry_run {
+                println!(
+                    "{ami} is already recalled; would disable it in the hub {}",
+                    scope.hub().label()
+                );
+                return Ok(());
+            }
+            return disable_image(&scope, &ami).await;
+        }
         refuse!(
             "{ami} is already recalled ({path} in the hub), by {} at {}: {}; a recall is never repeated or undone (re-send its event with `amictl inject AmiRecalled` if a stage missed it)",
             earlier.decision.by,
@@ -189,6 +205,12 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
                 );
             }
         }
+        if args.disable_image {
+            println!(
+                "{ami} would be disabled in the hub {}, its launch permissions removed",
+                scope.hub().label()
+            );
+        }
         return Ok(());
     }
 
@@ -236,5 +258,81 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
             ),
         }
     }
+    if args.disable_image {
+        disable_image(&scope, &ami).await.with_context(|| {
+            format!("the recall is recorded and sent; run `amictl recall {ami} --reason ... --disable-image` again to disable the image")
+        })?;
+    }
+    Ok(())
+}
+
+/// Disable `ami` in the hub: its launch permissions removed (AWS makes a disabled AMI private;
+/// removing them here says which accounts lost it, and holds in the emulator too), then
+/// `DisableImage`. Idempotent: an AMI already disabled is left as it is.
+async fn disable_image(scope: &Scope, ami: &str) -> Result<()> {
+    let hub = scope.hub();
+    let ec2 = aws_sdk_ec2::Client::new(&hub.config);
+    let state = rollout::aws::Ec2Images(ec2.clone())
+        .describe(ami)
+        .await
+        .map_err(|e| anyhow!("{e}"))?
+        .map(|image| image.state);
+    match state.as_deref() {
+        None => bail!(
+            "{ami} is not visible in the hub {}: nothing to disable",
+            hub.label()
+        ),
+        Some("disabled") => {
+            println!("{ami} is already disabled in the hub {}", hub.label());
+            return Ok(());
+        }
+        Some(_) => {}
+    }
+    let granted = ec2
+        .describe_image_attribute()
+        .image_id(ami)
+        .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+        .send()
+        .await
+        .map_err(|e| anyhow!("{}", runtime::error::describe(&e)))
+        .with_context(|| format!("reading the launch permissions of {ami}"))?
+        .launch_permissions()
+        .to_vec();
+    if !granted.is_empty() {
+        ec2.modify_image_attribute()
+            .image_id(ami)
+            .launch_permission(
+                aws_sdk_ec2::types::LaunchPermissionModifications::builder()
+                    .set_remove(Some(granted.clone()))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| anyhow!("{}", runtime::error::describe(&e)))
+            .with_context(|| format!("removing the launch permissions of {ami}"))?;
+    }
+    ec2.disable_image()
+        .image_id(ami)
+        .send()
+        .await
+        .map_err(|e| anyhow!("{}", runtime::error::describe(&e)))
+        .with_context(|| format!("disabling {ami} in the hub {}", hub.label()))?;
+    let accounts: Vec<&str> = granted
+        .iter()
+        .filter_map(|p| {
+            p.user_id()
+                .or(p.organization_arn())
+                .or(p.organizational_unit_arn())
+        })
+        .collect();
+    println!(
+        "disabled {ami} in the hub {}: nothing new launches from it; launch permissions removed from {}",
+        hub.label(),
+        if accounts.is_empty() {
+            "no account (it was shared with none)".to_owned()
+        } else {
+            accounts.join(", ")
+        }
+    );
     Ok(())
 }

@@ -43,9 +43,8 @@ pub struct WindowArgs {
     /// Print the event, send nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -63,9 +62,8 @@ pub struct AmiArgs {
     /// Print the event, send nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Print the result as JSON.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
 }
 
 pub async fn run(command: Rerun, scope: &ScopeArgs) -> Result<()> {
@@ -94,7 +92,7 @@ async fn window(args: WindowArgs, scope: &ScopeArgs) -> Result<()> {
     } else {
         Some(put_event(account, BUS, &detail).await?)
     };
-    report(&detail, account, BUS, id.as_deref(), args.json)
+    report(&detail, account, BUS, id.as_deref(), args.output.json())
 }
 
 async fn ami(args: AmiArgs, scope: &ScopeArgs) -> Result<()> {
@@ -178,7 +176,7 @@ async fn ami(args: AmiArgs, scope: &ScopeArgs) -> Result<()> {
     } else {
         Some(put_event(hub, BUS, &detail).await?)
     };
-    report(&detail, hub, BUS, id.as_deref(), args.json)
+    report(&detail, hub, BUS, id.as_deref(), args.output.json())
 }
 
 fn families(scope: &Scope) -> String {

@@ -6,7 +6,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+use comfy_table::{Table, presets::UTF8_FULL_CONDENSED};
 
 use serde::Serialize;
 
@@ -24,9 +24,8 @@ pub struct StatusArgs {
     /// Only this stage (a stage name from the policy, or an account id).
     #[arg(long, visible_alias = "account", value_name = "STAGE|ACCOUNT")]
     stage: Option<String>,
-    /// Print JSON (one object per account) instead of tables.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
     /// List every group, not only those that are not current.
     #[arg(long)]
     all: bool,
@@ -56,7 +55,7 @@ pub async fn run(args: StatusArgs, scope: &ScopeArgs) -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("reading the recalls in the hub")?;
-    if args.json {
+    if args.output.json() {
         let stages: Vec<StageStatus> = reports
             .iter()
             .map(|r| StageStatus {
@@ -165,14 +164,11 @@ fn still_on_recalled(
 
 /// Every recall (who, when, why) and, per stage, the groups still to move back.
 fn recalls_table(reports: &[AccountCompliance], recalls: &rollout::control::Recalls) -> Table {
-    let mut table = Table::new();
-    table
-        .load_preset(UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(["recalled", "by, when, why", "still to move back"]);
-    if table.width().is_none() {
-        table.set_width(140);
-    }
+    let mut table = crate::tables::for_people(
+        &["recalled", "by, when, why", "still to move back"],
+        &["recalled"],
+        140,
+    );
     for recall in recalls.0.values() {
         let mut left = Vec::new();
         for r in reports {
@@ -222,20 +218,17 @@ struct GateStatus {
 /// Per stage and rollout: the gate (promoted or not, why), paused or halted (who, when, why),
 /// failures against tolerance.
 fn gates_table(preview: &Preview) -> Table {
-    let mut table = Table::new();
-    table
-        .load_preset(UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header([
+    let mut table = crate::tables::for_people(
+        &[
             "stage",
             "rollout",
             "gate",
             "failed / tolerated",
             "halted or paused",
-        ]);
-    if table.width().is_none() {
-        table.set_width(140);
-    }
+        ],
+        &["rollout"],
+        140,
+    );
     for s in &preview.stages {
         let paused = s
             .paused
@@ -328,11 +321,8 @@ fn summary(reports: &[AccountCompliance]) -> Table {
 }
 
 fn groups_table(reports: &[AccountCompliance], all: bool) -> Table {
-    let mut table = Table::new();
-    table
-        .load_preset(UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header([
+    let mut table = crate::tables::for_people(
+        &[
             "stage",
             "group",
             "state",
@@ -340,10 +330,10 @@ fn groups_table(reports: &[AccountCompliance], all: bool) -> Table {
             "off golden",
             "instances on golden/previous/older/other",
             "why",
-        ]);
-    if table.width().is_none() {
-        table.set_width(140);
-    }
+        ],
+        &["group", "state", "AMI"],
+        140,
+    );
     for r in reports {
         for g in r
             .groups
@@ -368,4 +358,71 @@ fn groups_table(reports: &[AccountCompliance], all: bool) -> Table {
         }
     }
     table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compliance::{GroupStatus, InstanceCounts, ParameterStatus};
+
+    fn group(name: &str, state: GroupState, ami: &str, reason: &str) -> GroupStatus {
+        GroupStatus {
+            name: name.into(),
+            parameter: Some("/golden/al2023/ami-id".into()),
+            ami: Some(ami.into()),
+            state,
+            reason: reason.into(),
+            instances: 3,
+            needs_refresh: state == GroupState::Stale,
+            instances_off_golden: 3,
+            instances_by_ami: InstanceCounts {
+                previous_golden: 2,
+                older_golden: 1,
+                ..InstanceCounts::default()
+            },
+        }
+    }
+
+    /// The groups table at 80, 120 and 200 columns: reasons wrap at word boundaries, no group
+    /// name or AMI id is ever broken across lines.
+    #[test]
+    fn the_groups_table_breaks_no_id_at_any_width() {
+        let reports = [AccountCompliance {
+            account: "333333333333".into(),
+            stage: "prod".into(),
+            parameters: vec![ParameterStatus {
+                name: "/golden/al2023/ami-id".into(),
+                ami: Some("ami-0fedcba9876543210".into()),
+                version: Some(7),
+            }],
+            groups: vec![
+                group(
+                    "prod-payments-api-blue-green-eu-west-1a",
+                    GroupState::RolledBack,
+                    "ami-0123456789abcdef0",
+                    "rolled back: 2 of 6 instances failed their ELB health checks within the instance warmup; the refresh rolled the group back to launch template version 41",
+                ),
+                group(
+                    "prod-web",
+                    GroupState::Stale,
+                    "ami-0a1b2c3d4e5f60718",
+                    "waiting for the stage's next window",
+                ),
+            ],
+        }];
+        let ids = [
+            "prod-payments-api-blue-green-eu-west-1a",
+            "ami-0123456789abcdef0",
+            "ami-0a1b2c3d4e5f60718",
+        ];
+        for width in [80, 120, 200] {
+            let mut table = groups_table(&reports, false);
+            assert_eq!(
+                crate::tables::broken_ids(&mut table, width, &ids),
+                Vec::<String>::new(),
+                "at {width} columns:\n{table}"
+            );
+            insta::assert_snapshot!(format!("groups_table_{width}"), table.to_string());
+        }
+    }
 }

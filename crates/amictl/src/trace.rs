@@ -9,10 +9,11 @@ use std::collections::HashSet;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use comfy_table::{ContentArrangement, Table, presets::UTF8_FULL_CONDENSED};
+use comfy_table::Table;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::exit::Attention;
 use crate::queues;
 use crate::scope::{Scope, ScopeArgs};
 
@@ -24,7 +25,7 @@ const DLQ_SCAN_LIMIT: usize = 1000;
 /// Show which step of one rollout happened when, in which account, with which result.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Examples:\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0 --json --config amiflow.toml"
+    after_help = "Exit codes: 0 every step recorded happened and no group's last refresh failed, 3 messages of the rollout are in a DLQ or a group's last refresh failed or rolled back (the table says which), 2 a wrong argument, 1 an error (or nothing recorded for the rollout).\n\nExamples:\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0 --json --config amiflow.toml"
 )]
 pub struct TraceArgs {
     /// The rollout: `<parameter name>@<ami id>`, as `amictl inject` and the workers' logs print it.
@@ -36,9 +37,8 @@ pub struct TraceArgs {
     /// Do not look for the rollout's messages in the DLQs.
     #[arg(long)]
     no_dlq: bool,
-    /// Print JSON instead of a table.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
 }
 
 /// One thing that happened (or failed) in a rollout.
@@ -150,14 +150,56 @@ pub async fn run(args: TraceArgs, scope: &ScopeArgs) -> Result<()> {
         rollout_id: args.rollout_id.clone(),
         steps,
     };
-    if args.json {
+    if args.output.json() {
         println!("{}", serde_json::to_string_pretty(&trace)?);
     } else {
         println!("rollout {}\n", trace.rollout_id);
         println!("{}", table(&trace.steps));
         println!("\n{}", summary(&trace.steps));
     }
-    Ok(())
+    verdict(&trace.steps)
+}
+
+/// Exit 3 when the rollout has steps that did not happen or did not succeed: messages still in a
+/// DLQ, or groups whose last outcome is `failed` or `rolled-back` (a later success in another
+/// window counts, not the failure before it).
+fn verdict(steps: &[TraceStep]) -> Result<()> {
+    let dead = steps
+        .iter()
+        .filter(|s| s.result.starts_with("dead-lettered"))
+        .count();
+    // Steps are in time order: the last outcome of each group is the one that stands.
+    let mut last: std::collections::BTreeMap<(&str, &str), &str> = Default::default();
+    for s in steps.iter().filter(|s| s.step == "AsgRefreshFinished") {
+        last.insert((&s.account, &s.subject), &s.result);
+    }
+    let failed: Vec<String> = last
+        .iter()
+        .filter(|(_, result)| result.starts_with("failed") || result.starts_with("rolled-back"))
+        .map(|((account, group), result)| {
+            format!(
+                "{group} in {account} ({})",
+                result.split(':').next().unwrap_or(result)
+            )
+        })
+        .collect();
+    if dead == 0 && failed.is_empty() {
+        return Ok(());
+    }
+    let mut problems = Vec::new();
+    if dead > 0 {
+        problems.push(format!(
+            "{dead} message(s) dead-lettered (`amictl dlq list` says why; `amictl dlq replay` once the cause is fixed)"
+        ));
+    }
+    if !failed.is_empty() {
+        problems.push(format!(
+            "{} group(s) whose last refresh did not succeed: {}",
+            failed.len(),
+            failed.join(", ")
+        ));
+    }
+    Err(Attention(format!("the rollout is not whole: {}", problems.join("; "))).into())
 }
 
 /// Every audit event matching `pattern` that `keep` accepts, as EventBridge wrote it to the log
@@ -281,13 +323,11 @@ pub fn step_of(event: &Value, hub: &str) -> Option<TraceStep> {
 }
 
 pub fn table(steps: &[TraceStep]) -> Table {
-    let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED)
-        .set_content_arrangement(ContentArrangement::Dynamic)
-        .set_header(["time", "stage", "account", "step", "on", "result"]);
-    if t.width().is_none() {
-        t.set_width(160);
-    }
+    let mut t = crate::tables::for_people(
+        &["time", "stage", "account", "step", "on", "result"],
+        &["time", "account", "on"],
+        160,
+    );
     for s in steps {
         t.add_row([
             short_time(&s.at),
@@ -353,6 +393,88 @@ pub fn summary(steps: &[TraceStep]) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn step(at: &str, step: &str, subject: &str, result: &str) -> TraceStep {
+        TraceStep {
+            at: at.into(),
+            account: "333333333333".into(),
+            stage: "prod".into(),
+            step: step.into(),
+            subject: subject.into(),
+            result: result.into(),
+            key: String::new(),
+        }
+    }
+
+    /// The trace table at 80, 120 and 200 columns: results wrap at word boundaries, no time,
+    /// account or group name is ever broken across lines.
+    #[test]
+    fn the_trace_table_breaks_no_id_at_any_width() {
+        let steps = vec![
+            step(
+                "2026-12-01T10:00:01.234Z",
+                "AsgRefreshFinished",
+                "prod-payments-api-blue-green-eu-west-1a",
+                "rolled-back: 2 of 6 instances failed their ELB health checks within the instance warmup; the refresh rolled the group back",
+            ),
+            step(
+                "2026-12-01T10:00:02.000Z",
+                "ParamUpdated",
+                "/golden/al2023/ami-id",
+                "= ami-0123456789abcdef0 (version 7)",
+            ),
+        ];
+        let ids = [
+            "2026-12-01 10:00:01.234",
+            "333333333333",
+            "prod-payments-api-blue-green-eu-west-1a",
+            "/golden/al2023/ami-id",
+        ];
+        for width in [80, 120, 200] {
+            let mut t = table(&steps);
+            assert_eq!(
+                crate::tables::broken_ids(&mut t, width, &ids),
+                Vec::<String>::new(),
+                "at {width} columns:\n{t}"
+            );
+            insta::assert_snapshot!(format!("trace_table_{width}"), t.to_string());
+        }
+    }
+
+    #[test]
+    fn the_verdict_is_each_groups_last_outcome_and_whats_left_in_a_dlq() {
+        // Rolled back in one window, succeeded in the next: whole.
+        let mut steps = vec![
+            step(
+                "1",
+                "AsgRefreshFinished",
+                "web",
+                "rolled-back: health checks",
+            ),
+            step("2", "AsgRefreshFinished", "web", "succeeded"),
+            step("2", "AsgRefreshFinished", "api", "skipped: tagged"),
+        ];
+        assert!(verdict(&steps).is_ok());
+        // A group whose last refresh failed, and a message in a DLQ: exit 3, saying both.
+        steps.push(step(
+            "3",
+            "AsgRefreshFinished",
+            "api",
+            "failed: 2 instances left",
+        ));
+        steps.push(step(
+            "4",
+            "AmiShared",
+            "amiflow-param-dlq",
+            "dead-lettered (transient-exhausted): x",
+        ));
+        let err = verdict(&steps).unwrap_err();
+        assert!(err.downcast_ref::<Attention>().is_some(), "{err:#}");
+        assert_eq!(
+            err.to_string(),
+            "the rollout is not whole: 1 message(s) dead-lettered (`amictl dlq list` says why; `amictl dlq replay` once the cause is fixed); 1 group(s) whose last refresh did not succeed: api in 333333333333 (failed)"
+        );
+    }
 
     #[test]
     fn audit_events_become_steps() {

@@ -311,6 +311,16 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
             }
         },
     );
+    // The rollout's trace shows the dead letter and exits 3: a script sees the rollout is not
+    // whole.
+    let out = w.run(&["trace", &rollout]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).starts_with("amictl: the rollout is not whole: ")
+            && text(&out.stderr).contains(" message(s) dead-lettered (`amictl dlq list` says why"),
+        "{}",
+        text(&out.stderr)
+    );
     let uat_letter = &listed(&list, "uat", "amiflow-param-dlq")[0];
     assert_eq!(uat_letter["detail_type"], "AmiShared");
     assert_eq!(uat_letter["rollout_id"], rollout.as_str());
@@ -443,7 +453,7 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
             .starts_with("window:333333333333:prod:")
     );
     let status = wait_for("prod's rollout to finish", Duration::from_secs(180), || {
-        let status = w.json(&["status", "--stage", "prod", "--json"]);
+        let status = w.json(&["status", "--stage", "prod", "--output", "json"]);
         let busy = status[0]["groups"]
             .as_array()
             .unwrap()
@@ -509,7 +519,8 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
         "every outcome in the trace",
         Duration::from_secs(60),
         || {
-            let trace = w.json(&["trace", &rollout, "--json"]);
+            // `-o json` is `--output json`, of which `--json` is the alias.
+            let trace = w.json(&["trace", &rollout, "-o", "json"]);
             let steps = trace["steps"].as_array().unwrap();
             match refreshed
                 .iter()
@@ -542,7 +553,7 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
 
     // Attributes survive a replay: the decoy goes back, fails again, and returns with its own
     // attribute next to amiflow's.
-    let decoy_back = w.json(&[
+    let out = w.run(&[
         "dlq",
         "replay",
         "--account",
@@ -551,9 +562,29 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
         "param",
         "--reason",
         "invalid-json",
+        "--wait",
+        "60s",
         "--json",
     ]);
+    // The replay saw it fail again at once, and exits 3 saying why (a script can tell).
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains(
+            "1 replayed message(s) failed again within 1m: (not an event) in prod amiflow-param-dlq: invalid-json: "
+        ),
+        "{}",
+        text(&out.stderr)
+    );
+    let decoy_back: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(sum(&decoy_back, "moved"), 1);
+    let again = decoy_back
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["failed_again"].as_array().unwrap().clone())
+        .collect::<Vec<_>>();
+    assert_eq!(again.len(), 1, "{decoy_back:#}");
+    assert_eq!(again[0]["kind"], "invalid-json", "{decoy_back:#}");
     let returned = wait_for("the decoy back in the DLQ", Duration::from_secs(60), || {
         let list = w.json(&[
             "dlq",
@@ -610,6 +641,58 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
     );
     let err = w.fails(&["trace", "/golden/al2023/ami-id@ami-00000000"]);
     assert!(err.contains("nothing recorded"), "{err}");
+
+    // inject checks what `rerun ami` checks before sending: the policy's parameter and region,
+    // an AMI available in the hub; each refused with exit 2, and --force sends it for a drill.
+    let built = |ami: &str, region: &str, parameter: &str| {
+        vec![
+            "inject".to_owned(),
+            "AmiBuilt".to_owned(),
+            "-f".to_owned(),
+            format!("ami_id={ami}"),
+            "-f".to_owned(),
+            format!("region={region}"),
+            "-f".to_owned(),
+            "image_name=golden-al2023-2026-12".to_owned(),
+            "-f".to_owned(),
+            "created_at=2026-12-01T00:00:00Z".to_owned(),
+            "-f".to_owned(),
+            format!("parameter_name={parameter}"),
+            "--dry-run".to_owned(),
+        ]
+    };
+    let refused_inject = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = w.run(&args);
+        assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+        text(&out.stderr)
+    };
+    let err = refused_inject(built(&candidate, "us-east-1", "/golden/nope/ami-id"));
+    assert!(
+        err.contains("/parameter_name /golden/nope/ami-id is no golden parameter of")
+            && err.contains(PARAMETER)
+            && err.contains("--force"),
+        "{err}"
+    );
+    let err = refused_inject(built(&candidate, "eu-west-1", PARAMETER));
+    assert!(
+        err.contains("/region eu-west-1 is not the policy's region us-east-1"),
+        "{err}"
+    );
+    let err = refused_inject(built("ami-0000000000000dead", "us-east-1", PARAMETER));
+    assert!(
+        err.contains("/ami_id ami-0000000000000dead: no such AMI is visible in the hub"),
+        "{err}"
+    );
+    let mut forced = built("ami-0000000000000dead", "us-east-1", PARAMETER);
+    forced.push("--force".to_owned());
+    let forced: Vec<&str> = forced.iter().map(String::as_str).collect();
+    let out = ok(&w.run(&forced), "inject --force");
+    let event: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        event["entry"]["Detail"]["ami_id"], "ami-0000000000000dead",
+        "{event:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -784,9 +867,13 @@ fn bad_input_is_refused_with_what_to_fix() {
             "target=222222222222",
         ],
     );
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     let err = text(&out.stderr);
-    assert!(err.contains("/target: unknown field \"target\""), "{err}");
+    assert!(
+        err.contains("/target: unknown field \"target\"")
+            && err.contains("did you mean \"targets\"?"),
+        "{err}"
+    );
     let out = amictl(dir.path(), &["inject", "AmiBuilt", "-f", "ami_id"]);
     assert!(
         text(&out.stderr).contains("NAME=TEXT"),
@@ -894,6 +981,21 @@ fn bad_input_is_refused_with_what_to_fix() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("--profile applies to AWS, named by --config FILE"),
+        "{}",
+        text(&out.stderr)
+    );
+    // --output takes table or json; --json is its alias, so both at once is a mistake.
+    let out = amictl(dir.path(), &["status", "--output", "yaml"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("[possible values: table, json]"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = amictl(dir.path(), &["status", "--json", "-o", "table"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("'--json' cannot be used with '--output <FORMAT>'"),
         "{}",
         text(&out.stderr)
     );
@@ -1614,6 +1716,65 @@ async fn recall_is_a_signed_record_previewed_per_stage_and_bad_recalls_are_refus
         err.contains(&format!("{candidate} is already recalled")) && err.contains("CVE-2026-1234"),
         "{err}"
     );
+    // --disable-image on the recalled AMI (shared with uat meanwhile): the dry run changes
+    // nothing; then the image is disabled in the hub and uat's launch permission removed; again,
+    // nothing more to do.
+    let ec2 = aws_sdk_ec2::Client::new(&hub);
+    ec2.modify_image_attribute()
+        .image_id(&candidate)
+        .launch_permission(
+            aws_sdk_ec2::types::LaunchPermissionModifications::builder()
+                .add(
+                    aws_sdk_ec2::types::LaunchPermission::builder()
+                        .user_id("222222222222")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let image_state = || async {
+        ec2.describe_images()
+            .image_ids(&candidate)
+            .send()
+            .await
+            .unwrap()
+            .images()[0]
+            .state()
+            .map(|s| s.as_str().to_owned())
+    };
+    let disable = |extra: &[&str]| {
+        let mut args = vec![
+            "recall",
+            candidate.as_str(),
+            "--reason",
+            "again",
+            "--disable-image",
+        ];
+        args.extend_from_slice(extra);
+        ok(&w.run(&args), "recall --disable-image")
+    };
+    let out = disable(&["--dry-run"]);
+    assert!(out.contains("would disable it in the hub"), "{out}");
+    assert_eq!(image_state().await.as_deref(), Some("available"));
+    let out = disable(&[]);
+    assert!(
+        out.contains(&format!("disabled {candidate} in the hub"))
+            && out.contains("launch permissions removed from 222222222222"),
+        "{out}"
+    );
+    assert_eq!(image_state().await.as_deref(), Some("disabled"));
+    let granted = ec2
+        .describe_image_attribute()
+        .image_id(&candidate)
+        .attribute(aws_sdk_ec2::types::ImageAttributeName::LaunchPermission)
+        .send()
+        .await
+        .unwrap();
+    assert!(granted.launch_permissions().is_empty(), "{granted:?}");
+    let out = disable(&[]);
+    assert!(out.contains("is already disabled"), "{out}");
     // A recalled AMI cannot be where another recall goes back to.
     let err = refused(&w.run(&["recall", current, "--to", &candidate, "--reason", "x"]));
     assert!(err.contains("is recalled itself"), "{err}");
