@@ -97,7 +97,7 @@ fn an_unknown_field_is_refused_by_name() {
     let rejection = parse_message(&body).unwrap_err();
     assert_eq!(
         rejection.message,
-        "AmiBuilt detail fails its schema: /target: unknown field \"target\": AmiBuilt has no such field"
+        "AmiBuilt detail fails its schema: /target: unknown field \"target\": AmiBuilt has no such field; did you mean \"targets\"?"
     );
     // Both wire shapes of a window are closed.
     let body = std::fs::read_to_string(
