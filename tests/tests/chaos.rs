@@ -384,6 +384,10 @@ fn catalogue(world: &World) -> Vec<Case> {
         d
     };
     let window = window_now(&qa, "qa");
+    let other_family = world.state["amis"]["other_family"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     vec![
         Case {
             name: "malformed-json",
@@ -498,6 +502,24 @@ fn catalogue(world: &World) -> Vec<Case> {
             ),
             kind: "permanent",
             reason: "delivered to the worker of account",
+        },
+        Case {
+            // The hub's own Windows golden AMI offered as the Amazon Linux family's.
+            name: "an-ami-of-another-family",
+            queue: "share",
+            body: envelope(
+                &hub,
+                "amiflow",
+                "AmiBuilt",
+                Detail::from(support::built(
+                    &other_family,
+                    &good_built.image_name,
+                    good_built.created_at,
+                ))
+                .to_value(),
+            ),
+            kind: "permanent",
+            reason: "is of the family of /golden/win2022/ami-id, not of /golden/al2023/ami-id; refused",
         },
         Case {
             name: "another-source",

@@ -15,7 +15,11 @@ use runtime::StepError;
 
 use aws_sdk_autoscaling::types::MixedInstancesPolicy;
 
-use crate::aws::{Group, Groups, LaunchSource, Parameters};
+use crate::aws::{Group, Groups, LaunchSource, Parameters, Templates};
+
+/// From this many template versions to read, the resolver lists every template's `$Latest` (and
+/// `$Default`) version of the account instead, 200 templates a call.
+const LIST_FROM: usize = 8;
 
 /// Where a group's AMI comes from, after resolving `$Latest`/`$Default` and `resolve:ssm:`.
 #[derive(Debug, Clone, PartialEq)]
@@ -121,6 +125,55 @@ impl Resolver {
     /// another AMI) reads no version twice, and each `resolve:ssm:` value from the new ones.
     pub fn forget_parameters(&mut self) {
         self.parameters.clear();
+    }
+
+    /// Read ahead, in one listing of the account per kind, the `$Latest` and `$Default` versions
+    /// of the templates `groups` launch from (main and overrides); a pinned version that is its
+    /// template's latest or default comes with them. Only when that saves calls: below
+    /// [`LIST_FROM`] versions to read nothing is listed, and a listing stops after a quarter as
+    /// many calls as versions it would save (a large account of templates no group uses), the
+    /// rest then read one by one as before.
+    pub async fn prefetch(
+        &mut self,
+        templates: &impl Templates,
+        groups: &[Group],
+    ) -> Result<(), StepError> {
+        let mut wanted: Vec<(String, String)> = Vec::new();
+        for g in groups {
+            if let LaunchSource::Template { id, version, mixed } = &g.source {
+                wanted.push((id.clone(), version.clone()));
+                for o in mixed.as_deref().map(override_templates).unwrap_or_default() {
+                    if let Some(template) = o.template {
+                        wanted.push((template, o.version));
+                    }
+                }
+            }
+        }
+        wanted.retain(|k| !self.versions.contains_key(k));
+        wanted.sort();
+        wanted.dedup();
+        if wanted.len() < LIST_FROM {
+            return Ok(());
+        }
+        let max_calls = wanted.len().div_ceil(4);
+        for which in ["$Latest", "$Default"] {
+            if !wanted
+                .iter()
+                .any(|(_, v)| v == which || v.parse::<i64>().is_ok())
+            {
+                continue;
+            }
+            for listed in templates.every_version(which, max_calls).await? {
+                let found = Some((listed.version.number, listed.version.image_id.clone()));
+                for template in [&listed.template_id, &listed.template_name] {
+                    for spec in [which.to_owned(), listed.version.number.to_string()] {
+                        self.versions
+                            .insert((template.clone(), spec), found.clone());
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     pub async fn resolve(
@@ -365,5 +418,57 @@ mod tests {
                 "the mixed-instances override for t3.small: its launch template specification names no template; fix the group's MixedInstancesPolicy".into()
             )
         );
+    }
+
+    /// Many groups are resolved from one listing per kind, to exactly what reading each version
+    /// alone gives, and a version the listing does not hold (an older pinned one, a deleted
+    /// template) is still read alone.
+    #[tokio::test]
+    async fn many_groups_are_resolved_from_one_listing_to_what_single_reads_give() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let aws = FakeAws::default();
+        let specs = ["$Latest", "$Default", "3", "1", "2"];
+        for i in 0..20 {
+            // Versions 1 OLD, 2 NEW (the default), 3 OLD (a draft): $Latest and $Default differ.
+            aws.template(&format!("lt-{i}"), &[OLD, NEW, OLD], 2);
+            aws.group(
+                &format!("g{i}"),
+                &format!("lt-{i}"),
+                specs[i % specs.len()],
+                OLD,
+                1,
+            );
+        }
+        aws.group("gone", "lt-deleted", "$Latest", OLD, 1);
+        let groups: Vec<Group> = aws.groups.lock().unwrap().values().cloned().collect();
+
+        let mut alone = Resolver::default();
+        let mut expected = Vec::new();
+        for g in &groups {
+            expected.push(alone.resolve(&aws, &aws, g.clone()).await.unwrap());
+        }
+        let single_reads = aws.template_reads.swap(0, Relaxed);
+        assert_eq!(single_reads, groups.len());
+
+        let mut listed = Resolver::default();
+        listed.prefetch(&aws, &groups).await.unwrap();
+        let mut got = Vec::new();
+        for g in &groups {
+            got.push(listed.resolve(&aws, &aws, g.clone()).await.unwrap());
+        }
+        assert_eq!(got, expected);
+        // Two listings ($Latest, $Default), then the four groups pinned at version 1 (neither
+        // latest nor default) one read each, and the deleted template one.
+        assert_eq!(aws.template_reads.load(Relaxed), 2 + 4 + 1);
+        assert!(matches!(
+            &got.iter().find(|g| g.group.name == "gone").unwrap().source,
+            AmiSource::Missing(why) if why == "launch template lt-deleted version $Latest does not exist"
+        ));
+
+        // A handful of groups is read one by one: no listing of the whole account.
+        aws.template_reads.store(0, Relaxed);
+        let mut few = Resolver::default();
+        few.prefetch(&aws, &groups[..3]).await.unwrap();
+        assert_eq!(aws.template_reads.load(Relaxed), 0);
     }
 }

@@ -9,9 +9,9 @@ use std::sync::Mutex;
 use runtime::StepError;
 
 use crate::aws::{
-    Group, Groups, Image, Images, Instance, Keys, LaunchSource, MARKS_PATH, MarkParameters,
-    ParamValue, Parameters, Records, Refresh, RefreshRequest, Stack, Stacks, StoredRecord,
-    TemplateVersion, Templates, parameter_name,
+    Group, Groups, Image, Images, Instance, Keys, LaunchSource, ListedVersion, MARKS_PATH,
+    MarkParameters, ParamValue, Parameters, Records, Refresh, RefreshRequest, Stack, Stacks,
+    StoredRecord, TemplateVersion, Templates, parameter_name,
 };
 
 #[derive(Default)]
@@ -33,6 +33,8 @@ pub struct FakeAws {
     /// Every change a step asked for, in order (`create_version lt-1 2 ami-..`, ...).
     pub changes: Mutex<Vec<String>>,
     pub started: Mutex<Vec<(String, RefreshRequest)>>,
+    /// How many template reads (one version, or one listing of every template) steps made.
+    pub template_reads: std::sync::atomic::AtomicUsize,
     /// How many group reads (`get`, `with_tag_value`, `refreshes`) steps made.
     pub group_reads: std::sync::atomic::AtomicUsize,
     /// Make `ensure_grant` answer AccessDenied.
@@ -150,6 +152,8 @@ impl Templates for FakeAws {
         template: &str,
         version: &str,
     ) -> Result<Option<TemplateVersion>, StepError> {
+        self.template_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let templates = self.templates.lock().unwrap();
         let Some(versions) = templates.get(template) else {
             return Ok(None);
@@ -162,6 +166,31 @@ impl Templates for FakeAws {
                 .find(|v| n.parse::<i64>() == Ok(v.number))
                 .cloned(),
         })
+    }
+
+    /// One page holds every template (the fake has no paging).
+    async fn every_version(
+        &self,
+        which: &str,
+        _max_calls: usize,
+    ) -> Result<Vec<ListedVersion>, StepError> {
+        self.template_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let templates = self.templates.lock().unwrap();
+        Ok(templates
+            .iter()
+            .filter_map(|(id, versions)| {
+                let version = match which {
+                    "$Latest" => versions.last(),
+                    _ => versions.iter().find(|v| v.is_default),
+                }?;
+                Some(ListedVersion {
+                    template_id: id.clone(),
+                    template_name: format!("{id}-name"),
+                    version: version.clone(),
+                })
+            })
+            .collect())
     }
 
     async fn version_with_image(

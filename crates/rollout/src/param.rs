@@ -1,6 +1,7 @@
 //! param-worker (spoke): write the shared AMI into this account's golden parameter, never
 //! regressing it. The AMI must be visible here first; the write uses `DataType = aws:ec2:image`,
 //! which AWS validates asynchronously, so the value is read back before `ParamUpdated` goes out.
+//! An AMI the hub does not own, or of another family than the parameter's, is refused.
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use runtime::StepError;
 
 use crate::aws::{Images, Keys, Parameters};
 use crate::control::{Recall, Recalls, previous_golden};
+use crate::policy::Policy;
 
 /// Reading back after a write: AWS validates `aws:ec2:image` asynchronously.
 pub const READ_BACK_ATTEMPTS: usize = 10;
@@ -18,6 +20,7 @@ pub const READ_BACK_ATTEMPTS: usize = 10;
 pub async fn update_parameter(
     shared: &AmiShared,
     account: &str,
+    policy: &Policy,
     images: &impl Images,
     keys: &impl Keys,
     params: &impl Parameters,
@@ -31,6 +34,10 @@ pub async fn update_parameter(
             shared.ami_id
         ))
     })?;
+    // Re-judged here, whatever the hub said: the hub's own AMI, of this parameter's family.
+    if let Some(why) = policy.refuse_image(&new, name) {
+        return Err(StepError::Permanent(why));
+    }
     // Snapshots under a customer managed key: Auto Scaling launches here need a grant for this
     // account's Auto Scaling service-linked role, else they fail with Client.InternalError.
     let autoscaling_role = format!(
@@ -263,8 +270,74 @@ mod tests {
         aws
     }
 
+    const POLICY: &str = r#"
+hub_account = "111111111111"
+region = "us-east-1"
+[[families]]
+parameter_name = "/golden/al2023/ami-id"
+name_prefix = "golden-al2023-"
+[[families]]
+parameter_name = "/golden/win2022/ami-id"
+name_prefix = "golden-win2022-"
+[[stages]]
+name = "uat"
+account = "222222222222"
+window = { cron = "cron(0 2 ? * SAT#2 *)", duration_hours = 4 }
+"#;
+
     async fn run(aws: &FakeAws, s: &AmiShared) -> Result<Vec<Detail>, StepError> {
-        update_parameter(s, "222222222222", aws, aws, aws, Duration::from_millis(1)).await
+        let policy = Policy::parse(POLICY).unwrap();
+        update_parameter(
+            s,
+            "222222222222",
+            &policy,
+            aws,
+            aws,
+            aws,
+            Duration::from_millis(1),
+        )
+        .await
+    }
+
+    /// The param-worker re-judges the AMI itself: a copy the hub does not own, or an AMI of
+    /// another family (or of none), never reaches the parameter, whatever the event says.
+    #[tokio::test]
+    async fn an_ami_not_the_hubs_or_of_another_family_is_refused_before_any_write() {
+        let aws = world("ami-0000000000000000a", "aws:ec2:image");
+        let mut copy = image("ami-0000000000000000c", 11);
+        copy.owner = "999999999999".into();
+        let mut windows = image("ami-0000000000000000d", 11);
+        windows.name = "golden-win2022-2026-11".into();
+        let mut stranger = image("ami-0000000000000000e", 11);
+        stranger.name = "ubuntu-24.04-2026-11".into();
+        for i in [copy, windows, stranger] {
+            aws.images.lock().unwrap().insert(i.id.clone(), i);
+        }
+        let cases = [
+            (
+                "ami-0000000000000000c",
+                "AMI ami-0000000000000000c is owned by account 999999999999, not by the hub 111111111111: only the hub's own AMIs become golden; refused",
+            ),
+            (
+                "ami-0000000000000000d",
+                "AMI ami-0000000000000000d (golden-win2022-2026-11) is of the family of /golden/win2022/ami-id, not of /golden/al2023/ami-id; refused",
+            ),
+            (
+                "ami-0000000000000000e",
+                "AMI ami-0000000000000000e (ubuntu-24.04-2026-11) is of no golden family of the policy (no name prefix matches and it has no amiflow:family tag), so it cannot become the golden AMI of /golden/al2023/ami-id; refused",
+            ),
+        ];
+        for (ami, why) in cases {
+            let Err(StepError::Permanent(reason)) = run(&aws, &shared(ami, 11)).await else {
+                panic!("{ami} must be refused for good");
+            };
+            assert_eq!(reason, why);
+        }
+        assert_eq!(
+            aws.params.lock().unwrap()[NAME].value,
+            "ami-0000000000000000a"
+        );
+        assert!(aws.changes().is_empty(), "{:?}", aws.changes());
     }
 
     fn param_updated(details: &[Detail]) -> &ParamUpdated {

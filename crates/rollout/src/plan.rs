@@ -70,8 +70,10 @@ pub async fn judge_all_with(
             families.push((f.parameter_name.clone(), current.value, history));
         }
     }
+    let listed = groups.list().await?;
+    resolver.prefetch(groups, &listed).await?;
     let mut judged = Vec::new();
-    for group in groups.list().await? {
+    for group in listed {
         let g = resolver.resolve(groups, params, group).await?;
         let mut found = None;
         for (name, current, history) in &families {

@@ -393,6 +393,29 @@ impl Policy {
         at.checked_sub(1).map(|i| &self.stages[i])
     }
 
+    /// Why `image` may not be the golden AMI of `parameter`, if it may not: an AMI the hub does
+    /// not own (a copy of someone else's, a public one), or one of another family or of none
+    /// (by its `amiflow:family` tag or its name prefix). share and param refuse it for good.
+    pub fn refuse_image(&self, image: &crate::aws::Image, parameter: &str) -> Option<String> {
+        if image.owner != self.hub_account {
+            return Some(format!(
+                "AMI {} is owned by account {}, not by the hub {}: only the hub's own AMIs become golden; refused",
+                image.id, image.owner, self.hub_account
+            ));
+        }
+        match self.family_of(&image.name, image.family_tag.as_deref()) {
+            Some(f) if f.parameter_name == parameter => None,
+            Some(f) => Some(format!(
+                "AMI {} ({}) is of the family of {}, not of {parameter}; refused",
+                image.id, image.name, f.parameter_name
+            )),
+            None => Some(format!(
+                "AMI {} ({}) is of no golden family of the policy (no name prefix matches and it has no amiflow:family tag), so it cannot become the golden AMI of {parameter}; refused",
+                image.id, image.name
+            )),
+        }
+    }
+
     /// The family an AMI belongs to, by its `amiflow:family` tag or its name prefix.
     pub fn family_of(&self, image_name: &str, family_tag: Option<&str>) -> Option<&Family> {
         if let Some(tag) = family_tag

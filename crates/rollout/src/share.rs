@@ -3,6 +3,9 @@
 //! customer managed key. Verified by reading back, then one `AmiShared` per account. Already
 //! shared is success; the AMI owner's own account needs no permission but still gets its event.
 //!
+//! An AMI the hub does not own, or of another family than the parameter's (or of none), is
+//! refused before anything is shared (`Policy::refuse_image`).
+//!
 //! An AMI that a target's param-worker would never promote (the target's golden parameter holds
 //! a later AMI of the family) is refused before anything is shared: publishing it would hand every
 //! stage an image it must not run, for nothing.
@@ -120,6 +123,9 @@ pub async fn share(
             built.ami_id, policy.hub_account
         ))
     })?;
+    if let Some(why) = policy.refuse_image(&image, &built.parameter_name) {
+        return Err(StepError::Permanent(why));
+    }
     if image.state != "available" {
         return Err(StepError::Transient(format!(
             "AMI {} is {}, not available yet",
@@ -561,6 +567,36 @@ window = { cron = "cron(0 2 ? * SAT#3 *)", duration_hours = 4 }
         .await
         .unwrap();
         assert_eq!(out.len(), 1, "already published is success: {out:?}");
+    }
+
+    /// A copy of another account's AMI, or an AMI of another family, is shared with no one.
+    #[tokio::test]
+    async fn an_ami_not_the_hubs_or_of_another_family_is_shared_with_no_one() {
+        let goldens = goldens(&[]);
+        let mut copy = hub_with(11);
+        copy.image.owner = "999999999999".into();
+        let Err(StepError::Permanent(reason)) = run(&copy, &goldens, 11).await else {
+            panic!("a copy the hub does not own must be refused for good");
+        };
+        assert_eq!(
+            reason,
+            format!(
+                "AMI {} is owned by account 999999999999, not by the hub {HUB}: only the hub's own AMIs become golden; refused",
+                ami(11)
+            )
+        );
+        assert!(copy.changes().is_empty(), "{:?}", copy.changes());
+
+        let mut other = hub_with(11);
+        other.image.name = "ubuntu-24.04-2026-11".into();
+        let Err(StepError::Permanent(reason)) = run(&other, &goldens, 11).await else {
+            panic!("an AMI of no family must be refused for good");
+        };
+        assert!(
+            reason.contains("is of no golden family of the policy"),
+            "{reason}"
+        );
+        assert!(other.changes().is_empty(), "{:?}", other.changes());
     }
 
     #[tokio::test]

@@ -451,6 +451,7 @@ impl runtime::Step for ParamStep {
             crate::param::update_parameter(
                 shared,
                 &self.ctx.account,
+                &self.ctx.policy,
                 &self.images,
                 &self.keys,
                 &self.params,

@@ -109,3 +109,42 @@ async fn describe_launch_template_versions_honours_versions_filters_and_pages() 
     assert_eq!(everything.launch_template_versions().len(), 20);
     assert!(everything.next_token().is_none());
 }
+
+/// `rollout::aws::Templates::every_version`, what the resolver reads ahead with: every template's
+/// `$Latest` or `$Default` version of the account, 200 a page, at most the pages it is allowed.
+#[tokio::test]
+async fn every_templates_latest_and_default_version_is_listed_in_pages_of_200() {
+    use rollout::aws::{AwsGroups, Templates};
+    let (local, c) = emulator().await;
+    let (a, b) = (c.register("img-a").await, c.register("img-b").await);
+    let mut made = BTreeSet::new();
+    for i in 0..201 {
+        let lt = c.template(&format!("listed-{i:03}"), &a).await;
+        // Version 2 on B is the latest; version 1 on A stays the default.
+        assert_eq!(c.version_from(&lt, "1", &b).await, 2);
+        made.insert(lt);
+    }
+    let groups = AwsGroups::new(&local.config);
+    let latest = groups.every_version("$Latest", 5).await.unwrap();
+    assert_eq!(latest.len(), 201, "two pages, the second with one template");
+    assert_eq!(
+        latest
+            .iter()
+            .map(|l| l.template_id.clone())
+            .collect::<BTreeSet<_>>(),
+        made
+    );
+    assert!(latest.iter().all(|l| l.version.number == 2
+        && l.version.image_id == b
+        && !l.version.is_default
+        && l.template_name.starts_with("listed-")));
+    let default = groups.every_version("$Default", 5).await.unwrap();
+    assert_eq!(default.len(), 201);
+    assert!(
+        default
+            .iter()
+            .all(|l| l.version.number == 1 && l.version.image_id == a && l.version.is_default)
+    );
+    // Bounded: one call is one page.
+    assert_eq!(groups.every_version("$Latest", 1).await.unwrap().len(), 200);
+}

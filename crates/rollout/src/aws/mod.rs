@@ -34,7 +34,7 @@ pub use parameters::{ParamValue, Parameters, SsmParameters};
 pub use records::{Records, SsmRecords, StoredRecord};
 pub use stacks::{CfnStacks, STACK_TAG, Stack, Stacks};
 pub use tags::TagBatch;
-pub use templates::{TemplateVersion, Templates};
+pub use templates::{ListedVersion, TemplateVersion, Templates};
 
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 

@@ -18,6 +18,14 @@ pub struct TemplateVersion {
     pub description: String,
 }
 
+/// A version with the template it belongs to, from a listing of every template of the account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedVersion {
+    pub template_id: String,
+    pub template_name: String,
+    pub version: TemplateVersion,
+}
+
 pub trait Templates: Send + Sync {
     /// A version by number, `$Latest` or `$Default`.
     fn template_version(
@@ -25,6 +33,13 @@ pub trait Templates: Send + Sync {
         template: &str,
         version: &str,
     ) -> impl Future<Output = Result<Option<TemplateVersion>, StepError>> + Send;
+    /// Every template's `$Latest` (or `$Default`) version: a paged listing of the account (200
+    /// templates a call, at most `max_calls` calls), the cheap way to resolve many groups at once.
+    fn every_version(
+        &self,
+        which: &str,
+        max_calls: usize,
+    ) -> impl Future<Output = Result<Vec<ListedVersion>, StepError>> + Send;
     /// The newest version whose image is `ami`.
     fn version_with_image(
         &self,
@@ -111,6 +126,36 @@ impl Templates for AwsGroups {
             }
         };
         Ok(out.launch_template_versions().first().map(read_version))
+    }
+
+    async fn every_version(
+        &self,
+        which: &str,
+        max_calls: usize,
+    ) -> Result<Vec<ListedVersion>, StepError> {
+        let mut pages = self
+            .ec2
+            .describe_launch_template_versions()
+            .versions(which)
+            .max_results(200)
+            .into_paginator()
+            .send();
+        let mut listed = Vec::new();
+        for _ in 0..max_calls {
+            let Some(page) = pages.next().await else {
+                break;
+            };
+            let page =
+                page.map_err(|e| StepError::from_sdk("ec2:DescribeLaunchTemplateVersions", &e))?;
+            listed.extend(page.launch_template_versions().iter().filter_map(|v| {
+                Some(ListedVersion {
+                    template_id: v.launch_template_id()?.to_owned(),
+                    template_name: v.launch_template_name().unwrap_or_default().to_owned(),
+                    version: read_version(v),
+                })
+            }));
+        }
+        Ok(listed)
     }
 
     async fn version_with_image(
