@@ -152,3 +152,109 @@ async fn ami_state_change_and_image_builder_events_publish_the_new_golden_ami() 
         );
     }
 }
+
+/// A family that trusts only its Image Builder image (and AMIs approved by tag): an AMI made by
+/// hand is dead-lettered with the reason and the way to trust it, nothing moves; tagged
+/// approved, the same event publishes it; an AMI of the trusted build needs no approval.
+#[tokio::test]
+async fn a_family_that_trusts_only_its_builds_refuses_an_ami_made_by_hand_until_approved() {
+    let world = World::provisioned("small", &[]).await;
+    let hub = world.hub();
+    let trusted = format!("arn:aws:imagebuilder:us-east-1:{hub}:image/golden-al2023/");
+    let policy_text = std::fs::read_to_string(emulator::project_root().join("local/amiflow.toml"))
+        .unwrap()
+        .replacen(
+            "name_prefix = \"golden-al2023-\"",
+            &format!(
+                "name_prefix = \"golden-al2023-\"\ntrusted_builds = [\"{trusted}\"]\napproval_tag = \"amiflow:approved\""
+            ),
+            1,
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("amiflow.toml");
+    std::fs::write(&policy, policy_text).unwrap();
+    world
+        .start_workers(&[("AMIFLOW_CONFIG", policy.to_str().unwrap())])
+        .await;
+    let mut before = BTreeMap::new();
+    for account in world.accounts() {
+        before.insert(
+            account.clone(),
+            support::parameter(&world, &account).await.0,
+        );
+    }
+
+    // 1. Made by hand: refused, with the way to trust it.
+    let by_hand = new_ami(&world, "golden-al2023-2026-12", &[]).await;
+    let state_change = json!({"version": "0", "id": "7f0b2b1e-1111-2222-3333-444455550001",
+        "detail-type": "EC2 AMI State Change", "source": "aws.ec2", "account": hub,
+        "time": "2026-12-01T10:00:00Z", "region": "us-east-1",
+        "resources": [format!("arn:aws:ec2:us-east-1::image/{by_hand}")],
+        "detail": {"RequestId": "5e3a1c7d-aaaa-bbbb-cccc-ddddeeee0001", "ImageId": by_hand,
+                   "State": "available", "ErrorMessage": ""}});
+    deliver(&world, state_change.clone()).await;
+    let refused = e2e::eventually(
+        "the hand-made AMI's event in the ingest DLQ",
+        Duration::from_secs(60),
+        || async {
+            let taken = world.take_dead_letters(&hub, "ingest").await;
+            (!taken.is_empty()).then_some(taken)
+        },
+    )
+    .await;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert_eq!(refused[0].kind, "permanent");
+    assert_eq!(
+        refused[0].reason,
+        format!(
+            "AMI {by_hand} (golden-al2023-2026-12) of /golden/al2023/ami-id was not made by Image Builder and is not approved: build it with a trusted build ({trusted}) or tag it amiflow:approved=true to approve it, then replay this message (amictl dlq replay); refused"
+        )
+    );
+    for account in world.accounts() {
+        assert_eq!(
+            support::parameter(&world, &account).await.0,
+            before[&account],
+            "{}: nothing moves for an untrusted AMI",
+            world.stage(&account)
+        );
+    }
+
+    // 2. Approved by tag: the same event goes through.
+    aws_sdk_ec2::Client::new(world.config(&hub))
+        .create_tags()
+        .resources(&by_hand)
+        .tags(Tag::builder().key("amiflow:approved").value("true").build())
+        .send()
+        .await
+        .unwrap();
+    deliver(&world, state_change).await;
+    first_stage_only(&world, &by_hand, &before).await;
+
+    // 3. Made by the trusted build: no approval needed.
+    let arn = format!("{trusted}2026.12.2/1");
+    let built = new_ami(
+        &world,
+        "golden-al2023-2026-12-b",
+        &[("Ec2ImageBuilderArn", &arn)],
+    )
+    .await;
+    deliver(
+        &world,
+        json!({"version": "0", "id": "a1b2c3d4-5678-90ab-cdef-000000000002",
+               "detail-type": "EC2 Image Builder Image State Change", "source": "aws.imagebuilder",
+               "account": hub, "time": "2026-12-01T11:00:00Z", "region": "us-east-1",
+               "resources": [arn],
+               "detail": {"previous-state": {"status": "TESTING"}, "state": {"status": "AVAILABLE"}}}),
+    )
+    .await;
+    first_stage_only(&world, &built, &before).await;
+    world
+        .settle(Duration::from_secs(2), Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        world.dead_letters().await,
+        BTreeMap::new(),
+        "{}",
+        world.logs()
+    );
+}

@@ -22,19 +22,26 @@ fn check_hub(account: &str, policy: &Policy, what: &str) -> Result<(), StepError
     Ok(())
 }
 
-/// `AmiBuilt` for `image` if it belongs to a golden family.
-fn built(image: &Image, region: &str, policy: &Policy) -> Vec<Detail> {
+/// `AmiBuilt` for `image` if it belongs to a golden family; refused when the hub does not own it
+/// or the family trusts only some builds (or approved AMIs) and it is none of them.
+fn built(image: &Image, region: &str, policy: &Policy) -> Result<Vec<Detail>, StepError> {
     let Some(family) = policy.family_of(&image.name, image.family_tag.as_deref()) else {
         tracing::info!(ami = %image.id, name = %image.name, "AMI matches no golden family; ignored");
-        return Vec::new();
+        return Ok(Vec::new());
     };
+    if let Some(why) = policy.refuse_image(image, &family.parameter_name) {
+        return Err(StepError::Permanent(why));
+    }
+    if let Some(why) = family.untrusted(image) {
+        return Err(StepError::Permanent(why));
+    }
     let created = image.created_at.unwrap_or_else(chrono::Utc::now);
     let region = if region.is_empty() {
         policy.region.as_str()
     } else {
         region
     };
-    vec![
+    Ok(vec![
         AmiBuilt::new(
             &image.id,
             region,
@@ -43,7 +50,7 @@ fn built(image: &Image, region: &str, policy: &Policy) -> Vec<Detail> {
             &family.parameter_name,
         )
         .into(),
-    ]
+    ])
 }
 
 pub async fn ingest_image_builder(
@@ -62,7 +69,7 @@ pub async fn ingest_image_builder(
             change.image_arn
         ))
     })?;
-    Ok(built(&image, &change.region, policy))
+    built(&image, &change.region, policy)
 }
 
 pub async fn ingest_ami(
@@ -81,7 +88,7 @@ pub async fn ingest_ami(
             change.image_id
         ))
     })?;
-    Ok(built(&image, &change.region, policy))
+    built(&image, &change.region, policy)
 }
 
 #[cfg(test)]
@@ -106,6 +113,7 @@ mod tests {
                 owner: "111111111111".into(),
                 created_at: Some(chrono::Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap()),
                 family_tag: None,
+                tags: Default::default(),
                 state: "available".into(),
                 snapshots: vec![],
             },
@@ -157,6 +165,98 @@ mod tests {
                 .await
                 .unwrap()
                 .is_empty()
+        );
+    }
+
+    /// A family that names trusted builds and an approval tag rolls out only their AMIs: one made
+    /// by hand (or by another Image Builder image) is refused with the way to trust it, and goes
+    /// through once tagged approved.
+    #[tokio::test]
+    async fn a_family_that_trusts_some_builds_refuses_other_amis_until_approved() {
+        let mut policy = policy();
+        policy.families[0].trusted_builds =
+            vec!["arn:aws:imagebuilder:us-east-1:111111111111:image/golden-al2023/".into()];
+        policy.families[0].approval_tag = Some("amiflow:approved".into());
+        let aws = aws_with("golden-al2023-2026-11");
+        let set_tag = |key: &str, value: &str| {
+            aws.images
+                .lock()
+                .unwrap()
+                .get_mut("ami-0000000000000000b")
+                .unwrap()
+                .tags
+                .insert(key.into(), value.into());
+        };
+        let refusal = |err: StepError| match err {
+            StepError::Permanent(why) => why,
+            other => panic!("a permanent refusal, not {other:?}"),
+        };
+
+        let by_hand = ingest_ami(&change("available"), &aws, &policy).await;
+        assert_eq!(
+            refusal(by_hand.unwrap_err()),
+            "AMI ami-0000000000000000b (golden-al2023-2026-11) of /golden/al2023/ami-id was not made by Image Builder and is not approved: build it with a trusted build (arn:aws:imagebuilder:us-east-1:111111111111:image/golden-al2023/) or tag it amiflow:approved=true to approve it, then replay this message (amictl dlq replay); refused"
+        );
+        set_tag("amiflow:approved", "false");
+        assert!(
+            ingest_ami(&change("available"), &aws, &policy)
+                .await
+                .is_err()
+        );
+        set_tag("amiflow:approved", "true");
+        let approved = ingest_ami(&change("available"), &aws, &policy)
+            .await
+            .unwrap();
+        assert_eq!(only_built(&approved).ami_id, "ami-0000000000000000b");
+
+        // Made by a trusted Image Builder image: no approval needed.
+        aws.images
+            .lock()
+            .unwrap()
+            .get_mut("ami-0000000000000000b")
+            .unwrap()
+            .tags
+            .clear();
+        set_tag(IMAGE_BUILDER_TAG, ARN);
+        let out = ingest_image_builder(&builder("AVAILABLE", "111111111111"), &aws, &policy)
+            .await
+            .unwrap();
+        assert_eq!(only_built(&out).ami_id, "ami-0000000000000000b");
+
+        // Made by another image: refused, naming it.
+        let other =
+            "arn:aws:imagebuilder:us-east-1:111111111111:image/golden-al2023-experiment/1.0.0/1";
+        set_tag(IMAGE_BUILDER_TAG, other);
+        let why = refusal(
+            ingest_ami(&change("available"), &aws, &policy)
+                .await
+                .unwrap_err(),
+        );
+        assert!(
+            why.contains(&format!(
+                "was made by Image Builder image {other}, which is not a trusted build"
+            )),
+            "{why}"
+        );
+    }
+
+    /// An AMI in the hub that the hub does not own (a public or shared one it can see) is never
+    /// rolled out.
+    #[tokio::test]
+    async fn an_ami_the_hub_does_not_own_is_refused() {
+        let aws = aws_with("golden-al2023-2026-11");
+        aws.images
+            .lock()
+            .unwrap()
+            .get_mut("ami-0000000000000000b")
+            .unwrap()
+            .owner = "999999999999".into();
+        let err = ingest_ami(&change("available"), &aws, &policy())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StepError::Permanent(why) if why.contains("is owned by account 999999999999, not by the hub 111111111111")),
+            "{err}"
         );
     }
 

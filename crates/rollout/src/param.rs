@@ -233,6 +233,7 @@ mod tests {
             owner: "111111111111".into(),
             created_at: Some(Utc.with_ymd_and_hms(2026, month, 1, 0, 0, 0).unwrap()),
             family_tag: None,
+            tags: Default::default(),
             state: "available".into(),
             snapshots: vec![],
         }

@@ -163,6 +163,58 @@ pub const MAX_BAKE_HOURS: f64 = 720.0;
 pub struct Family {
     pub parameter_name: String,
     pub name_prefix: String,
+    /// Image Builder images (ARN prefixes, `arn:aws:imagebuilder:<region>:<account>:image/<name>/`)
+    /// whose output ingest may roll out without an approval. Empty with no `approval_tag`: every
+    /// hub AMI of the family is trusted (the policy says nothing).
+    #[serde(default)]
+    pub trusted_builds: Vec<String>,
+    /// A tag that trusts an AMI by hand: the AMI carries it with the value `true` (set by
+    /// whoever may approve images, `aws ec2 create-tags`).
+    #[serde(default)]
+    pub approval_tag: Option<String>,
+}
+
+impl Family {
+    /// Why ingest may not start a rollout of `image` for this family, if it may not: the family
+    /// names trusted builds or an approval tag, and the image is neither from one of those builds
+    /// (its `Ec2ImageBuilderArn` tag) nor tagged approved.
+    pub fn untrusted(&self, image: &crate::aws::Image) -> Option<String> {
+        if self.trusted_builds.is_empty() && self.approval_tag.is_none() {
+            return None;
+        }
+        let build = image.tags.get(crate::aws::IMAGE_BUILDER_TAG);
+        if build.is_some_and(|b| {
+            self.trusted_builds
+                .iter()
+                .any(|t| b.starts_with(t.as_str()))
+        }) {
+            return None;
+        }
+        if let Some(tag) = &self.approval_tag
+            && image.tags.get(tag).is_some_and(|v| v == "true")
+        {
+            return None;
+        }
+        let made_by = match build {
+            Some(b) => format!("was made by Image Builder image {b}, which is not a trusted build"),
+            None => "was not made by Image Builder".to_owned(),
+        };
+        let fix = match (&self.approval_tag, self.trusted_builds.is_empty()) {
+            (Some(tag), true) => format!("tag it {tag}=true to approve it"),
+            (Some(tag), false) => format!(
+                "build it with a trusted build ({}) or tag it {tag}=true to approve it",
+                self.trusted_builds.join(", ")
+            ),
+            (None, _) => format!(
+                "build it with a trusted build ({}), or add its image to trusted_builds",
+                self.trusted_builds.join(", ")
+            ),
+        };
+        Some(format!(
+            "AMI {} ({}) of {} {made_by} and is not approved: {fix}, then replay this message (amictl dlq replay); refused",
+            image.id, image.name, self.parameter_name
+        ))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -299,6 +351,28 @@ impl Policy {
             if !f.parameter_name.starts_with('/') || f.name_prefix.is_empty() {
                 return Err(format!(
                     "family {:?}: parameter_name must start with '/' and name_prefix must not be empty",
+                    f.parameter_name
+                ));
+            }
+            for t in &f.trusted_builds {
+                let parts: Vec<&str> = t.splitn(6, ':').collect();
+                if parts.len() < 6
+                    || parts[0] != "arn"
+                    || parts[2] != "imagebuilder"
+                    || !parts[5].starts_with("image/")
+                    || parts[5].len() <= "image/".len()
+                {
+                    return Err(format!(
+                        "family {:?}: trusted_builds entry {t:?} is not an Image Builder image ARN prefix (arn:aws:imagebuilder:<region>:<account>:image/<name>/)",
+                        f.parameter_name
+                    ));
+                }
+            }
+            if let Some(tag) = &f.approval_tag
+                && (tag.trim().is_empty() || tag.starts_with("aws:") || tag.len() > 128)
+            {
+                return Err(format!(
+                    "family {:?}: approval_tag {tag:?} must be a tag key of 1 to 128 characters, not starting with aws:",
                     f.parameter_name
                 ));
             }
@@ -636,5 +710,38 @@ mod tests {
             "bake_time_seconds = 172801 is outside 0 to 172800 (two days), what AWS accepts as a refresh's BakeTime"
         );
         assert_eq!(with("bake_time_seconds = 172800"), Ok(()));
+    }
+
+    #[test]
+    fn trusted_builds_and_approval_tags_are_checked_at_start() {
+        let with = |extra: &str| {
+            LOCAL.replacen(
+                "name_prefix = \"golden-al2023-\"",
+                &format!("name_prefix = \"golden-al2023-\"\n{extra}"),
+                1,
+            )
+        };
+        let p = Policy::parse(&with(
+            "trusted_builds = [\"arn:aws:imagebuilder:us-east-1:111111111111:image/golden-al2023/\"]\napproval_tag = \"amiflow:approved\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            p.families[0].approval_tag.as_deref(),
+            Some("amiflow:approved")
+        );
+        assert_eq!(p.families[1].trusted_builds, Vec::<String>::new());
+        let err = Policy::parse(&with("trusted_builds = [\"golden-al2023\"]")).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "trusted_builds entry \"golden-al2023\" is not an Image Builder image ARN prefix"
+            ),
+            "{err}"
+        );
+        let err = Policy::parse(&with("approval_tag = \"aws:approved\"")).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("approval_tag \"aws:approved\" must be a tag key"),
+            "{err}"
+        );
     }
 }

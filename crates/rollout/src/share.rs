@@ -126,6 +126,13 @@ pub async fn share(
     if let Some(why) = policy.refuse_image(&image, &built.parameter_name) {
         return Err(StepError::Permanent(why));
     }
+    // However the AmiBuilt came (ingest, a replay, `amictl inject`), the family's trust holds.
+    if let Some(why) = policy
+        .family_of(&image.name, image.family_tag.as_deref())
+        .and_then(|f| f.untrusted(&image))
+    {
+        return Err(StepError::Permanent(why));
+    }
     if image.state != "available" {
         return Err(StepError::Transient(format!(
             "AMI {} is {}, not available yet",
@@ -466,6 +473,7 @@ window = { cron = "cron(0 2 ? * SAT#3 *)", duration_hours = 4 }
                 owner: HUB.into(),
                 created_at: Some(month(m)),
                 family_tag: None,
+                tags: Default::default(),
                 state: "available".into(),
                 snapshots: vec![("snap-1".into(), None)],
             },
@@ -567,6 +575,39 @@ window = { cron = "cron(0 2 ? * SAT#3 *)", duration_hours = 4 }
         .await
         .unwrap();
         assert_eq!(out.len(), 1, "already published is success: {out:?}");
+    }
+
+    /// An `AmiBuilt` for an AMI its family does not trust (injected, replayed, forged) is
+    /// shared with no one, however it came.
+    #[tokio::test]
+    async fn an_ami_its_family_does_not_trust_is_shared_with_no_one() {
+        let mut policy = Policy::parse(POLICY).unwrap();
+        policy.families[0].approval_tag = Some("amiflow:approved".into());
+        let hub = hub_with(11);
+        let built = AmiBuilt::new(
+            &ami(11),
+            "us-east-1",
+            "golden-al2023-2026-11",
+            month(11),
+            PARAMETER,
+        );
+        let records = FakeAws::default();
+        let err = share(
+            &built,
+            &hub,
+            &FakeAws::default(),
+            &goldens(&[]),
+            &records,
+            &policy,
+            month(12),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&err, StepError::Permanent(why) if why.contains("is not approved: tag it amiflow:approved=true")),
+            "{err}"
+        );
+        assert!(hub.changes().is_empty(), "{:?}", hub.changes());
     }
 
     /// A copy of another account's AMI, or an AMI of another family, is shared with no one.

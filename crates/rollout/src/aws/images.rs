@@ -18,6 +18,8 @@ pub struct Image {
     pub owner: String,
     pub created_at: Option<DateTime<Utc>>,
     pub family_tag: Option<String>,
+    /// Every tag of the AMI (visible to its owner only: a shared AMI's tags stay in its account).
+    pub tags: std::collections::BTreeMap<String, String>,
     pub state: String,
     /// (snapshot id, KMS key id if encrypted with one)
     pub snapshots: Vec<(String, Option<String>)>,
@@ -69,6 +71,16 @@ fn to_image(i: &aws_sdk_ec2::types::Image) -> Image {
             .find(|t| t.key() == Some("amiflow:family"))
             .and_then(|t| t.value())
             .map(str::to_owned),
+        tags: i
+            .tags()
+            .iter()
+            .filter_map(|t| {
+                Some((
+                    t.key()?.to_owned(),
+                    t.value().unwrap_or_default().to_owned(),
+                ))
+            })
+            .collect(),
         state: i.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
         snapshots: i
             .block_device_mappings()
