@@ -368,7 +368,20 @@ async fn check_policy(scope: &Scope, detail: &Detail) -> Result<()> {
             Some(image) if image.state != "available" => {
                 refuse!("/ami_id {ami} is {}, not available {DRILL}", image.state)
             }
-            Some(_) => {}
+            Some(image) => {
+                // What share and param would refuse: not the hub's, another family's, untrusted.
+                if let Some(parameter) = text("parameter_name") {
+                    let policy = &scope.policy;
+                    let why = policy.refuse_image(&image, parameter).or_else(|| {
+                        policy
+                            .family_of(&image.name, image.family_tag.as_deref())
+                            .and_then(|f| f.untrusted(&image))
+                    });
+                    if let Some(why) = why {
+                        refuse!("/ami_id {why} {DRILL}");
+                    }
+                }
+            }
         }
     }
     Ok(())

@@ -679,6 +679,13 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
         err.contains("/region eu-west-1 is not the policy's region us-east-1"),
         "{err}"
     );
+    let err = refused_inject(built(&candidate, "us-east-1", "/golden/win2022/ami-id"));
+    assert!(
+        err.contains(&format!(
+            "/ami_id AMI {candidate} (golden-al2023-2026-11) is of the family of {PARAMETER}, not of /golden/win2022/ami-id; refused"
+        )),
+        "{err}"
+    );
     let err = refused_inject(built("ami-0000000000000dead", "us-east-1", PARAMETER));
     assert!(
         err.contains("/ami_id ami-0000000000000dead: no such AMI is visible in the hub"),
