@@ -7,11 +7,13 @@
 //! - 500 and 503 replies (`InternalError` / `Unavailable`, `InternalFailure` /
 //!   `ServiceUnavailable`);
 //! - slow replies (the call is held before it is forwarded);
-//! - dropped connections (closed without a reply).
+//! - dropped connections (closed without a reply);
+//! - lost replies, for the one action [`FaultPlan::lose_replies_of`] names: the call is forwarded,
+//!   the change made, and the connection closed before the reply, as when a network drops a
+//!   reply on its way back; the caller's retry must not make the change twice.
 //!
-//! Refused calls never reach the emulator, as in AWS, where a throttled or failed request has no
-//! effect: a fault that loses a reply *after* the change was made is not injected (see the note
-//! in tests/tests/chaos.rs).
+//! The other faults refuse calls before they reach the emulator, as in AWS, where a throttled or
+//! failed request has no effect.
 //!
 //! Faults are drawn at the configured rates from a seeded generator, so a run can be replayed. In
 //! [`FaultPlan::aws_limits`] mode the proxy instead enforces AWS's request-token buckets per
@@ -46,6 +48,10 @@ pub struct FaultPlan {
     /// Throttle calls over AWS's published request-token buckets (see [`aws_bucket`]) instead of
     /// at random.
     pub aws_limits: bool,
+    /// The action (`CreateLaunchTemplateVersion`) whose replies are lost after the change, at
+    /// the rate `lose_reply` (counted in [`CallStats::lost_replies`]).
+    pub lose_replies_of: Option<String>,
+    pub lose_reply: f64,
 }
 
 impl FaultPlan {
@@ -59,7 +65,17 @@ impl FaultPlan {
             reset: failing * 0.25,
             slow: 0.05,
             slow_by: Duration::from_millis(700),
-            aws_limits: false,
+            ..FaultPlan::default()
+        }
+    }
+
+    /// The replies of `action` lost after the change, at `rate`, and no other fault.
+    pub fn losing_replies_of(seed: u64, action: &str, rate: f64) -> FaultPlan {
+        FaultPlan {
+            seed,
+            lose_replies_of: Some(action.to_owned()),
+            lose_reply: rate,
+            ..FaultPlan::default()
         }
     }
 
@@ -81,6 +97,8 @@ pub struct CallStats {
     pub server_errors: u64,
     pub resets: u64,
     pub slowed: u64,
+    /// Forwarded, made, and the reply lost.
+    pub lost_replies: u64,
 }
 
 impl CallStats {
@@ -95,6 +113,7 @@ impl CallStats {
         self.server_errors += other.server_errors;
         self.resets += other.resets;
         self.slowed += other.slowed;
+        self.lost_replies += other.lost_replies;
     }
 }
 
@@ -398,6 +417,25 @@ impl State {
         (fault, alternate)
     }
 
+    /// Whether to lose the reply of this forwarded call (drawn only for the named action).
+    fn lose_reply(&self, action: &str) -> bool {
+        let plan = self.plan.lock().unwrap().clone();
+        if plan.lose_replies_of.as_deref() != Some(action) {
+            return false;
+        }
+        let lost = self.rng.lock().unwrap().f64() < plan.lose_reply;
+        if lost {
+            let mut stats = self.stats.lock().unwrap();
+            for (key, s) in stats.iter_mut() {
+                if key.1 == action {
+                    s.lost_replies += 1;
+                    break;
+                }
+            }
+        }
+        lost
+    }
+
     fn count(&self, service: &str, action: &str, caller: &str, fault: Option<Fault>) {
         let mut stats = self.stats.lock().unwrap();
         let s = stats
@@ -476,6 +514,10 @@ async fn handle(state: &State, req: Request<Incoming>) -> Result<Response<Full<B
         Ok(reply) => reply,
         Err(e) => return Ok(bad_gateway(&format!("the emulator did not answer: {e}"))),
     };
+    if state.lose_reply(&action) {
+        // The change is made; the caller never hears of it.
+        return Err(Dropped);
+    }
     let (mut parts, body) = reply.into_parts();
     let body = match body.collect().await {
         Ok(b) => b.to_bytes(),

@@ -5,18 +5,18 @@
 //! 2. workers are killed with SIGKILL at random points, several times, and restarted;
 //! 3. a fifth of all AWS calls fail through the fault proxy (throttling, 5xx, dropped connections);
 //! 4. a catalogue of bad input is delivered alongside the rollout;
-//! 5. events from accounts and sources outside the configuration arrive.
+//! 5. events from accounts and sources outside the configuration arrive;
+//! 6. half the replies of `CreateLaunchTemplateVersion` are lost after the version was made.
 //!
 //! Each ends in exactly the final state of a clean run (support::assert_final_state: parameters,
 //! group AMIs, one launch template version and one refresh per group, no parameter regression)
 //! with empty DLQs, or, in 4 and 5, with exactly the bad input in them, each with its reason.
 //! Random choices print their seed; `AMIFLOW_CHAOS_SEED=<seed>` replays them.
 //!
-//! The fault proxy refuses calls before they reach the emulator, as AWS does when it throttles or
-//! fails a request. A reply lost *after* a change was made is not injected: for
-//! `CreateLaunchTemplateVersion` that would leave a second version behind (the emulator does not
-//! implement `ClientToken`); the refresh-worker reuses a version that already has the AMI, so the
-//! only trace would be one extra version, which this suite's exact check would report.
+//! In 3 the fault proxy refuses calls before they reach the emulator, as AWS does when it throttles
+//! or fails a request. In 6 it loses replies *after* the change: the refresh-worker's retry carries
+//! the same `ClientToken` (the emulator honours it), so EC2 hands back the version the lost call
+//! made, and the exact check's one new version per group still holds.
 
 mod support;
 
@@ -360,6 +360,36 @@ async fn a_fifth_of_aws_calls_failing_through_the_fault_proxy_changes_nothing_bu
                 .filter(|((s, _), _)| s == "ec2" || s == "autoscaling")
                 .any(|(_, s)| s.failed() > 0),
         "the rollout's own AWS calls were faulted"
+    );
+}
+
+#[tokio::test]
+async fn replies_lost_after_a_new_template_version_was_made_leave_one_version_per_group() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let world = World::provisioned("small", &[]).await;
+    let seed = support::seed("lost-replies");
+    let proxy = FaultProxy::start(
+        &world.local.endpoint(),
+        FaultPlan::losing_replies_of(seed, "CreateLaunchTemplateVersion", 0.5),
+    )
+    .await;
+    world
+        .start_workers(&[("AWS_ENDPOINT_URL", &proxy.endpoint())])
+        .await;
+    let before = snapshot(&world).await;
+    let mut audit = Audit::default();
+    // The exact final state: among the rest, one new launch template version per group.
+    support::rollout(&world, &before, &mut audit).await;
+    assert_eq!(
+        world.dead_letters().await,
+        BTreeMap::new(),
+        "seed {seed}: nothing dead-lettered"
+    );
+    let made = &proxy.stats()[&("ec2".to_owned(), "CreateLaunchTemplateVersion".to_owned())];
+    eprintln!("seed {seed}: CreateLaunchTemplateVersion {made:?}");
+    assert!(
+        made.lost_replies > 0 && made.forwarded > made.lost_replies,
+        "seed {seed}: replies were lost and the calls retried: {made:?}"
     );
 }
 

@@ -275,3 +275,78 @@ async fn at_aws_rates_the_proxy_throttles_bursts_and_the_runtime_limits_stay_und
     assert_eq!(after.throttled - before.throttled, 0);
     assert_eq!(after.calls - before.calls, 30);
 }
+
+/// A reply lost after the change: the version is made, the caller hears nothing; its retry of the
+/// same request (the same `ClientToken`, as `rollout::aws::Templates::create_version` sends)
+/// gets that version back instead of making a second one.
+#[tokio::test]
+async fn a_lost_reply_of_a_new_template_version_is_made_good_by_its_client_token() {
+    use rollout::aws::{AwsGroups, Templates};
+    use runtime::StepError;
+    let local = Local::start().await;
+    let proxy = FaultProxy::start(
+        &local.endpoint(),
+        FaultPlan::losing_replies_of(7, "CreateLaunchTemplateVersion", 1.0),
+    )
+    .await;
+    let direct = aws_sdk_ec2::Client::new(&local.config);
+    let template = direct
+        .create_launch_template()
+        .launch_template_name("lost-reply")
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id("ami-0000000000000000a")
+                .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .launch_template()
+        .and_then(|t| t.launch_template_id())
+        .unwrap()
+        .to_owned();
+    let groups = AwsGroups::new(&sdk_with(&proxy.endpoint(), RetryConfig::disabled()).await);
+    let lost = groups
+        .create_version(&template, 1, "ami-0000000000000000b", "golden")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&lost, StepError::Transient(why) if why.contains("ec2:CreateLaunchTemplateVersion")),
+        "a lost reply is a transient failure to retry: {lost:?}"
+    );
+    let versions = |direct: aws_sdk_ec2::Client, template: String| async move {
+        direct
+            .describe_launch_template_versions()
+            .launch_template_id(template)
+            .send()
+            .await
+            .unwrap()
+            .launch_template_versions()
+            .iter()
+            .filter_map(|v| v.version_number())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        versions(direct.clone(), template.clone()).await,
+        [2, 1],
+        "the lost call made version 2"
+    );
+    proxy.set_plan(FaultPlan::default());
+    assert_eq!(
+        groups
+            .create_version(&template, 1, "ami-0000000000000000b", "golden")
+            .await
+            .unwrap(),
+        2,
+        "the retry gets the version the lost call made"
+    );
+    assert_eq!(
+        versions(direct, template).await,
+        [2, 1],
+        "and makes no second one"
+    );
+    let stats = proxy.stats();
+    let made = &stats[&("ec2".to_owned(), "CreateLaunchTemplateVersion".to_owned())];
+    assert_eq!((made.forwarded, made.lost_replies), (2, 1), "{made:?}");
+}
