@@ -292,8 +292,27 @@ impl State {
 }
 
 /// The state of the running local world, if there is one.
+/// The running local world's state (`None` when none was started); an error that says how to
+/// recover when its emulator has stopped, rather than an SDK error from its first call.
 pub fn current_state() -> Result<Option<State>> {
-    read_state(&Paths::resolve()?)
+    let paths = Paths::resolve()?;
+    let Some(state) = read_state(&paths)? else {
+        return Ok(None);
+    };
+    ensure_running(&paths, &state)?;
+    Ok(Some(state))
+}
+
+fn ensure_running(paths: &Paths, state: &State) -> Result<()> {
+    let emulator = state.emulator_proc();
+    if !procs::is_running(emulator.pid, &emulator.cmdline_contains) {
+        bail!(
+            "the local world recorded in {} is not running (emulator pid {} is gone); run `amictl local down` to clean up, then `amictl local up`",
+            paths.state().display(),
+            state.emulator.pid
+        );
+    }
+    Ok(())
 }
 
 /// An SDK configuration acting in `account` of the local world, through sts:AssumeRole as the
@@ -945,14 +964,7 @@ async fn env(args: EnvArgs) -> Result<()> {
             paths.state().display()
         )
     })?;
-    let emulator = state.emulator_proc();
-    if !procs::is_running(emulator.pid, &emulator.cmdline_contains) {
-        bail!(
-            "the local world recorded in {} is not running (emulator pid {} is gone); run `amictl local down` to clean up, then `amictl local up`",
-            paths.state().display(),
-            state.emulator.pid
-        );
-    }
+    ensure_running(&paths, &state)?;
     if state.accounts.is_empty() {
         bail!(
             "the local world in {} is still being provisioned; wait for `amictl local up` to finish",

@@ -214,6 +214,23 @@ fn a_stale_state_file_from_a_killed_run_is_cleaned_up() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("state.json")).unwrap())
             .unwrap();
     let pid = state["emulator"]["pid"].as_u64().unwrap();
+    // An emulator that does not answer where the state says (here: a closed port) is named, in
+    // words, with no SDK dump.
+    let path = dir.path().join("state.json");
+    let recorded = std::fs::read_to_string(&path).unwrap();
+    let mut elsewhere = state.clone();
+    elsewhere["endpoint"] = "http://127.0.0.1:9".into();
+    std::fs::write(&path, elsewhere.to_string()).unwrap();
+    let out = amictl(dir.path(), &["status"]);
+    let err = text(&out.stderr);
+    assert!(
+        !out.status.success()
+            && err.contains("the local world's emulator at http://127.0.0.1:9 does not answer (")
+            && err.contains("Connection refused")
+            && !err.contains("DispatchFailure"),
+        "{err}"
+    );
+    std::fs::write(&path, recorded).unwrap();
     // A killed run: the emulator dies, the state file stays.
     kill_9(pid);
     let env = amictl(dir.path(), &["local", "env"]);
@@ -223,6 +240,18 @@ fn a_stale_state_file_from_a_killed_run_is_cleaned_up() {
         "{}",
         text(&env.stderr)
     );
+    // Every command that acts on the world says the same, in words, with no SDK dump.
+    for args in [&["status"][..], &["dlq", "list"], &["plan"]] {
+        let out = amictl(dir.path(), args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("is not running (emulator pid")
+                && err.contains("run `amictl local down` to clean up, then `amictl local up`")
+                && !err.contains("DispatchFailure"),
+            "{args:?}: {err}"
+        );
+    }
     let down = ok(&amictl(dir.path(), &["local", "down"]), "local down");
     assert!(down.contains("no longer running"), "{down}");
     assert!(!dir.path().join("state.json").exists());

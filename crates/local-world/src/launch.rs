@@ -65,6 +65,20 @@ pub struct Credentials {
 /// an afternoon keeps working, and a worker started again hours later reuses its session.
 const SESSION_SECONDS: i32 = 12 * 3600;
 
+/// An error and its causes, each once, joined by ": " (their `Display`, never `Debug`).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
 /// Credentials acting in `account`, the way a worker gets them in AWS: sts:AssumeRole into
 /// `role_name` there, from the emulator's base keys.
 pub async fn assume_role(
@@ -99,11 +113,17 @@ pub async fn assume_role(
         .duration_seconds(SESSION_SECONDS)
         .send()
         .await
-        .map_err(|e| {
-            anyhow!(
+        .map_err(|e| match e {
+            // No answer at all: say so in words, not with the connector's Debug dump.
+            aws_sdk_sts::error::SdkError::DispatchFailure(_)
+            | aws_sdk_sts::error::SdkError::TimeoutError(_) => anyhow!(
+                "the local world's emulator at {endpoint} does not answer ({}); if it stopped, run `amictl local down`, then `amictl local up`",
+                causes(&e)
+            ),
+            e => anyhow!(
                 "sts:AssumeRole into {arn} failed: {}",
                 aws_sdk_sts::error::DisplayErrorContext(e)
-            )
+            ),
         })?;
     let creds = out
         .credentials()
