@@ -2,13 +2,15 @@
 //! 2,000 instances in qa / uat / prod), every worker binary a process of its own. Reports the
 //! world's provisioning time, the rollout's wall time next to the time the emulator itself spent
 //! serving the rollout's API calls (counted by the shim's call counter, `amiflow_shim.calls`), and
-//! the API calls per refreshed group, by worker. Writes its section of BENCHMARKS.md.
+//! the API calls per refreshed group, by worker; then recalls the new AMI (`amictl recall --now`,
+//! as an operator runs it) and measures the move back of every refreshed group the same way.
+//! Writes its section of BENCHMARKS.md.
 //!
 //! `just bench-rollout` = `cargo build -p rollout --bins && cargo run -p e2e --bin bench-rollout
 //! [-- --scale seed|small --concurrency N]`. Debug builds on purpose: the emulator, not the
 //! workers, is the bottleneck, and a release build of aws-sdk-ec2 alone takes longer than the run.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
@@ -75,6 +77,46 @@ fn emulator_cpu(world: &World, port: u16) -> (f64, f64) {
         })
         .unwrap_or(0.0);
     (served, process)
+}
+
+/// Each stage account's emulated refresh seconds so far (`/amiflow-emulator/refreshes`).
+fn refresh_seconds(port: u16) -> BTreeMap<String, f64> {
+    let refreshes = e2e::http_json(port, "GET", "/amiflow-emulator/refreshes", None);
+    let mut out: BTreeMap<String, f64> = BTreeMap::new();
+    for r in refreshes["refreshes"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        if let (Some(account), Some(seconds)) = (r["account"].as_str(), r["seconds"].as_f64()) {
+            *out.entry(account.to_owned()).or_default() += seconds;
+        }
+    }
+    out
+}
+
+/// `amictl recall <ami> --now` as an operator runs it, and how long it took.
+fn recall_now(world: &World, policy: &std::path::Path, ami: &str) -> f64 {
+    let amictl = e2e::world::bin_dir().join("amictl");
+    let started = Instant::now();
+    let out = std::process::Command::new(&amictl)
+        .args(["recall", ami, "--now", "--reason", "bench: the move back"])
+        .arg("--config")
+        .arg(policy)
+        .env("AWS_ENDPOINT_URL", world.local.endpoint())
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_REGION", "us-east-1")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .expect("amictl runs");
+    assert!(
+        out.status.success(),
+        "amictl recall failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    started.elapsed().as_secs_f64()
 }
 
 /// One phase of the rollout and the least time each resource allows it.
@@ -503,6 +545,143 @@ async fn main() {
          per kind at most every `AMIFLOW_CONTROL_SECONDS` (10 s), however many groups it handles.\n",
     );
     body.push_str(&throttling(&proxy.records()[records_before..]));
+    body.push_str(
+        &move_back(
+            &world,
+            &driver,
+            &policy,
+            &candidate,
+            &mut audit,
+            &proxy,
+            concurrency,
+        )
+        .await,
+    );
     println!("{body}");
     e2e::write_benchmark_section(&format!("bench-rollout-{scale}"), &body);
+}
+
+/// Recall the new AMI at once (`amictl recall --now`); every group the rollout refreshed moves
+/// back to the AMI the stages held before, in every stage at the same time. Measured like a
+/// window; the section of BENCHMARKS.md that says how it went.
+async fn move_back(
+    world: &World,
+    driver: &local_world::Driver,
+    policy: &std::path::Path,
+    candidate: &str,
+    audit: &mut Audit,
+    proxy: &FaultProxy,
+    concurrency: u32,
+) -> String {
+    let port = world.local.emulator.port();
+    let previous = world.state["amis"]["current"].as_str().unwrap().to_owned();
+    let moved: BTreeMap<String, BTreeSet<String>> = driver
+        .stages
+        .iter()
+        .map(|stage| {
+            let groups = audit
+                .finished
+                .iter()
+                .filter(|((account, _, ami), said)| {
+                    *account == stage.account
+                        && *ami == candidate
+                        && said.first().is_some_and(|(o, _)| o == "succeeded")
+                })
+                .map(|((_, group, _), _)| group.clone())
+                .collect();
+            (stage.account.clone(), groups)
+        })
+        .collect();
+    let groups: usize = moved.values().map(BTreeSet::len).sum();
+    e2e::http_json(port, "POST", "/amiflow-emulator/calls", None);
+    let (_, process_before) = emulator_cpu(world, port);
+    let refresh_before = refresh_seconds(port);
+    let records_before = proxy.records().len();
+    let started = Instant::now();
+    let recall_seconds = recall_now(world, policy, candidate);
+    for stage in &driver.stages {
+        driver
+            .outcomes(
+                stage,
+                &previous,
+                &moved[&stage.account],
+                audit,
+                Duration::from_secs(3600),
+                |_| {},
+            )
+            .await
+            .unwrap_or_else(|e| panic!("the move back: {e:#}\n{}", world.logs()));
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let (served, process) = emulator_cpu(world, port);
+    let refresh = refresh_seconds(port)
+        .into_iter()
+        .map(|(account, s)| {
+            (s - refresh_before.get(&account).copied().unwrap_or(0.0)) / f64::from(concurrency)
+        })
+        .fold(0.0f64, f64::max);
+    let back = Phase {
+        name: "move back".into(),
+        wall,
+        served,
+        emulator: process - process_before,
+        rate: rate_floor(&proxy.records()[records_before..]).0,
+        refresh,
+    };
+    let succeeded = moved
+        .iter()
+        .flat_map(|(account, names)| names.iter().map(move |g| (account, g)))
+        .filter_map(|(account, g)| audit.outcomes(account, g, &previous))
+        .filter(|said| said.first().is_some_and(|(o, _)| o == "succeeded"))
+        .count();
+    let mut changes = 0u64;
+    for row in e2e::http_json(port, "GET", "/amiflow-emulator/calls", None)["calls"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        let (service, action) = (
+            row["service"].as_str().unwrap_or_default(),
+            row["action"].as_str().unwrap_or_default(),
+        );
+        if world
+            .worker_of_key(row["key"].as_str().unwrap_or_default())
+            .is_some()
+            && service != "sqs"
+            && service != "events"
+            && !["Describe", "Get", "List"]
+                .iter()
+                .any(|p| action.starts_with(p))
+        {
+            changes += row["count"].as_u64().unwrap_or(0);
+        }
+    }
+    println!(
+        "{}: {succeeded} of {groups} groups on {previous} again in {wall:.1} s (floor {:.1} s)",
+        back.name,
+        back.floor()
+    );
+    format!(
+        "\n### The move back (`amictl recall <the new AMI> --now`)\n\n\
+         After the rollout the new AMI is recalled as an operator recalls it (`amictl recall --now`:\n\
+         {recall_seconds:.1} s to record it and put `AmiRecalled` on the hub's bus). Every stage's parameter\n\
+         goes back to the AMI it held before and every group the rollout refreshed moves back through\n\
+         the plan and refresh path, all stages at once (the floor as above; the stages overlap, so the\n\
+         refresh floor is the busiest stage's).\n\n\
+         | phase | wall | emulator CPU serving calls | emulator CPU, whole process | AWS rate floor | refresh floor | floor | wall / floor |\n\
+         |---|---|---|---|---|---|---|---|\n\
+         | recall to every refreshed group back ({succeeded} of {groups} succeeded) | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | **{:.2}** (target ≤ 1.5) |\n\n\
+         Changes the workers made in the move back: {changes}, {:.2} per group moved back. No refresh to a\n\
+         recalled AMI starts once the recall is recorded: the refresh-worker reads the AMI's recall\n\
+         record afresh before a request's first change (`refresh::RecallCheck`), so after `amictl recall`\n\
+         returns only a request already past that read can still start one, not one a pause delay later.\n",
+        back.wall,
+        back.served,
+        back.emulator,
+        back.rate,
+        back.refresh,
+        back.floor(),
+        back.wall / back.floor().max(0.001),
+        changes as f64 / succeeded.max(1) as f64,
+    )
 }
