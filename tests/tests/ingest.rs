@@ -35,6 +35,25 @@ async fn new_ami(world: &World, name: &str, tags: &[(&str, &str)]) -> String {
         .to_owned()
 }
 
+/// EC2's "AMI State Change" to available for `ami`, as the default bus's rule delivers it.
+fn ami_available(hub: &str, ami: &str, n: u32) -> serde_json::Value {
+    json!({"version": "0", "id": format!("7f0b2b1e-1111-2222-3333-44445555{n:04}"),
+           "detail-type": "EC2 AMI State Change", "source": "aws.ec2", "account": hub,
+           "time": "2026-12-01T10:00:00Z", "region": "us-east-1",
+           "resources": [format!("arn:aws:ec2:us-east-1::image/{ami}")],
+           "detail": {"RequestId": format!("5e3a1c7d-aaaa-bbbb-cccc-ddddeeee{n:04}"), "ImageId": ami,
+                      "State": "available", "ErrorMessage": ""}})
+}
+
+/// Image Builder's "Image State Change" to AVAILABLE for the image build `arn`.
+fn image_available(hub: &str, arn: &str, n: u32) -> serde_json::Value {
+    json!({"version": "0", "id": format!("a1b2c3d4-5678-90ab-cdef-00000000{n:04}"),
+           "detail-type": "EC2 Image Builder Image State Change", "source": "aws.imagebuilder",
+           "account": hub, "time": "2026-12-01T11:00:00Z", "region": "us-east-1",
+           "resources": [arn],
+           "detail": {"previous-state": {"status": "TESTING"}, "state": {"status": "AVAILABLE"}}})
+}
+
 async fn deliver(world: &World, event: serde_json::Value) {
     let hub = world.hub();
     let sqs = aws_sdk_sqs::Client::new(world.config(&hub));
@@ -82,29 +101,12 @@ async fn ami_state_change_and_image_builder_events_publish_the_new_golden_ami() 
 
     // 1. EC2 AMI State Change: a golden AMI by name.
     let by_name = new_ami(&world, "golden-al2023-2026-12", &[]).await;
-    deliver(
-        &world,
-        json!({"version": "0", "id": "7f0b2b1e-1111-2222-3333-444455556666",
-               "detail-type": "EC2 AMI State Change", "source": "aws.ec2", "account": hub,
-               "time": "2026-12-01T10:00:00Z", "region": "us-east-1",
-               "resources": [format!("arn:aws:ec2:us-east-1::image/{by_name}")],
-               "detail": {"RequestId": "5e3a1c7d-aaaa-bbbb-cccc-ddddeeeeffff", "ImageId": by_name,
-                          "State": "available", "ErrorMessage": ""}}),
-    )
-    .await;
+    deliver(&world, ami_available(&hub, &by_name, 1)).await;
     first_stage_only(&world, &by_name, &before).await;
 
     // 2. An AMI of no golden family: ignored, nothing moves, nothing dead-lettered.
     let other = new_ami(&world, "team-experiment-42", &[]).await;
-    deliver(
-        &world,
-        json!({"version": "0", "id": "7f0b2b1e-1111-2222-3333-444455556667",
-               "detail-type": "EC2 AMI State Change", "source": "aws.ec2", "account": hub,
-               "time": "2026-12-01T10:05:00Z", "region": "us-east-1", "resources": [],
-               "detail": {"RequestId": "5e3a1c7d-aaaa-bbbb-cccc-ddddeeeefff0", "ImageId": other,
-                          "State": "available", "ErrorMessage": ""}}),
-    )
-    .await;
+    deliver(&world, ami_available(&hub, &other, 2)).await;
 
     // 3. Image Builder: the event names the image build; the AMI is found by its tag.
     let arn = format!("arn:aws:imagebuilder:us-east-1:{hub}:image/golden-al2023/2026.12.2/1");
@@ -117,15 +119,7 @@ async fn ami_state_change_and_image_builder_events_publish_the_new_golden_ami() 
         ],
     )
     .await;
-    deliver(
-        &world,
-        json!({"version": "0", "id": "a1b2c3d4-5678-90ab-cdef-000000000001",
-               "detail-type": "EC2 Image Builder Image State Change", "source": "aws.imagebuilder",
-               "account": hub, "time": "2026-12-01T11:00:00Z", "region": "us-east-1",
-               "resources": [arn],
-               "detail": {"previous-state": {"status": "TESTING"}, "state": {"status": "AVAILABLE"}}}),
-    )
-    .await;
+    deliver(&world, image_available(&hub, &arn, 1)).await;
     first_stage_only(&world, &built, &before).await;
 
     world
@@ -186,12 +180,7 @@ async fn a_family_that_trusts_only_its_builds_refuses_an_ami_made_by_hand_until_
 
     // 1. Made by hand: refused, with the way to trust it.
     let by_hand = new_ami(&world, "golden-al2023-2026-12", &[]).await;
-    let state_change = json!({"version": "0", "id": "7f0b2b1e-1111-2222-3333-444455550001",
-        "detail-type": "EC2 AMI State Change", "source": "aws.ec2", "account": hub,
-        "time": "2026-12-01T10:00:00Z", "region": "us-east-1",
-        "resources": [format!("arn:aws:ec2:us-east-1::image/{by_hand}")],
-        "detail": {"RequestId": "5e3a1c7d-aaaa-bbbb-cccc-ddddeeee0001", "ImageId": by_hand,
-                   "State": "available", "ErrorMessage": ""}});
+    let state_change = ami_available(&hub, &by_hand, 3);
     deliver(&world, state_change.clone()).await;
     let refused = e2e::eventually(
         "the hand-made AMI's event in the ingest DLQ",
@@ -238,15 +227,7 @@ async fn a_family_that_trusts_only_its_builds_refuses_an_ami_made_by_hand_until_
         &[("Ec2ImageBuilderArn", &arn)],
     )
     .await;
-    deliver(
-        &world,
-        json!({"version": "0", "id": "a1b2c3d4-5678-90ab-cdef-000000000002",
-               "detail-type": "EC2 Image Builder Image State Change", "source": "aws.imagebuilder",
-               "account": hub, "time": "2026-12-01T11:00:00Z", "region": "us-east-1",
-               "resources": [arn],
-               "detail": {"previous-state": {"status": "TESTING"}, "state": {"status": "AVAILABLE"}}}),
-    )
-    .await;
+    deliver(&world, image_available(&hub, &arn, 2)).await;
     first_stage_only(&world, &built, &before).await;
     world
         .settle(Duration::from_secs(2), Duration::from_secs(60))

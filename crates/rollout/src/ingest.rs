@@ -125,6 +125,17 @@ mod tests {
         aws
     }
 
+    /// Change the test's one image in place.
+    fn edit(aws: &FakeAws, change: impl FnOnce(&mut Image)) {
+        change(
+            aws.images
+                .lock()
+                .unwrap()
+                .get_mut("ami-0000000000000000b")
+                .unwrap(),
+        );
+    }
+
     fn change(state: &str) -> AmiStateChange {
         AmiStateChange {
             account: "111111111111".into(),
@@ -179,13 +190,9 @@ mod tests {
         policy.families[0].approval_tag = Some("amiflow:approved".into());
         let aws = aws_with("golden-al2023-2026-11");
         let set_tag = |key: &str, value: &str| {
-            aws.images
-                .lock()
-                .unwrap()
-                .get_mut("ami-0000000000000000b")
-                .unwrap()
-                .tags
-                .insert(key.into(), value.into());
+            edit(&aws, |i| {
+                i.tags.insert(key.into(), value.into());
+            })
         };
         let refusal = |err: StepError| match err {
             StepError::Permanent(why) => why,
@@ -210,13 +217,7 @@ mod tests {
         assert_eq!(only_built(&approved).ami_id, "ami-0000000000000000b");
 
         // Made by a trusted Image Builder image: no approval needed.
-        aws.images
-            .lock()
-            .unwrap()
-            .get_mut("ami-0000000000000000b")
-            .unwrap()
-            .tags
-            .clear();
+        edit(&aws, |i| i.tags.clear());
         set_tag(IMAGE_BUILDER_TAG, ARN);
         let out = ingest_image_builder(&builder("AVAILABLE", "111111111111"), &aws, &policy)
             .await
@@ -245,12 +246,7 @@ mod tests {
     #[tokio::test]
     async fn an_ami_the_hub_does_not_own_is_refused() {
         let aws = aws_with("golden-al2023-2026-11");
-        aws.images
-            .lock()
-            .unwrap()
-            .get_mut("ami-0000000000000000b")
-            .unwrap()
-            .owner = "999999999999".into();
+        edit(&aws, |i| i.owner = "999999999999".into());
         let err = ingest_ami(&change("available"), &aws, &policy())
             .await
             .unwrap_err();

@@ -95,12 +95,18 @@ fn refresh_seconds(port: u16) -> BTreeMap<String, f64> {
     out
 }
 
-/// `amictl recall <ami> --now` as an operator runs it, and how long it took.
-fn recall_now(world: &World, policy: &std::path::Path, ami: &str) -> f64 {
+/// `amictl <args> --config <policy>` run as an operator runs it against AWS (the standard
+/// credentials, the policy's role per account), and how long it took.
+fn operator(world: &World, policy: &std::path::Path, args: &[&str]) -> (std::process::Output, f64) {
     let amictl = e2e::world::bin_dir().join("amictl");
+    assert!(
+        amictl.exists(),
+        "{} is missing: build it first (`cargo build -p rollout -p amictl --bins`, as `just bench-rollout` does)",
+        amictl.display()
+    );
     let started = Instant::now();
     let out = std::process::Command::new(&amictl)
-        .args(["recall", ami, "--now", "--reason", "bench: the move back"])
+        .args(args)
         .arg("--config")
         .arg(policy)
         .env("AWS_ENDPOINT_URL", world.local.endpoint())
@@ -110,13 +116,23 @@ fn recall_now(world: &World, policy: &std::path::Path, ami: &str) -> f64 {
         .env_remove("AWS_PROFILE")
         .output()
         .expect("amictl runs");
+    (out, started.elapsed().as_secs_f64())
+}
+
+/// `amictl recall <ami> --now` as an operator runs it, and how long it took.
+fn recall_now(world: &World, policy: &std::path::Path, ami: &str) -> f64 {
+    let (out, took) = operator(
+        world,
+        policy,
+        &["recall", ami, "--now", "--reason", "bench: the move back"],
+    );
     assert!(
         out.status.success(),
         "amictl recall failed ({}):\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    started.elapsed().as_secs_f64()
+    took
 }
 
 /// One phase of the rollout and the least time each resource allows it.
@@ -200,24 +216,7 @@ fn throttling(records: &[CallRecord]) -> String {
 /// How long `amictl plan --ami <candidate> --json` takes over the whole world, run as an operator
 /// runs it against AWS (`--config`, the standard credentials, the policy's role per account).
 fn plan_seconds(world: &World, policy: &std::path::Path, candidate: &str) -> f64 {
-    let amictl = e2e::world::bin_dir().join("amictl");
-    assert!(
-        amictl.exists(),
-        "{} is missing: build it first (`cargo build -p rollout -p amictl --bins`, as `just bench-rollout` does)",
-        amictl.display()
-    );
-    let started = Instant::now();
-    let out = std::process::Command::new(&amictl)
-        .args(["plan", "--ami", candidate, "--json", "--config"])
-        .arg(policy)
-        .env("AWS_ENDPOINT_URL", world.local.endpoint())
-        .env("AWS_ACCESS_KEY_ID", "testing")
-        .env("AWS_SECRET_ACCESS_KEY", "testing")
-        .env("AWS_REGION", "us-east-1")
-        .env_remove("AWS_PROFILE")
-        .output()
-        .expect("amictl runs");
-    let took = started.elapsed().as_secs_f64();
+    let (out, took) = operator(world, policy, &["plan", "--ami", candidate, "--json"]);
     let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "amictl plan printed no plan ({e}, {}):\n{}",
