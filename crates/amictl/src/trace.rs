@@ -349,7 +349,7 @@ pub fn table(steps: &[TraceStep]) -> Table {
 }
 
 /// `2026-12-01 10:00:01.234`: RFC 3339 to the millisecond, for reading.
-fn short_time(at: &str) -> String {
+pub fn short_time(at: &str) -> String {
     chrono::DateTime::parse_from_rfc3339(at).map_or_else(
         |_| at.to_owned(),
         |t| t.to_utc().format("%Y-%m-%d %H:%M:%S%.3f").to_string(),

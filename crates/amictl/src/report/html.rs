@@ -9,9 +9,11 @@ use std::fmt::Write;
 
 use super::{Report, StageReport};
 use crate::compliance::{AmiClass, InstanceCounts};
+use crate::trace::short_time;
 
 /// The page's style: plain, printable, readable without colour (every bar is also a number).
 const STYLE: &str = r#"
+*{box-sizing:border-box}
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d2327;margin:0 auto;padding:24px;max-width:1200px}
 h1{font-size:24px;margin:0 0 4px}h2{font-size:19px;margin:32px 0 8px;border-bottom:1px solid #ccd0d4;padding-bottom:4px}
 h3{font-size:15px;margin:20px 0 6px}
@@ -21,6 +23,7 @@ th,td{border:1px solid #dcdcde;padding:4px 8px;text-align:left;vertical-align:to
 th{background:#f6f7f7;font-weight:600}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 code,.id{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px;white-space:nowrap}
+.id.wrap{white-space:normal;overflow-wrap:anywhere}
 .attention{border-left:4px solid #b32d2e;background:#fcf0f1;padding:8px 12px;margin:12px 0}
 .ok{border-left:4px solid #00a32a;background:#edfaef;padding:8px 12px;margin:12px 0}
 .chip{display:inline-block;padding:0 6px;border-radius:3px;color:#fff;font-size:12px}
@@ -68,6 +71,11 @@ fn percent(part: usize, whole: usize) -> String {
     }
 }
 
+/// A day, for an AMI's creation.
+fn day(at: Option<chrono::DateTime<chrono::Utc>>) -> Option<String> {
+    at.map(|t| t.format("%Y-%m-%d").to_string())
+}
+
 fn or_dash(value: Option<&str>) -> String {
     value.map_or_else(|| "-".into(), esc)
 }
@@ -82,13 +90,14 @@ pub fn render(report: &Report) -> String {
     );
     let _ = write!(
         page,
-        "<header>\n<h1>Golden AMI compliance</h1>\n<p class=\"meta\">Made <time id=\"generated-at\" datetime=\"{at}\">{at}</time> by <code>amictl report</code> from {scope}, report version <span id=\"report-version\">{version}</span>; window history {since}.</p>\n</header>\n",
+        "<header>\n<h1>Golden AMI compliance</h1>\n<p class=\"meta\">Made <time id=\"generated-at\" datetime=\"{at}\">{shown}</time> by <code>amictl report</code> from {scope}, report version <span id=\"report-version\">{version}</span>; window history {since}.</p>\n</header>\n",
         at = esc(&report.generated_at.to_rfc3339()),
+        shown = report.generated_at.format("%Y-%m-%d %H:%M:%S UTC"),
         scope = esc(&report.scope),
         version = report.version,
         since = report.since.map_or_else(
             || "as far back as recorded".to_owned(),
-            |t| format!("since {}", esc(&t.to_rfc3339()))
+            |t| format!("since {}", t.format("%Y-%m-%d %H:%M:%S UTC"))
         ),
     );
     match &s.attention {
@@ -314,7 +323,7 @@ fn stage_section(index: usize, st: &StageReport) -> String {
             esc(&p.name),
             or_dash(p.ami.as_deref()),
             p.version.map_or_else(|| "-".into(), |v| v.to_string()),
-            or_dash(p.ami_created_at.map(|t| t.to_rfc3339()).as_deref()),
+            or_dash(day(p.ami_created_at).as_deref()),
             p.ami_age_days.map_or_else(|| "-".into(), |d| d.to_string()),
             or_dash(p.previous_ami.as_deref()),
         );
@@ -361,18 +370,26 @@ fn stage_section(index: usize, st: &StageReport) -> String {
         }
         h.push_str("</tbody></table>\n");
     }
-    h.push_str("<h3>Groups and their last refresh</h3>\n<table class=\"groups\"><thead><tr><th>group</th><th>state</th><th class=\"n\">instances</th><th>last rollout</th><th>outcome</th><th>instance refresh</th><th>window closed</th><th>finished</th></tr></thead><tbody>\n");
+    h.push_str("<h3>Groups and their last refresh</h3>\n<table class=\"groups\"><thead><tr><th>group</th><th>state</th><th class=\"n\">instances</th><th>last rollout</th><th>outcome</th><th>instance refresh</th><th>window closes (UTC)</th><th>finished (UTC)</th></tr></thead><tbody>\n");
     for g in &st.groups {
         let last = g.last_refresh.as_ref();
         let _ = writeln!(
             h,
-            "<tr data-group=\"{name}\"><td class=\"id\">{name}</td><td class=\"state-{state}\">{state}</td><td class=\"n\">{}</td><td class=\"id\">{}</td><td>{}</td><td class=\"id\">{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr data-group=\"{name}\"><td class=\"id\">{name}</td><td class=\"state-{state}\">{state}</td><td class=\"n\">{}</td><td class=\"id\">{}</td><td>{}</td><td class=\"id wrap\">{}</td><td>{}</td><td>{}</td></tr>",
             g.instances.len(),
             or_dash(last.map(|l| l.rollout_id.as_str())),
             or_dash(last.map(|l| l.outcome.as_str())),
             or_dash(last.and_then(|l| l.instance_refresh_id.as_deref())),
-            or_dash(last.and_then(|l| l.window_closes_at.as_deref())),
-            or_dash(last.and_then(|l| l.finished_at.as_deref())),
+            or_dash(
+                last.and_then(|l| l.window_closes_at.as_deref())
+                    .map(short_time)
+                    .as_deref()
+            ),
+            or_dash(
+                last.and_then(|l| l.finished_at.as_deref())
+                    .map(short_time)
+                    .as_deref()
+            ),
             name = esc(&g.name),
             state = g.state.as_str(),
         );
@@ -387,7 +404,7 @@ fn stage_section(index: usize, st: &StageReport) -> String {
                 esc(&g.name),
                 esc(&i.id),
                 or_dash(i.ami.as_deref()),
-                or_dash(i.ami_created_at.map(|t| t.to_rfc3339()).as_deref()),
+                or_dash(day(i.ami_created_at).as_deref()),
                 i.ami_age_days.map_or_else(|| "-".into(), |d| d.to_string()),
                 is = i.ami_is.as_str(),
             );
@@ -402,12 +419,12 @@ fn stage_section(index: usize, st: &StageReport) -> String {
     if st.history.is_empty() {
         h.push_str("<p>Nothing recorded in this period.</p>\n");
     } else {
-        h.push_str("<table class=\"history\"><thead><tr><th>when</th><th>what</th><th>rollout</th><th>on</th><th>result</th></tr></thead><tbody>\n");
+        h.push_str("<table class=\"history\"><thead><tr><th>when (UTC)</th><th>what</th><th>rollout</th><th>on</th><th>result</th></tr></thead><tbody>\n");
         for e in &st.history {
             let _ = writeln!(
                 h,
                 "<tr><td class=\"id\">{}</td><td>{}</td><td class=\"id\">{}</td><td class=\"id\">{}</td><td>{}</td></tr>",
-                esc(&e.at),
+                esc(&short_time(&e.at)),
                 esc(&e.step),
                 esc(&e.rollout_id),
                 esc(&e.subject),
