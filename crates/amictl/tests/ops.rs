@@ -1870,6 +1870,9 @@ fn dom_text(s: &str) -> String {
         .replace('\u{a0}', "&nbsp;")
 }
 
+/// A group name that is markup.
+const HOSTILE: &str = "qa-<script>alert(\"a&b\")</script>";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_html_report_rendered_by_chromium_shows_what_status_says() {
     let w = World::up(&[]);
@@ -1883,7 +1886,7 @@ async fn the_html_report_rendered_by_chromium_shows_what_status_says() {
     );
     // The world is at rest once no group of qa is stale or refreshing (the next stage is only
     // promoted in its own window): `status` and `report` then read the same AWS.
-    let status = wait_for("qa's window to end", Duration::from_secs(240), || {
+    wait_for("qa's window to end", Duration::from_secs(240), || {
         let status = w.json(&["status", "--json"]);
         let busy: Vec<String> = status
             .as_array()
@@ -1895,11 +1898,42 @@ async fn the_html_report_rendered_by_chromium_shows_what_status_says() {
             .map(|g| format!("{} ({})", g["name"], g["state"]))
             .collect();
         if busy.is_empty() {
-            Ok(status)
+            Ok(())
         } else {
             Err(busy.join(", "))
         }
     });
+    // A group whose name is markup (Auto Scaling takes almost any character): the page shows it
+    // as text and the browser builds no element from it.
+    let qa = aws_sdk_autoscaling::Client::new(&w.config("qa").await);
+    let groups = qa.describe_auto_scaling_groups().send().await.unwrap();
+    let model = groups
+        .auto_scaling_groups()
+        .iter()
+        .find(|g| g.launch_template().is_some())
+        .expect("a group of qa with a launch template");
+    qa.create_auto_scaling_group()
+        .auto_scaling_group_name(HOSTILE)
+        // By name alone: the emulator refuses a specification with both the id and the name.
+        .launch_template(
+            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                .set_launch_template_name(
+                    model
+                        .launch_template()
+                        .and_then(|t| t.launch_template_name())
+                        .map(str::to_owned),
+                )
+                .version("$Latest")
+                .build(),
+        )
+        .set_vpc_zone_identifier(model.vpc_zone_identifier().map(str::to_owned))
+        .min_size(0)
+        .max_size(1)
+        .desired_capacity(0)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{}", aws_sdk_autoscaling::error::DisplayErrorContext(e)));
+    let status = w.json(&["status", "--json"]);
     let status_code = w.run(&["status"]).status.code();
 
     let page = w.path().join("compliance.html");
@@ -1926,6 +1960,10 @@ async fn the_html_report_rendered_by_chromium_shows_what_status_says() {
     }
     let dom = rendered(&page);
     assert!(!dom.contains("<script"), "no script in the rendered page");
+    assert!(
+        dom.contains(&format!("<td class=\"id\">{}</td>", dom_text(HOSTILE))),
+        "the group named with markup is listed as text"
+    );
 
     // Every stage's figures, its chart and its instance rows, against `status --json`.
     let mut totals = [0u64; 4];
@@ -2007,7 +2045,10 @@ async fn the_html_report_rendered_by_chromium_shows_what_status_says() {
         for g in &left_behind {
             let listed = between(
                 section,
-                &format!("<tr data-group=\"{}\">", g["name"].as_str().unwrap()),
+                &format!(
+                    "<tr><td class=\"id\">{}</td>",
+                    dom_text(g["name"].as_str().unwrap())
+                ),
                 "</tr>",
             );
             assert!(

@@ -357,7 +357,7 @@ fn stage_section(index: usize, st: &StageReport) -> String {
             let n = &g.instances_by_ami;
             let _ = writeln!(
                 h,
-                "<tr data-group=\"{name}\"><td class=\"id\">{name}</td><td class=\"state-{state}\">{state}</td><td class=\"id\">{}</td><td class=\"n\">{} / {} / {} / {}</td><td>{}</td></tr>",
+                "<tr><td class=\"id\">{name}</td><td class=\"state-{state}\">{state}</td><td class=\"id\">{}</td><td class=\"n\">{} / {} / {} / {}</td><td>{}</td></tr>",
                 or_dash(g.ami.as_deref()),
                 n.golden,
                 n.previous_golden,
@@ -375,7 +375,7 @@ fn stage_section(index: usize, st: &StageReport) -> String {
         let last = g.last_refresh.as_ref();
         let _ = writeln!(
             h,
-            "<tr data-group=\"{name}\"><td class=\"id\">{name}</td><td class=\"state-{state}\">{state}</td><td class=\"n\">{}</td><td class=\"id\">{}</td><td>{}</td><td class=\"id wrap\">{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td class=\"id\">{name}</td><td class=\"state-{state}\">{state}</td><td class=\"n\">{}</td><td class=\"id\">{}</td><td>{}</td><td class=\"id wrap\">{}</td><td>{}</td><td>{}</td></tr>",
             g.instances.len(),
             or_dash(last.map(|l| l.rollout_id.as_str())),
             or_dash(last.map(|l| l.outcome.as_str())),
