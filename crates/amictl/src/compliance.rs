@@ -63,6 +63,51 @@ pub struct GroupStatus {
     pub instances_off_golden: usize,
     /// The group's instances by the AMI each runs.
     pub instances_by_ami: InstanceCounts,
+    /// Each instance (id) with the AMI it runs (`None` when it could not be read), as counted in
+    /// `instances_by_ami`; for `amictl report`, not part of `status --json`.
+    #[serde(skip)]
+    pub instance_amis: Vec<(String, Option<String>)>,
+    /// The refresh-worker's last mark on the group, whatever AMI it is for (the `state` above
+    /// only reads a mark for the current golden AMI); for `amictl report`.
+    #[serde(skip)]
+    pub last_mark: Option<rollout::mark::Record>,
+}
+
+/// What an instance's AMI is to its group's golden parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AmiClass {
+    /// The parameter's current AMI.
+    Golden,
+    /// The value the parameter held before the current one.
+    PreviousGolden,
+    /// Any earlier value of the parameter.
+    OlderGolden,
+    /// Anything else (see [`InstanceCounts::other`]).
+    Other,
+}
+
+impl AmiClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AmiClass::Golden => "golden",
+            AmiClass::PreviousGolden => "previous-golden",
+            AmiClass::OlderGolden => "older-golden",
+            AmiClass::Other => "other",
+        }
+    }
+
+    /// Judge `ami` against a parameter's `history` (oldest first, the current value last).
+    pub fn of(ami: Option<&String>, history: &[String]) -> Self {
+        let current = history.last();
+        let previous = history.iter().rev().find(|h| Some(*h) != current);
+        match ami {
+            Some(a) if Some(a) == current => AmiClass::Golden,
+            Some(a) if Some(a) == previous => AmiClass::PreviousGolden,
+            Some(a) if history.contains(a) => AmiClass::OlderGolden,
+            _ => AmiClass::Other,
+        }
+    }
 }
 
 /// Instances counted by the AMI they run, against their group's golden parameter.
@@ -83,18 +128,40 @@ impl InstanceCounts {
     /// Count `amis` (one per instance) against a parameter's `history` (oldest first, the
     /// current value last).
     fn of<'a>(amis: impl IntoIterator<Item = Option<&'a String>>, history: &[String]) -> Self {
-        let current = history.last();
-        let previous = history.iter().rev().find(|h| Some(*h) != current);
         let mut counts = InstanceCounts::default();
         for ami in amis {
-            match ami {
-                Some(a) if Some(a) == current => counts.golden += 1,
-                Some(a) if Some(a) == previous => counts.previous_golden += 1,
-                Some(a) if history.contains(a) => counts.older_golden += 1,
-                _ => counts.other += 1,
-            }
+            *match AmiClass::of(ami, history) {
+                AmiClass::Golden => &mut counts.golden,
+                AmiClass::PreviousGolden => &mut counts.previous_golden,
+                AmiClass::OlderGolden => &mut counts.older_golden,
+                AmiClass::Other => &mut counts.other,
+            } += 1;
         }
         counts
+    }
+
+    /// The instances counted as `class`.
+    pub fn of_class(&self, class: AmiClass) -> usize {
+        match class {
+            AmiClass::Golden => self.golden,
+            AmiClass::PreviousGolden => self.previous_golden,
+            AmiClass::OlderGolden => self.older_golden,
+            AmiClass::Other => self.other,
+        }
+    }
+
+    /// The sum of two counts.
+    pub fn plus(self, other: InstanceCounts) -> Self {
+        InstanceCounts {
+            golden: self.golden + other.golden,
+            previous_golden: self.previous_golden + other.previous_golden,
+            older_golden: self.older_golden + other.older_golden,
+            other: self.other + other.other,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.golden + self.previous_golden + self.older_golden + self.other
     }
 
     fn off_golden(&self) -> usize {
@@ -115,6 +182,10 @@ pub struct AccountCompliance {
     pub stage: String,
     pub parameters: Vec<ParameterStatus>,
     pub groups: Vec<GroupStatus>,
+    /// Each golden parameter's history (oldest first, the current value last), which every
+    /// instance was judged against; for `amictl report`.
+    #[serde(skip)]
+    pub histories: HashMap<String, Vec<String>>,
 }
 
 impl AccountCompliance {
@@ -189,10 +260,12 @@ pub async fn account(
             .as_ref()
             .and_then(|p| parameters.iter().find(|s| &s.name == p))
             .and_then(|s| s.ami.clone());
-        let record = marks
+        let last_mark = marks
             .read(&j.group.group)
             .await
-            .with_context(|| format!("reading the mark of {}", j.group.group.name))?
+            .with_context(|| format!("reading the mark of {}", j.group.group.name))?;
+        let record = last_mark
+            .clone()
             .filter(|r| Some(&r.mark.ami) == target.as_ref());
         let mark = record.as_ref().map(|r| &r.mark);
         let instances = j.group.group.instance_ids.len();
@@ -231,12 +304,15 @@ pub async fn account(
             },
         };
         let no_history = Vec::new();
+        let amis: Vec<(String, Option<String>)> = j
+            .group
+            .group
+            .instance_ids
+            .iter()
+            .map(|id| (id.clone(), instance_amis.get(id).cloned()))
+            .collect();
         let instances_by_ami = InstanceCounts::of(
-            j.group
-                .group
-                .instance_ids
-                .iter()
-                .map(|id| instance_amis.get(id)),
+            amis.iter().map(|(_, ami)| ami.as_ref()),
             j.parameter
                 .as_ref()
                 .and_then(|p| histories.get(p))
@@ -256,6 +332,8 @@ pub async fn account(
             needs_refresh: j.parameter.is_some() && j.needs_refresh(),
             instances_off_golden,
             instances_by_ami,
+            instance_amis: amis,
+            last_mark,
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -264,6 +342,7 @@ pub async fn account(
         stage: stage.name.clone(),
         parameters,
         groups: out,
+        histories,
     })
 }
 

@@ -14,6 +14,7 @@ mod plan;
 mod procs;
 mod queues;
 mod recall;
+mod report;
 mod rerun;
 mod scope;
 mod status;
@@ -30,7 +31,7 @@ use clap::{CommandFactory, Parser, Subcommand};
     version,
     about = "Operate amiflow: run it locally against an emulated AWS, inspect and drive rollouts",
     long_about = "Operate amiflow: run it locally against an emulated AWS, inspect and drive rollouts.\n\nEvery command that reads or changes AWS acts on the local world (amictl local up) unless --config names the rollout policy; then it acts in the policy's region (or --region; never AWS_REGION) with the standard AWS credential chain (--profile, AWS_PROFILE, SSO, environment) and assumes the policy's role_name in the other accounts. These flags go before or after the command.",
-    after_help = "Examples:\n  amictl demo                                   # a whole rollout, locally\n  amictl local up && eval \"$(amictl local env)\"\n  amictl status --stage prod\n  amictl plan --stage prod\n  amictl pause --all --reason \"incident 42\"\n  amictl recall ami-0123456789abcdef0 --reason \"CVE-2026-1234\" --dry-run\n  amictl dlq list\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0\n  amictl completions bash > /etc/bash_completion.d/amictl"
+    after_help = "Examples:\n  amictl demo                                   # a whole rollout, locally\n  amictl local up && eval \"$(amictl local env)\"\n  amictl status --stage prod\n  amictl report --out compliance.html\n  amictl plan --stage prod\n  amictl pause --all --reason \"incident 42\"\n  amictl recall ami-0123456789abcdef0 --reason \"CVE-2026-1234\" --dry-run\n  amictl dlq list\n  amictl trace /golden/al2023/ami-id@ami-0123456789abcdef0\n  amictl completions bash > /etc/bash_completion.d/amictl"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -58,6 +59,10 @@ enum Command {
     /// Compliance per stage, read from AWS: golden parameters, groups current / stale /
     /// refreshing / failed / skipped, instances not on the golden AMI.
     Status(status::StatusArgs),
+    /// Compliance evidence for auditors in one file (HTML with charts, JSON or CSV): every
+    /// instance's AMI, its age, each group's last refresh and why it was left behind, the window
+    /// history.
+    Report(report::ReportArgs),
     /// The story of one rollout: which step happened when, in which account, with which result.
     Trace(trace::TraceArgs),
     /// What each stage's next window would do to every group, and each stage's gate.
@@ -92,6 +97,7 @@ async fn main() -> ExitCode {
         Command::Dlq(command) => dlq::run(command, &cli.scope).await,
         Command::Rerun(command) => rerun::run(command, &cli.scope).await,
         Command::Status(args) => status::run(args, &cli.scope).await,
+        Command::Report(args) => report::run(args, &cli.scope).await,
         Command::Trace(args) => trace::run(args, &cli.scope).await,
         Command::Plan(args) => plan::run(args, &cli.scope).await,
         Command::Pause(args) => control::pause(args, &cli.scope).await,
@@ -161,7 +167,7 @@ mod tests {
         let script = String::from_utf8(out).unwrap();
         for command in [
             "inject", "dlq", "replay", "rerun", "trace", "status", "local", "plan", "pause",
-            "resume", "approve", "recall",
+            "resume", "approve", "recall", "report",
         ] {
             assert!(
                 script.contains(command),

@@ -31,12 +31,16 @@ pub struct StatusArgs {
     all: bool,
 }
 
-pub async fn run(args: StatusArgs, scope: &ScopeArgs) -> Result<()> {
-    let scope = Scope::open(scope).await?;
+/// The compliance of `stage` (a stage name or account id; every stage when `None`), and each
+/// stage's gates, failures and pause: what `status` and `report` show.
+pub async fn judge(
+    scope: &Scope,
+    stage: Option<&str>,
+) -> Result<(Vec<AccountCompliance>, Preview)> {
     let mut reports = Vec::new();
-    for account in scope.select(args.stage.as_deref())? {
-        let Some(stage) = scope.stage_policy(account) else {
-            if args.stage.is_some() {
+    for account in scope.select(stage)? {
+        let Some(policy_stage) = scope.stage_policy(account) else {
+            if stage.is_some() {
                 bail!(
                     "{} is the hub, not a stage: it has no golden parameters to comply with",
                     account.label()
@@ -44,13 +48,19 @@ pub async fn run(args: StatusArgs, scope: &ScopeArgs) -> Result<()> {
             }
             continue;
         };
-        reports.push(compliance::account(&account.config, &scope.policy, stage).await?);
+        reports.push(compliance::account(&account.config, &scope.policy, policy_stage).await?);
     }
-    let only = match &args.stage {
+    let only = match stage {
         Some(one) => Some(scope.account(one)?.stage.clone()),
         None => None,
     };
-    let gates = crate::plan::preview(&scope, only.as_deref(), None).await?;
+    let gates = crate::plan::preview(scope, only.as_deref(), None).await?;
+    Ok((reports, gates))
+}
+
+pub async fn run(args: StatusArgs, scope: &ScopeArgs) -> Result<()> {
+    let scope = Scope::open(scope).await?;
+    let (reports, gates) = judge(&scope, args.stage.as_deref()).await?;
     let recalls = rollout::control::Recalls::read(&crate::control::Hub::of(&scope).records)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
@@ -84,10 +94,14 @@ pub async fn run(args: StatusArgs, scope: &ScopeArgs) -> Result<()> {
             println!("\n{details}");
         }
     }
-    // Exit 3 when something needs a person (what a cron job or a script gates on): a stage
-    // halted, as `amictl plan`, or a group whose last refresh failed or rolled back.
-    let halted = crate::plan::halted_verdict(&gates);
-    let failed = failed_groups(&reports);
+    verdict(&reports, &gates)
+}
+
+/// Exit 3 when something needs a person (what a cron job or a script gates on): a stage halted,
+/// as `amictl plan`, or a group whose last refresh failed or rolled back.
+pub fn verdict(reports: &[AccountCompliance], gates: &Preview) -> Result<()> {
+    let halted = crate::plan::halted_verdict(gates);
+    let failed = failed_groups(reports);
     match (halted, failed.is_empty()) {
         (Ok(()), true) => Ok(()),
         (Err(halted), true) => Err(halted),
@@ -380,6 +394,8 @@ mod tests {
                 older_golden: 1,
                 ..InstanceCounts::default()
             },
+            instance_amis: Vec::new(),
+            last_mark: None,
         }
     }
 
@@ -409,6 +425,7 @@ mod tests {
                     "waiting for the stage's next window",
                 ),
             ],
+            histories: Default::default(),
         }];
         let ids = [
             "prod-payments-api-blue-green-eu-west-1a",

@@ -85,6 +85,7 @@ pub async fn run(args: TraceArgs, scope: &ScopeArgs) -> Result<()> {
         &scope,
         &args.log_group,
         &format!("\"{}\"", args.rollout_id),
+        None,
         |v| v["detail"]["rollout_id"].as_str() == Some(args.rollout_id.as_str()),
     )
     .await?;
@@ -95,9 +96,13 @@ pub async fn run(args: TraceArgs, scope: &ScopeArgs) -> Result<()> {
         // The moves back belong to the rollout of the AMI gone back to; the recall caused them.
         let recalled = events::keys::recalled(ami);
         audited.extend(
-            audit_events(&scope, &args.log_group, &format!("\"{recalled}\""), |v| {
-                v["detail"]["caused_by"].as_str() == Some(recalled.as_str())
-            })
+            audit_events(
+                &scope,
+                &args.log_group,
+                &format!("\"{recalled}\""),
+                None,
+                |v| v["detail"]["caused_by"].as_str() == Some(recalled.as_str()),
+            )
             .await?,
         );
     }
@@ -203,11 +208,12 @@ fn verdict(steps: &[TraceStep]) -> Result<()> {
 }
 
 /// Every audit event matching `pattern` that `keep` accepts, as EventBridge wrote it to the log
-/// group.
-async fn audit_events(
+/// group (from `since` on, when given).
+pub async fn audit_events(
     scope: &Scope,
     group: &str,
     pattern: &str,
+    since: Option<chrono::DateTime<chrono::Utc>>,
     keep: impl Fn(&Value) -> bool,
 ) -> Result<Vec<Value>> {
     let hub = scope.hub();
@@ -218,6 +224,7 @@ async fn audit_events(
         .log_group_name(group)
         // A quoted term matches the exact text; the detail is checked again below.
         .filter_pattern(pattern)
+        .set_start_time(since.map(|t| t.timestamp_millis()))
         .into_paginator()
         .send();
     while let Some(page) = pages.next().await {
@@ -342,7 +349,7 @@ pub fn table(steps: &[TraceStep]) -> Table {
 }
 
 /// `2026-12-01 10:00:01.234`: RFC 3339 to the millisecond, for reading.
-fn short_time(at: &str) -> String {
+pub fn short_time(at: &str) -> String {
     chrono::DateTime::parse_from_rfc3339(at).map_or_else(
         |_| at.to_owned(),
         |t| t.to_utc().format("%Y-%m-%d %H:%M:%S%.3f").to_string(),

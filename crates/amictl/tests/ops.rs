@@ -119,6 +119,26 @@ impl World {
     fn policy_file(&self) -> PathBuf {
         PathBuf::from(self.state["config_file"].as_str().unwrap())
     }
+
+    /// `rerun ami` to qa alone, then wait until qa's golden parameter holds `ami`.
+    fn publish_in_qa(&self, ami: &str) {
+        ok(
+            &self.run(&["rerun", "ami", ami, "--targets", "qa"]),
+            "rerun ami",
+        );
+        wait_for("qa's golden parameter", Duration::from_secs(60), || {
+            let status = self.json(&["status", "--stage", "qa", "--json"]);
+            let holds = &status[0]["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["name"] == PARAMETER)
+                .unwrap()["ami"];
+            (*holds == ami)
+                .then_some(())
+                .ok_or(format!("holds {holds}"))
+        });
+    }
 }
 
 impl Drop for World {
@@ -1461,25 +1481,7 @@ async fn plan_predicts_what_the_window_does_to_every_group() {
     let qa = w.config("qa").await;
     let candidate = w.candidate();
     let rollout = format!("{PARAMETER}@{candidate}");
-    ok(
-        &w.run(&["rerun", "ami", &candidate, "--targets", "qa"]),
-        "rerun ami",
-    );
-    wait_for("qa's golden parameter", Duration::from_secs(60), || {
-        let status = w.json(&["status", "--stage", "qa", "--json"]);
-        let holds = status[0]["parameters"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == PARAMETER)
-            .unwrap()["ami"]
-            .clone();
-        if holds == candidate.as_str() {
-            Ok(())
-        } else {
-            Err(format!("holds {holds}"))
-        }
-    });
+    w.publish_in_qa(&candidate);
     // The preview, before the window.
     let started = Instant::now();
     let plan = w.json(&["plan", "--stage", "qa", "--json"]);
@@ -1791,4 +1793,323 @@ async fn recall_is_a_signed_record_previewed_per_stage_and_bad_recalls_are_refus
         out.contains(&candidate) && out.contains("none: every stage moved back"),
         "{out}"
     );
+}
+
+/// The browser the report is rendered with: `AMIFLOW_CHROMIUM`, or Debian's Chromium, which the
+/// project installs on first use (`local/install-chromium`, as `crates/emulator` installs moto).
+fn chromium() -> PathBuf {
+    if let Ok(path) = std::env::var("AMIFLOW_CHROMIUM") {
+        return path.into();
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../local/install-chromium");
+    let out = std::process::Command::new("sh")
+        .arg(&script)
+        .output()
+        .expect("sh runs");
+    assert!(
+        out.status.success(),
+        "{} failed:\n{}{}",
+        script.display(),
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    PathBuf::from("/usr/bin/chromium")
+}
+
+/// The DOM headless Chromium builds from the page at `path`, with a fresh profile and nothing
+/// that would reach a network (the page needs none).
+fn rendered(path: &Path) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new("timeout")
+        .arg("120")
+        .arg(chromium())
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("file://{}", path.display()))
+        .output()
+        .expect("chromium runs");
+    let dom = text(&out.stdout);
+    assert!(
+        out.status.success() && dom.contains("</html>"),
+        "chromium rendered nothing ({}):\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    dom
+}
+
+/// The part of `dom` from `start` to the first `end` after it.
+fn between<'a>(dom: &'a str, start: &str, end: &str) -> &'a str {
+    let from = dom
+        .find(start)
+        .unwrap_or_else(|| panic!("the page has no {start}"));
+    let rest = &dom[from..];
+    &rest[..rest.find(end).unwrap_or(rest.len())]
+}
+
+/// The number an element with `data-figure="<name>"` shows.
+fn figure(scope: &str, name: &str) -> u64 {
+    let needle = format!("data-figure=\"{name}\">");
+    let at = scope
+        .find(&needle)
+        .unwrap_or_else(|| panic!("no figure {name} in {scope}"));
+    let shown = scope[at + needle.len()..].split('<').next().unwrap();
+    shown
+        .parse()
+        .unwrap_or_else(|_| panic!("figure {name} shows {shown:?}"))
+}
+
+/// Text as Chromium serialises a text node.
+fn dom_text(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('\u{a0}', "&nbsp;")
+}
+
+/// A group name that is markup.
+const HOSTILE: &str = "qa-<script>alert(\"a&b\")</script>";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_html_report_rendered_by_chromium_shows_what_status_says() {
+    let w = World::up(&[]);
+    let candidate = w.candidate();
+    let rollout = format!("{PARAMETER}@{candidate}");
+    // A window in qa, to the end: something refreshed, something left behind with its reason.
+    w.publish_in_qa(&candidate);
+    ok(
+        &w.run(&["rerun", "window", "--stage", "qa"]),
+        "rerun window",
+    );
+    // The world is at rest once no group of qa is stale or refreshing (the next stage is only
+    // promoted in its own window): `status` and `report` then read the same AWS.
+    wait_for("qa's window to end", Duration::from_secs(240), || {
+        let status = w.json(&["status", "--json"]);
+        let busy: Vec<String> = status
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["stage"] == "qa")
+            .flat_map(|s| s["groups"].as_array().unwrap().clone())
+            .filter(|g| g["state"] == "stale" || g["state"] == "refreshing")
+            .map(|g| format!("{} ({})", g["name"], g["state"]))
+            .collect();
+        if busy.is_empty() {
+            Ok(())
+        } else {
+            Err(busy.join(", "))
+        }
+    });
+    // A group whose name is markup (Auto Scaling takes almost any character): the page shows it
+    // as text and the browser builds no element from it.
+    let qa = aws_sdk_autoscaling::Client::new(&w.config("qa").await);
+    let groups = qa.describe_auto_scaling_groups().send().await.unwrap();
+    let model = groups
+        .auto_scaling_groups()
+        .iter()
+        .find(|g| g.launch_template().is_some())
+        .expect("a group of qa with a launch template");
+    qa.create_auto_scaling_group()
+        .auto_scaling_group_name(HOSTILE)
+        // By name alone: the emulator refuses a specification with both the id and the name.
+        .launch_template(
+            aws_sdk_autoscaling::types::LaunchTemplateSpecification::builder()
+                .set_launch_template_name(
+                    model
+                        .launch_template()
+                        .and_then(|t| t.launch_template_name())
+                        .map(str::to_owned),
+                )
+                .version("$Latest")
+                .build(),
+        )
+        .set_vpc_zone_identifier(model.vpc_zone_identifier().map(str::to_owned))
+        .min_size(0)
+        .max_size(1)
+        .desired_capacity(0)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{}", aws_sdk_autoscaling::error::DisplayErrorContext(e)));
+    let status = w.json(&["status", "--json"]);
+    let status_code = w.run(&["status"]).status.code();
+
+    let page = w.path().join("compliance.html");
+    let out = w.run(&[
+        "report",
+        "--format",
+        "html",
+        "--out",
+        page.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        status_code,
+        "report exits as status does:\n{}",
+        text(&out.stderr)
+    );
+    // Nothing outside the file: no script, style sheet, image or link (the SVG namespace is a
+    // name, not a fetch).
+    let written = std::fs::read_to_string(&page)
+        .unwrap()
+        .replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
+    for outside in ["<script", "http://", "https://", "href=", "src=", "url("] {
+        assert!(!written.contains(outside), "the page holds {outside}");
+    }
+    let dom = rendered(&page);
+    assert!(!dom.contains("<script"), "no script in the rendered page");
+    assert!(
+        dom.contains(&format!("<td class=\"id\">{}</td>", dom_text(HOSTILE))),
+        "the group named with markup is listed as text"
+    );
+
+    // Every stage's figures, its chart and its instance rows, against `status --json`.
+    let mut totals = [0u64; 4];
+    for (index, stage) in status.as_array().unwrap().iter().enumerate() {
+        let name = stage["stage"].as_str().unwrap();
+        let groups = stage["groups"].as_array().unwrap();
+        let charted: Vec<&Value> = groups
+            .iter()
+            .filter(|g| g["state"] != "untouched")
+            .collect();
+        let sum = |class: &str| -> u64 {
+            charted
+                .iter()
+                .map(|g| g["instances_by_ami"][class].as_u64().unwrap())
+                .sum()
+        };
+        let expected = [
+            ("golden", sum("golden")),
+            ("previous-golden", sum("previous_golden")),
+            ("older-golden", sum("older_golden")),
+            ("other", sum("other")),
+        ];
+        let left_behind: Vec<&Value> = charted
+            .iter()
+            .copied()
+            .filter(|g| g["state"] != "current")
+            .collect();
+        let row = between(&dom, &format!("<tr data-stage=\"{name}\">"), "</tr>");
+        assert_eq!(figure(row, "groups"), groups.len() as u64, "{name}: {row}");
+        assert_eq!(
+            figure(row, "groups-left-behind"),
+            left_behind.len() as u64,
+            "{name}: {row}"
+        );
+        assert_eq!(
+            figure(row, "instances"),
+            expected.iter().map(|(_, n)| n).sum::<u64>(),
+            "{name}: {row}"
+        );
+        let chart = between(
+            between(&dom, "<svg id=\"chart-share\"", "</svg>"),
+            &format!("<g data-stage=\"{name}\""),
+            "</g>",
+        );
+        let section = between(
+            &dom,
+            &format!("<section class=\"stage\" id=\"stage-{index}\" data-stage=\"{name}\">"),
+            "</section>",
+        );
+        for (i, (class, n)) in expected.iter().enumerate() {
+            assert_eq!(figure(row, class), *n, "{name} {class}: {row}");
+            let segment = format!("data-key=\"{class}\" data-count=\"{n}\"");
+            assert!(
+                if *n == 0 {
+                    !chart.contains(&format!("data-key=\"{class}\""))
+                } else {
+                    chart.contains(&segment)
+                },
+                "{name}: the chart's {class} segment is not {n}: {chart}"
+            );
+            assert_eq!(
+                section
+                    .matches(&format!("<tr data-ami-is=\"{class}\">"))
+                    .count() as u64,
+                *n + if *class == "other" {
+                    groups
+                        .iter()
+                        .filter(|g| g["state"] == "untouched")
+                        .map(|g| g["instances"].as_u64().unwrap())
+                        .sum::<u64>()
+                } else {
+                    0
+                },
+                "{name}: instance rows on {class}"
+            );
+            totals[i] += n;
+        }
+        // Every group left behind is there with its state and its reason.
+        for g in &left_behind {
+            let listed = between(
+                section,
+                &format!(
+                    "<tr><td class=\"id\">{}</td>",
+                    dom_text(g["name"].as_str().unwrap())
+                ),
+                "</tr>",
+            );
+            assert!(
+                listed.contains(&format!(">{}<", g["state"].as_str().unwrap()))
+                    && listed.contains(&dom_text(g["reason"].as_str().unwrap())),
+                "{name}: {g:#} is listed as {listed}"
+            );
+        }
+        if name == "qa" {
+            assert!(expected[0].1 > 0, "qa has instances on the new golden AMI");
+            assert!(
+                section.contains(&rollout),
+                "qa's groups name the rollout that refreshed them"
+            );
+            assert!(
+                figure(section, "history-entries") > 0
+                    && section.contains("AsgRefreshFinished")
+                    && section.contains("ParamUpdated"),
+                "qa's window history: {section}"
+            );
+        }
+    }
+    let all = between(&dom, "<tr data-stage=\"*\">", "</tr>");
+    for (i, class) in ["golden", "previous-golden", "older-golden", "other"]
+        .iter()
+        .enumerate()
+    {
+        assert_eq!(figure(all, class), totals[i], "all stages {class}: {all}");
+    }
+
+    // The JSON and the CSV say the same.
+    let json = w.json(&["report", "--format", "json"]);
+    assert_eq!(json["version"], 1);
+    assert_eq!(
+        json["summary"]["instances_by_ami"],
+        json!({
+            "golden": totals[0],
+            "previous_golden": totals[1],
+            "older_golden": totals[2],
+            "other": totals[3],
+        }),
+        "{:#}",
+        json["summary"]
+    );
+    let csv = w.path().join("compliance.csv");
+    let out = w.run(&["report", "--format", "csv", "--out", csv.to_str().unwrap()]);
+    assert_eq!(out.status.code(), status_code, "{}", text(&out.stderr));
+    let rows = std::fs::read_to_string(&csv).unwrap().lines().count() - 1;
+    let expected_rows: u64 = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| s["groups"].as_array().unwrap().clone())
+        .map(|g| g["instances"].as_u64().unwrap().max(1))
+        .sum();
+    assert_eq!(rows as u64, expected_rows, "one CSV row per instance");
 }
