@@ -103,6 +103,15 @@ pub trait Groups: Templates + Send + Sync {
         group: &str,
         tags: &[(&str, &str)],
     ) -> impl Future<Output = Result<(), StepError>> + Send;
+    /// [`Groups::set_tags`] for a write nothing waits on but its caller (a refresh's close):
+    /// where writes are batched it may wait longer for others to share its call.
+    fn set_tags_unhurried(
+        &self,
+        group: &str,
+        tags: &[(&str, &str)],
+    ) -> impl Future<Output = Result<(), StepError>> + Send {
+        self.set_tags(group, tags)
+    }
     fn launch_configuration_image(
         &self,
         name: &str,
@@ -262,6 +271,31 @@ impl AwsGroups {
         }
         Ok(groups)
     }
+
+    /// The tags of one group, in one call or batched with other steps' writes.
+    async fn tag(
+        &self,
+        group: &str,
+        tags: &[(&str, &str)],
+        unhurried: bool,
+    ) -> Result<(), StepError> {
+        let tags: Vec<Tag> = tags
+            .iter()
+            .map(|(key, value)| {
+                Tag::builder()
+                    .resource_id(group)
+                    .resource_type("auto-scaling-group")
+                    .key(*key)
+                    .value(*value)
+                    .propagate_at_launch(false)
+                    .build()
+            })
+            .collect();
+        match &self.tag_batch {
+            Some(batch) => batch.write(&self.autoscaling, tags, unhurried).await,
+            None => write_tags(&self.autoscaling, tags).await,
+        }
+    }
 }
 
 impl Groups for AwsGroups {
@@ -282,22 +316,15 @@ impl Groups for AwsGroups {
     }
 
     async fn set_tags(&self, group: &str, tags: &[(&str, &str)]) -> Result<(), StepError> {
-        let tags: Vec<Tag> = tags
-            .iter()
-            .map(|(key, value)| {
-                Tag::builder()
-                    .resource_id(group)
-                    .resource_type("auto-scaling-group")
-                    .key(*key)
-                    .value(*value)
-                    .propagate_at_launch(false)
-                    .build()
-            })
-            .collect();
-        match &self.tag_batch {
-            Some(batch) => batch.write(&self.autoscaling, tags).await,
-            None => write_tags(&self.autoscaling, tags).await,
-        }
+        self.tag(group, tags, false).await
+    }
+
+    async fn set_tags_unhurried(
+        &self,
+        group: &str,
+        tags: &[(&str, &str)],
+    ) -> Result<(), StepError> {
+        self.tag(group, tags, true).await
     }
 
     async fn launch_configuration_image(&self, name: &str) -> Result<Option<String>, StepError> {

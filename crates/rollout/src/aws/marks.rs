@@ -147,7 +147,12 @@ impl<G: Groups> MarkStore for TagMarks<'_, G> {
     async fn write(&self, group: &str, record: &Record) -> Result<(), StepError> {
         let tags = record.mark.tags(record.reason.as_deref());
         let tags: Vec<(&str, &str)> = tags.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        self.0.set_tags(group, &tags).await
+        // A start's mark counts a slot taken; a close's slot was freed before its write.
+        if record.mark.state == MarkState::InProgress {
+            self.0.set_tags(group, &tags).await
+        } else {
+            self.0.set_tags_unhurried(group, &tags).await
+        }
     }
 }
 

@@ -6,16 +6,26 @@ use std::time::Duration;
 use aws_sdk_autoscaling::types::Tag;
 use runtime::StepError;
 
-/// The tag writes of concurrent steps, sent together. A write waits up to `linger` for others;
+/// The tag writes of concurrent steps, sent together. A write waits up to its linger for others;
 /// those that arrived by then go out in one `CreateOrUpdateTags` call (it takes the tags of many
 /// groups), so the marks and closes of a busy window cost a fraction of a call each out of the
-/// account's shared Auto Scaling bucket. Each caller still waits until its own write is made or
-/// has failed. If a joint write fails (a group deleted meanwhile), each write is tried alone, so
-/// one group's error is never another's.
+/// account's shared Auto Scaling bucket. A prompt write (a refresh's start mark, which the
+/// account's slots are counted from) waits `linger`; an unhurried one (a close, whose slot was
+/// freed before the write) waits up to `unhurried` and goes out early with the next prompt write.
+/// Each caller still waits until its own write is made or has failed. If a joint write fails (a
+/// group deleted meanwhile), each write is tried alone, so one group's error is never another's.
 #[derive(Debug)]
 pub struct TagBatch {
     linger: Duration,
-    pending: std::sync::Mutex<Vec<PendingTags>>,
+    unhurried: Duration,
+    pending: std::sync::Mutex<Pending>,
+}
+
+/// The writes waiting, and when the flush already scheduled for them happens.
+#[derive(Debug, Default)]
+struct Pending {
+    writes: Vec<PendingTags>,
+    flush_at: Option<tokio::time::Instant>,
 }
 
 #[derive(Debug)]
@@ -42,10 +52,13 @@ pub(super) async fn write_tags(
 }
 
 impl TagBatch {
-    pub fn new(linger: Duration) -> Arc<Self> {
+    /// Prompt writes wait `linger` for others, unhurried ones up to `unhurried` (never less than
+    /// `linger`).
+    pub fn new(linger: Duration, unhurried: Duration) -> Arc<Self> {
         Arc::new(TagBatch {
             linger,
-            pending: std::sync::Mutex::new(Vec::new()),
+            unhurried: unhurried.max(linger),
+            pending: std::sync::Mutex::new(Pending::default()),
         })
     }
 
@@ -53,19 +66,31 @@ impl TagBatch {
         self: &Arc<Self>,
         client: &aws_sdk_autoscaling::Client,
         tags: Vec<Tag>,
+        unhurried: bool,
     ) -> Result<(), StepError> {
         let (done, written) = tokio::sync::oneshot::channel();
-        let first = {
+        let at = tokio::time::Instant::now()
+            + if unhurried {
+                self.unhurried
+            } else {
+                self.linger
+            };
+        let schedule = {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            pending.push(PendingTags { tags, done });
-            pending.len() == 1
+            pending.writes.push(PendingTags { tags, done });
+            let sooner = pending.flush_at.is_none_or(|t| at < t);
+            if sooner {
+                pending.flush_at = Some(at);
+            }
+            sooner
         };
-        if first {
-            // A task of its own, so a caller that gives up does not strand the others' writes.
+        if schedule {
+            // A task of its own, so a caller that gives up does not strand the others' writes. A
+            // flush scheduled later than this one finds the writes gone and does nothing.
             let (batch, client) = (Arc::clone(self), client.clone());
             tokio::spawn(async move {
-                tokio::time::sleep(batch.linger).await;
-                batch.flush(&client).await;
+                tokio::time::sleep_until(at).await;
+                batch.flush(at, &client).await;
             });
         }
         written.await.unwrap_or_else(|_| {
@@ -75,8 +100,16 @@ impl TagBatch {
         })
     }
 
-    async fn flush(&self, client: &aws_sdk_autoscaling::Client) {
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+    /// Send the waiting writes, if the flush scheduled for them is the one due `at`.
+    async fn flush(&self, at: tokio::time::Instant, client: &aws_sdk_autoscaling::Client) {
+        let pending = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.flush_at != Some(at) {
+                return;
+            }
+            pending.flush_at = None;
+            std::mem::take(&mut pending.writes)
+        };
         let mut calls: Vec<Vec<PendingTags>> = Vec::new();
         for p in pending {
             match calls.last_mut() {
@@ -133,7 +166,10 @@ mod tag_batch_tests {
             ec2,
             tag_batch: None,
         }
-        .batching_tags(&TagBatch::new(Duration::from_millis(50)))
+        .batching_tags(&TagBatch::new(
+            Duration::from_millis(50),
+            Duration::from_secs(10),
+        ))
     }
 
     fn groups_of(tags: &[Tag]) -> BTreeSet<String> {
@@ -158,6 +194,55 @@ mod tag_batch_tests {
         b.unwrap();
         c.unwrap();
         assert_eq!(joint.num_calls(), 1);
+    }
+
+    /// A close waits for a start mark made within its longer linger and goes out with it, well
+    /// before its own linger ends; a close alone goes out when its linger ends, not before.
+    #[tokio::test]
+    async fn an_unhurried_write_goes_out_with_the_next_prompt_one_or_alone_when_its_time_is_up() {
+        let joint = mock!(aws_sdk_autoscaling::Client::create_or_update_tags)
+            .match_requests(|r| groups_of(r.tags()) == BTreeSet::from(["a".into(), "b".into()]))
+            .then_output(|| CreateOrUpdateTagsOutput::builder().build());
+        let alone = mock!(aws_sdk_autoscaling::Client::create_or_update_tags)
+            .match_requests(|r| groups_of(r.tags()) == BTreeSet::from(["c".into()]))
+            .then_output(|| CreateOrUpdateTagsOutput::builder().build());
+        let autoscaling = mock_client!(aws_sdk_autoscaling, RuleMode::MatchAny, [&joint, &alone]);
+        let unhurried = Duration::from_secs(60);
+        let batch = TagBatch::new(Duration::from_millis(50), unhurried);
+        let groups = Arc::new(
+            AwsGroups {
+                autoscaling: autoscaling.clone(),
+                ec2: mock_client!(aws_sdk_ec2, RuleMode::MatchAny, []),
+                tag_batch: None,
+            }
+            .batching_tags(&batch),
+        );
+        let start = std::time::Instant::now();
+        let close = tokio::spawn({
+            let groups = Arc::clone(&groups);
+            async move { groups.set_tags_unhurried("a", &[("k", "1")]).await }
+        });
+        // The start mark comes once the close waits in the batch.
+        while batch.pending.lock().unwrap().writes.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        groups.set_tags("b", &[("k", "2")]).await.unwrap();
+        close.await.unwrap().unwrap();
+        assert_eq!(joint.num_calls(), 1);
+        assert!(start.elapsed() < unhurried, "{:?}", start.elapsed());
+
+        let lone = Duration::from_millis(300);
+        let batch = TagBatch::new(Duration::from_millis(50), lone);
+        let groups = AwsGroups {
+            autoscaling,
+            ec2: mock_client!(aws_sdk_ec2, RuleMode::MatchAny, []),
+            tag_batch: None,
+        }
+        .batching_tags(&batch);
+        let start = std::time::Instant::now();
+        groups.set_tags_unhurried("c", &[("k", "3")]).await.unwrap();
+        assert_eq!(alone.num_calls(), 1);
+        assert!(start.elapsed() >= lone, "{:?}", start.elapsed());
     }
 
     #[tokio::test]

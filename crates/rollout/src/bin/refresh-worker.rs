@@ -28,12 +28,13 @@ async fn main() -> anyhow::Result<()> {
         poll,
         confirm_start: shared,
     };
-    // Marks and closes written within this long of each other share one call.
-    let tag_batch = rollout::aws::TagBatch::new(if shared {
-        Duration::ZERO
+    // Start marks written within half a second of each other share one call; a close (its slot
+    // already free) waits up to two seconds, and goes out sooner with the next start mark.
+    let tag_batch = if shared {
+        rollout::aws::TagBatch::new(Duration::ZERO, Duration::ZERO)
     } else {
-        Duration::from_millis(500)
-    });
+        rollout::aws::TagBatch::new(Duration::from_millis(500), Duration::from_secs(2))
+    };
     let step = rollout::workers::RefreshStep::new(ctx, settings, &tag_batch);
     worker
         .serve(Arc::new(step), runtime::shutdown::signal())
