@@ -23,6 +23,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use aws_sdk_ec2::types::{LaunchPermission, LaunchPermissionModifications, PermissionGroup};
 use aws_sdk_sqs::types::MessageAttributeValue;
 use chrono::Utc;
 use e2e::proxy::{FaultPlan, FaultProxy};
@@ -402,7 +403,7 @@ struct Case {
     reason: &'static str,
 }
 
-fn catalogue(world: &World) -> Vec<Case> {
+async fn catalogue(world: &World) -> Vec<Case> {
     let hub = world.hub();
     let qa = world.accounts()[0].clone();
     let (candidate, _) = amis(world);
@@ -418,7 +419,163 @@ fn catalogue(world: &World) -> Vec<Case> {
         .as_str()
         .unwrap()
         .to_owned();
+    let window_of = |opens: chrono::DateTime<Utc>, closes| {
+        envelope(
+            &qa,
+            "amiflow",
+            "RolloutWindowOpened",
+            Detail::from(RolloutWindowOpened::new(&qa, "qa", opens, closes)).to_value(),
+        )
+    };
+    let built_of = |ami: &str, name: &str| {
+        envelope(
+            &hub,
+            "amiflow",
+            "AmiBuilt",
+            Detail::from(support::built(ami, name, good_built.created_at)).to_value(),
+        )
+    };
+    // The family's AMIs the hub must never roll out: its own made public, and one of a stage
+    // account shared with the hub (uat's: in this layout the hub is also the qa stage).
+    let uat = world.accounts()[1].clone();
+    let (public, foreign) = ("golden-al2023-2026-12-02", "golden-al2023-2026-12-03");
+    let public_ami =
+        support::register_image(world, &hub, public, "al2023", "2026-12-02T00:00:00.000Z").await;
+    let foreign_ami =
+        support::register_image(world, &uat, foreign, "al2023", "2026-12-03T00:00:00.000Z").await;
+    for (account, ami, permission) in [
+        (
+            &hub,
+            &public_ami,
+            LaunchPermission::builder()
+                .group(PermissionGroup::All)
+                .build(),
+        ),
+        (
+            &uat,
+            &foreign_ami,
+            LaunchPermission::builder().user_id(&hub).build(),
+        ),
+    ] {
+        aws_sdk_ec2::Client::new(world.config(account))
+            .modify_image_attribute()
+            .image_id(ami)
+            .launch_permission(
+                LaunchPermissionModifications::builder()
+                    .add(permission)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+    }
+    let now = Utc::now();
     vec![
+        Case {
+            name: "an-extra-field",
+            queue: "share",
+            body: envelope(&hub, "amiflow", "AmiBuilt", with("target", json!([qa]))),
+            kind: "invalid-detail",
+            reason: "target",
+        },
+        Case {
+            name: "empty-targets",
+            queue: "share",
+            body: envelope(&hub, "amiflow", "AmiBuilt", with("targets", json!([]))),
+            kind: "permanent",
+            reason: "targets is empty",
+        },
+        Case {
+            name: "duplicate-targets",
+            queue: "share",
+            body: envelope(
+                &hub,
+                "amiflow",
+                "AmiBuilt",
+                with("targets", json!([qa, qa])),
+            ),
+            kind: "permanent",
+            reason: "more than once",
+        },
+        Case {
+            name: "huge-targets",
+            queue: "share",
+            body: envelope(
+                &hub,
+                "amiflow",
+                "AmiBuilt",
+                with("targets", json!(vec![qa.clone(); 1001])),
+            ),
+            kind: "invalid-detail",
+            reason: "/targets",
+        },
+        Case {
+            name: "schema-version-as-a-string",
+            queue: "share",
+            body: envelope(
+                &hub,
+                "amiflow",
+                "AmiBuilt",
+                with("schema_version", json!("1")),
+            ),
+            kind: "invalid-detail",
+            reason: "/schema_version",
+        },
+        Case {
+            name: "schema-version-as-a-float",
+            queue: "share",
+            body: envelope(
+                &hub,
+                "amiflow",
+                "AmiBuilt",
+                with("schema_version", json!(1.0)),
+            ),
+            kind: "invalid-detail",
+            reason: "schema_version",
+        },
+        Case {
+            name: "schema-version-0",
+            queue: "share",
+            body: envelope(
+                &hub,
+                "amiflow",
+                "AmiBuilt",
+                with("schema_version", json!(0)),
+            ),
+            kind: "invalid-detail",
+            reason: "/schema_version",
+        },
+        Case {
+            name: "a-window-years-long",
+            queue: "plan",
+            body: window_of(now, now + chrono::Duration::days(5 * 365)),
+            kind: "permanent",
+            reason: "more than 24 hours after it opened",
+        },
+        Case {
+            name: "a-window-of-the-future",
+            queue: "plan",
+            body: window_of(
+                now + chrono::Duration::days(30),
+                now + chrono::Duration::days(30) + chrono::Duration::hours(4),
+            ),
+            kind: "permanent",
+            reason: "in the future: a window event is sent when its window opens",
+        },
+        Case {
+            name: "a-public-ami",
+            queue: "share",
+            body: built_of(&public_ami, public),
+            kind: "permanent",
+            reason: "is public (anyone may launch it)",
+        },
+        Case {
+            name: "an-ami-of-a-stage-account",
+            queue: "share",
+            body: built_of(&foreign_ami, foreign),
+            kind: "permanent",
+            reason: "not by the hub",
+        },
         Case {
             name: "malformed-json",
             queue: "share",
@@ -581,7 +738,7 @@ async fn every_bad_input_is_dead_lettered_with_its_reason_and_the_rollout_is_und
     let world = World::start("small", &[]).await;
     let before = snapshot(&world).await;
     let mut audit = Audit::default();
-    let cases = catalogue(&world);
+    let cases = catalogue(&world).await;
 
     // Bad input at the edge: SQS and EventBridge refuse what is over their size limits, so no
     // worker ever sees it.

@@ -18,7 +18,6 @@ use std::time::Duration;
 use aws_credential_types::provider::ProvideCredentials;
 use serde_json::Value;
 
-use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
 use chrono::{TimeZone, Utc};
 use e2e::world::World;
 use events::Detail;
@@ -44,27 +43,6 @@ async fn dead_letters(world: &World, account: &str, queue: &str) -> Vec<(String,
 
 /// An AMI registered in the hub as the golden build of `name`, created at `created` (the
 /// emulator's creation-date tag).
-async fn register_golden(world: &World, name: &str, created: &str) -> String {
-    let ec2 = aws_sdk_ec2::Client::new(world.config(&world.hub()));
-    let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
-    ec2.register_image()
-        .name(name)
-        .tag_specifications(
-            TagSpecification::builder()
-                .resource_type(ResourceType::Image)
-                .tags(tag("Name", name))
-                .tags(tag("amiflow:family", "al2023"))
-                .tags(tag("amiflow:emulator-creation-date", created))
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .image_id()
-        .unwrap()
-        .to_owned()
-}
-
 async fn launch_permissions(world: &World, ami: &str) -> Vec<String> {
     let ec2 = aws_sdk_ec2::Client::new(world.config(&world.hub()));
     ec2.describe_image_attribute()
@@ -100,9 +78,11 @@ async fn an_ami_older_than_the_golden_one_is_never_shared() {
     };
 
     // Built in mid-October, announced after November's golden AMI was published everywhere.
-    let late = register_golden(
+    let late = support::register_image(
         &world,
+        &world.hub(),
         "golden-al2023-2026-10-15",
+        "al2023",
         "2026-10-15T00:00:00.000Z",
     )
     .await;
@@ -199,15 +179,15 @@ async fn amictl_status(world: &World, stage: &str) -> Value {
         )
     });
     // Exit 3 exactly when a group's last refresh failed or rolled back, or a stage is halted.
-    let failed = reports[0]["groups"]
+    let failed = reports["stages"][0]["groups"]
         .as_array()
         .unwrap()
         .iter()
         .any(|g| g["state"] == "failed" || g["state"] == "rolled-back");
-    let halted = reports[0]["runs"]
+    let halted = reports["stages"][0]["runs"]
         .as_array()
         .is_some_and(|runs| runs.iter().any(|r| r["halted"] == true))
-        || reports[0]["gates"]
+        || reports["stages"][0]["gates"]
             .as_array()
             .is_some_and(|gates| gates.iter().any(|g| g["state"] == "halted"));
     assert_eq!(
@@ -216,7 +196,7 @@ async fn amictl_status(world: &World, stage: &str) -> Value {
         "amictl status: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    reports[0].clone()
+    reports["stages"][0].clone()
 }
 
 /// A launch template named `name` with one version on `ami` in `account`; its id.

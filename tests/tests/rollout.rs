@@ -70,6 +70,25 @@ async fn a_rollout_moves_every_eligible_group_once_and_a_replay_changes_nothing(
         in_span > 50,
         "the workers logged their steps ({in_span} lines)"
     );
+    // Structured values, not strings holding lists: a step's line counts what it emitted, and
+    // each emitted event has a line of its own with its type and key.
+    for (log, line) in lines
+        .iter()
+        .filter(|(_, l)| l["message"] == "step finished")
+    {
+        assert!(line["emitted"].is_u64(), "{log}: {line}");
+    }
+    let emitted: Vec<_> = lines
+        .iter()
+        .filter(|(_, l)| l["message"] == "emitted")
+        .collect();
+    assert!(
+        emitted.len() > 20
+            && emitted
+                .iter()
+                .all(|(_, l)| l["emitted_type"].is_string() && l["emitted_key"].is_string()),
+        "{emitted:?}"
+    );
 
     // Every event of the rollout again, plus an older AMI built late: nothing may change.
     let mut replayed = 0;

@@ -21,6 +21,9 @@ pub enum GroupState {
     Current,
     /// On an earlier golden AMI, nothing in flight.
     Stale,
+    /// On an earlier golden AMI while the stage's window is open (refreshes of it run): waiting
+    /// for one of the stage's refresh slots.
+    Queued,
     /// An amiflow instance refresh to the current AMI is running.
     Refreshing,
     /// The last refresh to the current AMI failed.
@@ -38,6 +41,7 @@ impl GroupState {
         match self {
             GroupState::Current => "current",
             GroupState::Stale => "stale",
+            GroupState::Queued => "queued",
             GroupState::Refreshing => "refreshing",
             GroupState::Failed => "failed",
             GroupState::RolledBack => "rolled-back",
@@ -337,6 +341,7 @@ pub async fn account(
         });
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
+    queue(&mut out, &parameters, stage, chrono::Utc::now());
     Ok(AccountCompliance {
         account: stage.account.clone(),
         stage: stage.name.clone(),
@@ -346,9 +351,128 @@ pub async fn account(
     })
 }
 
+/// While a refresh of the stage runs to its window's end (its in-progress mark names the
+/// deadline), the window is open: a stale group whose golden AMI is that refresh's waits for one
+/// of the stage's refresh slots.
+fn queue(
+    groups: &mut [GroupStatus],
+    parameters: &[ParameterStatus],
+    stage: &Stage,
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    let running: Vec<rollout::mark::Mark> = groups
+        .iter()
+        .filter(|g| g.state == GroupState::Refreshing)
+        .filter_map(|g| g.last_mark.as_ref().map(|r| r.mark.clone()))
+        .collect();
+    let in_use = running.len();
+    // The window each golden AMI is being rolled out in: open until then.
+    let mut open: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
+    for m in running {
+        if let Ok(closes) = chrono::DateTime::parse_from_rfc3339(&m.deadline)
+            && closes.to_utc() > now
+        {
+            let at = open.entry(m.ami).or_insert(closes.to_utc());
+            *at = (*at).max(closes.to_utc());
+        }
+    }
+    let golden = |parameter: &str| {
+        parameters
+            .iter()
+            .find(|p| p.name == parameter)
+            .and_then(|p| p.ami.clone())
+    };
+    for g in groups.iter_mut().filter(|g| g.state == GroupState::Stale) {
+        let Some(closes) = g
+            .parameter
+            .as_deref()
+            .and_then(golden)
+            .and_then(|ami| open.get(&ami).copied())
+        else {
+            continue;
+        };
+        g.state = GroupState::Queued;
+        g.reason = format!(
+            "waiting for one of the stage's {} refresh slots ({in_use} in use) in the window open until {}",
+            stage.max_concurrent_refreshes,
+            closes.to_rfc3339()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn group(name: &str, state: GroupState, mark: Option<(&str, MarkState, &str)>) -> GroupStatus {
+        GroupStatus {
+            name: name.into(),
+            parameter: Some("/golden/al2023/ami-id".into()),
+            ami: Some("ami-09".into()),
+            state,
+            reason: "on an earlier golden AMI".into(),
+            instances: 2,
+            needs_refresh: true,
+            instances_off_golden: 2,
+            instances_by_ami: InstanceCounts::default(),
+            instance_amis: Vec::new(),
+            last_mark: mark.map(|(ami, state, deadline)| rollout::mark::Record {
+                mark: rollout::mark::Mark {
+                    ami: ami.into(),
+                    state,
+                    refresh_id: "r-1".into(),
+                    deadline: deadline.into(),
+                    parameter: "/golden/al2023/ami-id".into(),
+                },
+                reason: None,
+            }),
+        }
+    }
+
+    /// A stale group is queued while a refresh to its golden AMI runs in a window still open,
+    /// with the slots in use; before the window, after it, or for another AMI it stays stale.
+    #[test]
+    fn a_stale_group_waits_for_a_slot_while_its_window_is_open() {
+        let policy = Policy::parse(include_str!("../../../local/amiflow.toml")).unwrap();
+        let stage = &policy.stages[0];
+        let parameters = [ParameterStatus {
+            name: "/golden/al2023/ami-id".into(),
+            ami: Some("ami-10".into()),
+            version: Some(3),
+        }];
+        let now = chrono::Utc::now();
+        let closes = (now + chrono::Duration::hours(2)).to_rfc3339();
+        let closed = (now - chrono::Duration::hours(2)).to_rfc3339();
+        let groups = |deadline: &str, ami: &str| {
+            vec![
+                group(
+                    "a",
+                    GroupState::Refreshing,
+                    Some((ami, MarkState::InProgress, deadline)),
+                ),
+                group("b", GroupState::Stale, None),
+            ]
+        };
+        let mut open = groups(&closes, "ami-10");
+        queue(&mut open, &parameters, stage, now);
+        assert_eq!(open[1].state, GroupState::Queued);
+        assert_eq!(
+            open[1].reason,
+            format!(
+                "waiting for one of the stage's {} refresh slots (1 in use) in the window open until {}",
+                stage.max_concurrent_refreshes,
+                chrono::DateTime::parse_from_rfc3339(&closes)
+                    .unwrap()
+                    .to_utc()
+                    .to_rfc3339()
+            )
+        );
+        for (deadline, ami) in [(closed.as_str(), "ami-10"), (closes.as_str(), "ami-11")] {
+            let mut not_open = groups(deadline, ami);
+            queue(&mut not_open, &parameters, stage, now);
+            assert_eq!(not_open[1].state, GroupState::Stale, "{deadline} {ami}");
+        }
+    }
 
     #[test]
     fn instances_count_by_the_ami_they_run() {

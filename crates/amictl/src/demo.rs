@@ -390,7 +390,10 @@ fn summary_table(
             r.count(GroupState::Skipped).to_string(),
             r.count(GroupState::RolledBack).to_string(),
             r.count(GroupState::Failed).to_string(),
-            (r.count(GroupState::Stale) + r.count(GroupState::Refreshing)).to_string(),
+            (r.count(GroupState::Stale)
+                + r.count(GroupState::Queued)
+                + r.count(GroupState::Refreshing))
+            .to_string(),
             r.count(GroupState::Untouched).to_string(),
             r.instances_off_golden().to_string(),
         ]);

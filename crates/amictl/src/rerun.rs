@@ -37,8 +37,9 @@ pub struct WindowArgs {
     /// The stage (name, or its account id).
     #[arg(long, visible_alias = "account", value_name = "STAGE|ACCOUNT")]
     stage: String,
-    /// How long the window stays open [default: the stage's window.duration_hours].
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=72))]
+    /// How long the window stays open, 1 to 24 (the workers refuse a longer window) [default: the
+    /// stage's window.duration_hours].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(rollout::policy::MAX_WINDOW_HOURS)))]
     hours: Option<u32>,
     /// Print the event, send nothing.
     #[arg(long)]

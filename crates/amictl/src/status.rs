@@ -18,7 +18,7 @@ use crate::scope::{Scope, ScopeArgs};
 /// Show each stage's compliance with its golden parameters.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Exit codes: 0 the report was made and nothing needs a person, 3 a stage is halted or a group's last refresh failed or rolled back (the tables say which and why), 2 a wrong argument, 1 an error.\n\nExamples:\n  amictl status                         # the local world (amictl local up)\n  amictl status --stage prod --json     # one stage, for scripts\n  amictl status --config amiflow.toml   # real AWS: standard credentials, the policy's role per account"
+    after_help = "Shows per stage: its golden parameters and groups by state, its maintenance window (open now until when, or when it opens next, from the policy's cron in UTC), each rollout at its gates, recalls, and every group that is not current with the reason.\n\nJSON (--output json): one document {version, generated_at, summary, stages}; summary counts groups by state and instances off golden, and its `attention` says what makes the exit code 3 (null when nothing).\n\nExit codes: 0 the report was made and nothing needs a person, 3 a stage is halted or a group's last refresh failed or rolled back (the tables say which and why), 2 a wrong argument, 1 an error.\n\nExamples:\n  amictl status                         # the local world (amictl local up)\n  amictl status --stage prod --json     # one stage, for scripts\n  amictl status --config amiflow.toml   # real AWS: standard credentials, the policy's role per account"
 )]
 pub struct StatusArgs {
     /// Only this stage (a stage name from the policy, or an account id).
@@ -65,11 +65,19 @@ pub async fn run(args: StatusArgs, scope: &ScopeArgs) -> Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("reading the recalls in the hub")?;
+    let now = chrono::Utc::now();
+    let verdict = verdict(&reports, &gates);
     if args.output.json() {
         let stages: Vec<StageStatus> = reports
             .iter()
             .map(|r| StageStatus {
                 compliance: r,
+                window: scope
+                    .policy
+                    .stages
+                    .iter()
+                    .find(|s| s.name == r.stage)
+                    .map(|s| WindowStatus::of(s, now)),
                 gate: gates
                     .stages
                     .iter()
@@ -82,9 +90,16 @@ pub async fn run(args: StatusArgs, scope: &ScopeArgs) -> Result<()> {
                 recalled: still_on_recalled(r, &recalls),
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&stages)?);
+        let document = StatusDocument {
+            version: VERSION,
+            generated_at: now,
+            summary: Summary::of(&reports, verdict.as_ref().err()),
+            stages,
+        };
+        println!("{}", serde_json::to_string_pretty(&document)?);
     } else {
         println!("{}", summary(&reports));
+        println!("\n{}", windows_table(&scope, &reports, now));
         println!("\n{}", gates_table(&gates));
         if !recalls.0.is_empty() {
             println!("\n{}", recalls_table(&reports, &recalls));
@@ -94,7 +109,108 @@ pub async fn run(args: StatusArgs, scope: &ScopeArgs) -> Result<()> {
             println!("\n{details}");
         }
     }
-    verdict(&reports, &gates)
+    verdict
+}
+
+/// The version of `status --json`'s document; raised when a field changes meaning or goes.
+pub const VERSION: u32 = 1;
+
+/// `status --json`: every stage, and a summary a script can gate on.
+#[derive(Serialize)]
+struct StatusDocument<'a> {
+    version: u32,
+    generated_at: chrono::DateTime<chrono::Utc>,
+    summary: Summary,
+    stages: Vec<StageStatus<'a>>,
+}
+
+#[derive(Serialize)]
+struct Summary {
+    stages: usize,
+    groups: usize,
+    groups_by_state: std::collections::BTreeMap<&'static str, usize>,
+    instances_off_golden: usize,
+    /// What needs a person (the reason `status` exits 3); `None` when nothing does.
+    attention: Option<String>,
+}
+
+impl Summary {
+    fn of(reports: &[AccountCompliance], attention: Option<&anyhow::Error>) -> Self {
+        let mut groups_by_state = std::collections::BTreeMap::new();
+        for g in reports.iter().flat_map(|r| &r.groups) {
+            *groups_by_state.entry(g.state.as_str()).or_insert(0) += 1;
+        }
+        Summary {
+            stages: reports.len(),
+            groups: reports.iter().map(|r| r.groups.len()).sum(),
+            groups_by_state,
+            instances_off_golden: reports.iter().map(|r| r.instances_off_golden()).sum(),
+            attention: attention.map(|e| format!("{e:#}")),
+        }
+    }
+}
+
+/// A stage's maintenance window, from its cron (UTC): open now until when, or when it opens next.
+#[derive(Serialize)]
+struct WindowStatus {
+    cron: String,
+    duration_hours: u32,
+    /// The window open now closes then (`None`: none is open).
+    open_until: Option<chrono::DateTime<chrono::Utc>>,
+    /// The next window opens then (`None`: its cron never fires again).
+    next_opens_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl WindowStatus {
+    fn of(stage: &rollout::policy::Stage, now: chrono::DateTime<chrono::Utc>) -> Self {
+        let w = &stage.window;
+        WindowStatus {
+            cron: w.cron.clone(),
+            duration_hours: w.duration_hours,
+            open_until: w
+                .open_since(now)
+                .map(|opened| opened + chrono::Duration::hours(i64::from(w.duration_hours))),
+            next_opens_at: w.next_opening(now),
+        }
+    }
+
+    /// `open until …` or `opens … (in …)`, to the minute.
+    fn describe(&self, now: chrono::DateTime<chrono::Utc>) -> String {
+        let minute = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M UTC").to_string();
+        let within = |t: chrono::DateTime<chrono::Utc>| {
+            let minutes = (t - now).num_minutes().max(1);
+            humantime::format_duration(std::time::Duration::from_secs(minutes as u64 * 60))
+                .to_string()
+        };
+        let next = match self.next_opens_at {
+            Some(t) => format!("next opens {} (in {})", minute(t), within(t)),
+            None => "never opens again (its cron's years are past)".into(),
+        };
+        match self.open_until {
+            Some(t) => format!("open now, until {} (in {}); {next}", minute(t), within(t)),
+            None => next,
+        }
+    }
+}
+
+/// Each stage's maintenance window: its cron, and open now or when it opens next.
+fn windows_table(
+    scope: &crate::scope::Scope,
+    reports: &[AccountCompliance],
+    now: chrono::DateTime<chrono::Utc>,
+) -> Table {
+    let mut table = crate::tables::for_people(&["stage", "window (UTC)", "when"], &[], 140);
+    for r in reports {
+        if let Some(stage) = scope.policy.stages.iter().find(|s| s.name == r.stage) {
+            let status = WindowStatus::of(stage, now);
+            table.add_row([
+                r.stage.clone(),
+                format!("{}, {} h", status.cron, status.duration_hours),
+                status.describe(now),
+            ]);
+        }
+    }
+    table
 }
 
 /// Exit 3 when something needs a person (what a cron job or a script gates on): a stage halted,
@@ -138,6 +254,8 @@ fn failed_groups(reports: &[AccountCompliance]) -> Vec<String> {
 struct StageStatus<'a> {
     #[serde(flatten)]
     compliance: &'a AccountCompliance,
+    /// Its maintenance window: open now until when, or when it opens next.
+    window: Option<WindowStatus>,
     #[serde(flatten)]
     gate: Option<GateStatus>,
     /// Each recalled AMI some group of the stage still runs, with those groups (still to move
@@ -303,6 +421,7 @@ fn summary(reports: &[AccountCompliance]) -> Table {
         "groups",
         "current",
         "stale",
+        "queued",
         "refreshing",
         "failed",
         "rolled back",
@@ -323,6 +442,7 @@ fn summary(reports: &[AccountCompliance]) -> Table {
             r.groups.len().to_string(),
             r.count(GroupState::Current).to_string(),
             r.count(GroupState::Stale).to_string(),
+            r.count(GroupState::Queued).to_string(),
             r.count(GroupState::Refreshing).to_string(),
             r.count(GroupState::Failed).to_string(),
             r.count(GroupState::RolledBack).to_string(),

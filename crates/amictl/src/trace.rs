@@ -165,6 +165,19 @@ pub async fn run(args: TraceArgs, scope: &ScopeArgs) -> Result<()> {
     verdict(&trace.steps)
 }
 
+/// The outcome that stands for each group, by (account, group): its last (steps are in time
+/// order), so a group refreshed in a later window, or a re-injected event, counts once.
+fn last_outcomes(steps: &[TraceStep]) -> std::collections::BTreeMap<(&str, &str), &str> {
+    let mut last = std::collections::BTreeMap::new();
+    for s in steps
+        .iter()
+        .filter(|s| s.step == "AsgRefreshFinished" && !s.result.starts_with("dead-lettered"))
+    {
+        last.insert((s.account.as_str(), s.subject.as_str()), s.result.as_str());
+    }
+    last
+}
+
 /// Exit 3 when the rollout has steps that did not happen or did not succeed: messages still in a
 /// DLQ, or groups whose last outcome is `failed` or `rolled-back` (a later success in another
 /// window counts, not the failure before it).
@@ -173,12 +186,7 @@ fn verdict(steps: &[TraceStep]) -> Result<()> {
         .iter()
         .filter(|s| s.result.starts_with("dead-lettered"))
         .count();
-    // Steps are in time order: the last outcome of each group is the one that stands.
-    let mut last: std::collections::BTreeMap<(&str, &str), &str> = Default::default();
-    for s in steps.iter().filter(|s| s.step == "AsgRefreshFinished") {
-        last.insert((&s.account, &s.subject), &s.result);
-    }
-    let failed: Vec<String> = last
+    let failed: Vec<String> = last_outcomes(steps)
         .iter()
         .filter(|(_, result)| result.starts_with("failed") || result.starts_with("rolled-back"))
         .map(|((account, group), result)| {
@@ -357,37 +365,39 @@ pub fn short_time(at: &str) -> String {
 }
 
 pub fn summary(steps: &[TraceStep]) -> String {
-    let count = |step: &str| steps.iter().filter(|s| s.step == step).count();
-    let outcome = |o: &str| {
+    let recorded = |s: &&TraceStep| !s.result.starts_with("dead-lettered");
+    // Each account once, however often its event was delivered or re-injected.
+    let accounts = |step: &str, moved_back: bool| {
         steps
             .iter()
-            .filter(|s| s.step == "AsgRefreshFinished" && s.result.starts_with(o))
-            .count()
+            .filter(recorded)
+            .filter(|s| s.step == step && s.result.starts_with("moved back") == moved_back)
+            .map(|s| s.account.as_str())
+            .collect::<HashSet<_>>()
+            .len()
     };
-    let dead = steps
-        .iter()
-        .filter(|s| s.result.starts_with("dead-lettered"))
-        .count();
-    let recall = match count("AmiRecalled") {
-        0 => String::new(),
-        _ => format!(
+    let last = last_outcomes(steps);
+    let outcome = |o: &str| last.values().filter(|r| r.starts_with(o)).count();
+    let dead = steps.iter().filter(|s| !recorded(s)).count();
+    let built = if steps.iter().any(|s| s.step == "AmiBuilt" && !recorded(&s)) {
+        "refused (its AmiBuilt is in a DLQ, with the reason)"
+    } else if steps.iter().filter(recorded).any(|s| s.step == "AmiBuilt") {
+        "yes"
+    } else {
+        "not recorded"
+    };
+    let recall = match steps.iter().any(|s| s.step == "AmiRecalled") {
+        false => String::new(),
+        true => format!(
             "; recalled: {} request(s) refused, {} parameter(s) moved back",
             outcome("recalled"),
-            steps
-                .iter()
-                .filter(|s| s.step == "ParamUpdated" && s.result.starts_with("moved back"))
-                .count()
+            accounts("ParamUpdated", true)
         ),
     };
     format!(
-        "built {}, shared with {} account(s), parameter updated in {}, groups: {} succeeded, {} failed, {} rolled back, {} skipped; {} message(s) dead-lettered{recall}",
-        if count("AmiBuilt") > 0 {
-            "yes"
-        } else {
-            "not recorded"
-        },
-        count("AmiShared"),
-        count("ParamUpdated"),
+        "built {built}, shared with {} account(s), parameter updated in {}, groups: {} succeeded, {} failed, {} rolled back, {} skipped; {} message(s) dead-lettered{recall}",
+        accounts("AmiShared", false),
+        accounts("ParamUpdated", false),
         outcome("succeeded"),
         outcome("failed"),
         outcome("rolled-back"),
@@ -508,6 +518,52 @@ mod tests {
         assert_eq!(steps.len(), 4);
         insta::assert_snapshot!("trace_table", table(&steps).to_string());
         insta::assert_snapshot!("trace_summary", summary(&steps));
+    }
+
+    /// A group refreshed again in a later window, or an event delivered twice, counts once; an
+    /// AmiBuilt the share-worker refused (an AMI that does not exist) is not "built".
+    #[test]
+    fn the_summary_counts_each_group_and_account_once_and_says_when_the_build_was_refused() {
+        let mut shared = step(
+            "2",
+            "AmiShared",
+            "ami-0123456789abcdef0",
+            "shared from 111111111111",
+        );
+        shared.account = "333333333333".into();
+        let steps = vec![
+            step("1", "AmiBuilt", "ami-0123456789abcdef0", "built 2026-12-01"),
+            shared.clone(),
+            shared,
+            step(
+                "3",
+                "AsgRefreshFinished",
+                "web",
+                "skipped: the window closed",
+            ),
+            step("4", "AsgRefreshFinished", "web", "succeeded"),
+            step("4", "AsgRefreshFinished", "api", "succeeded"),
+        ];
+        assert_eq!(
+            summary(&steps),
+            "built yes, shared with 1 account(s), parameter updated in 0, groups: 2 succeeded, 0 failed, 0 rolled back, 0 skipped; 0 message(s) dead-lettered"
+        );
+        let refused = vec![
+            step("1", "AmiBuilt", "ami-0123456789abcdef0", "built 2026-12-01"),
+            step(
+                "2",
+                "AmiBuilt",
+                "amiflow-share-dlq",
+                "dead-lettered (permanent): AMI ami-0123456789abcdef0 does not exist in the hub account",
+            ),
+        ];
+        assert!(
+            summary(&refused).starts_with(
+                "built refused (its AmiBuilt is in a DLQ, with the reason), shared with 0 account(s)"
+            ),
+            "{}",
+            summary(&refused)
+        );
     }
 
     #[test]

@@ -107,7 +107,7 @@ async fn local_world_serves_any_client_and_down_leaves_nothing_behind() {
             "status --json",
         ))
         .unwrap();
-        let report = &status[0];
+        let report = &status["stages"][0];
         assert_eq!(report["stage"], stage);
         assert_eq!(report["groups"].as_array().unwrap().len(), names.len());
         let golden = report["parameters"]
@@ -134,8 +134,32 @@ async fn local_world_serves_any_client_and_down_leaves_nothing_behind() {
             by_state("current") >= 1 && by_state("stale") >= 1,
             "{report:#}"
         );
+        // The summary counts what the stage lists; nothing needs a person before a rollout.
+        assert_eq!(status["version"], 1);
+        assert_eq!(status["summary"]["groups"], names.len());
+        assert_eq!(
+            status["summary"]["groups_by_state"]["stale"],
+            by_state("stale")
+        );
+        assert!(status["summary"]["attention"].is_null(), "{status:#}");
+        // The stage's window from the policy's cron (local/amiflow.toml: the Nth Saturday of
+        // each month at 02:00 UTC): it opens next on a Saturday at 02:00, after now.
+        let window = &report["window"];
+        assert_eq!(window["duration_hours"], 4, "{window:#}");
+        let next: chrono::DateTime<chrono::Utc> =
+            window["next_opens_at"].as_str().unwrap().parse().unwrap();
+        assert!(next > chrono::Utc::now(), "{window:#}");
+        assert_eq!(
+            next.format("%a %H:%M").to_string(),
+            "Sat 02:00",
+            "{window:#}"
+        );
     }
     let table = ok(&amictl(dir.path(), &["status"]), "status");
+    assert!(
+        table.contains("SAT#2") && table.contains("next opens"),
+        "each stage's window and when it opens: {table}"
+    );
     assert!(
         table.contains("instances off golden") && table.contains("uat"),
         "{table}"

@@ -128,7 +128,7 @@ impl World {
         );
         wait_for("qa's golden parameter", Duration::from_secs(60), || {
             let status = self.json(&["status", "--stage", "qa", "--json"]);
-            let holds = &status[0]["parameters"]
+            let holds = &status["stages"][0]["parameters"]
                 .as_array()
                 .unwrap()
                 .iter()
@@ -474,11 +474,11 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
     );
     let status = wait_for("prod's rollout to finish", Duration::from_secs(180), || {
         let status = w.json(&["status", "--stage", "prod", "--output", "json"]);
-        let busy = status[0]["groups"]
+        let busy = status["stages"][0]["groups"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|g| g["state"] == "stale" || g["state"] == "refreshing")
+            .filter(|g| ["stale", "queued", "refreshing"].contains(&g["state"].as_str().unwrap()))
             .count();
         if busy == 0 {
             Ok(status)
@@ -487,7 +487,7 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
         }
     });
     // `status --json` against what the test reads from AWS.
-    let report = &status[0];
+    let report = &status["stages"][0];
     let golden = report["parameters"]
         .as_array()
         .unwrap()
@@ -520,7 +520,10 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
                 assert_eq!(reported["state"], "skipped", "{name}: {reported:#}");
                 assert_eq!(reported["instances_off_golden"], off_golden, "{name}");
             }
-            _ => assert_ne!(reported["state"], "stale", "{name}: {reported:#}"),
+            _ => assert!(
+                !["stale", "queued"].contains(&reported["state"].as_str().unwrap()),
+                "{name}: {reported:#}"
+            ),
         }
     }
     assert!(refreshed.len() >= 5, "{refreshed:?}");
@@ -1098,10 +1101,18 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
     assert_eq!(plan["stages"][0]["paused"]["reason"], "change freeze");
     assert_eq!(plan["stages"][0]["paused"]["by"], pause["by"]);
     let status = w.json(&["status", "--stage", "prod", "--json"]);
-    assert_eq!(status[0]["paused"]["reason"], "change freeze");
-    assert!(status[0]["paused"].get("at").is_some(), "{:#}", status[0]);
+    assert_eq!(status["stages"][0]["paused"]["reason"], "change freeze");
+    assert!(
+        status["stages"][0]["paused"].get("at").is_some(),
+        "{:#}",
+        status["stages"][0]
+    );
     let status = w.json(&["status", "--stage", "uat", "--json"]);
-    assert!(status[0]["paused"].is_null(), "{:#}", status[0]);
+    assert!(
+        status["stages"][0]["paused"].is_null(),
+        "{:#}",
+        status["stages"][0]
+    );
 
     // Bad input: each refused with what to do, exit code 2.
     let err = refused(&w.run(&["pause", "--stage", "staging", "--reason", "x"]));
@@ -1426,12 +1437,20 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let status: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(
-        status[0]["runs"]
+        status["stages"][0]["runs"]
             .as_array()
             .unwrap()
             .iter()
             .any(|r| r["halted_by"]["reason"] == "kernel panic on boot"),
         "{status:#}"
+    );
+    // The JSON carries the verdict the exit code stands for.
+    assert_eq!(status["version"], 1);
+    let attention = status["summary"]["attention"].as_str().unwrap_or_default();
+    assert!(
+        attention.contains("uat") && attention.contains("halted"),
+        "{:#}",
+        status["summary"]
     );
     let out = w.run(&["plan", "--stage", "uat", "--json"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
@@ -1572,7 +1591,7 @@ async fn plan_predicts_what_the_window_does_to_every_group() {
     let steps = trace["steps"].as_array().unwrap();
     let status = w.json(&["status", "--stage", "qa", "--json", "--all"]);
     let state = |name: &str| {
-        status[0]["groups"]
+        status["stages"][0]["groups"]
             .as_array()
             .unwrap()
             .iter()
@@ -1895,13 +1914,13 @@ async fn the_html_report_rendered_by_chromium_shows_what_status_says() {
     // promoted in its own window): `status` and `report` then read the same AWS.
     wait_for("qa's window to end", Duration::from_secs(240), || {
         let status = w.json(&["status", "--json"]);
-        let busy: Vec<String> = status
+        let busy: Vec<String> = status["stages"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|s| s["stage"] == "qa")
             .flat_map(|s| s["groups"].as_array().unwrap().clone())
-            .filter(|g| g["state"] == "stale" || g["state"] == "refreshing")
+            .filter(|g| ["stale", "queued", "refreshing"].contains(&g["state"].as_str().unwrap()))
             .map(|g| format!("{} ({})", g["name"], g["state"]))
             .collect();
         if busy.is_empty() {
@@ -1974,7 +1993,7 @@ async fn the_html_report_rendered_by_chromium_shows_what_status_says() {
 
     // Every stage's figures, its chart and its instance rows, against `status --json`.
     let mut totals = [0u64; 4];
-    for (index, stage) in status.as_array().unwrap().iter().enumerate() {
+    for (index, stage) in status["stages"].as_array().unwrap().iter().enumerate() {
         let name = stage["stage"].as_str().unwrap();
         let groups = stage["groups"].as_array().unwrap();
         let charted: Vec<&Value> = groups
@@ -2104,7 +2123,7 @@ async fn the_html_report_rendered_by_chromium_shows_what_status_says() {
     let out = w.run(&["report", "--format", "csv", "--out", csv.to_str().unwrap()]);
     assert_eq!(out.status.code(), status_code, "{}", text(&out.stderr));
     let rows = std::fs::read_to_string(&csv).unwrap().lines().count() - 1;
-    let expected_rows: u64 = status
+    let expected_rows: u64 = status["stages"]
         .as_array()
         .unwrap()
         .iter()

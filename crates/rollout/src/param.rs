@@ -235,6 +235,7 @@ mod tests {
             family_tag: None,
             tags: Default::default(),
             state: "available".into(),
+            public: false,
             snapshots: vec![],
         }
     }

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
 /// What to do with a group owned by a CloudFormation stack.
@@ -30,6 +31,10 @@ pub enum HandMadeChanges {
     Override,
 }
 
+/// The longest a maintenance window may stay open; the workers refuse a window event that
+/// claims longer.
+pub const MAX_WINDOW_HOURS: u32 = 24;
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Window {
@@ -37,6 +42,55 @@ pub struct Window {
     pub cron: String,
     /// How long the window stays open; refreshes not started by then are skipped.
     pub duration_hours: u32,
+}
+
+impl Window {
+    /// The window's schedule as EventBridge Scheduler reads `cron(...)`: `minute hour
+    /// day-of-month month day-of-week year` in UTC, one of the two day fields `?`, days of the
+    /// week 1 (Sunday) to 7 or `SUN`-`SAT`, with `L`, `W` and `#`.
+    fn schedule(&self) -> Result<croner::Cron, String> {
+        let fields = self
+            .cron
+            .strip_prefix("cron(")
+            .and_then(|c| c.strip_suffix(')'))
+            .ok_or("it is not of the form cron(...)")?;
+        let parts: Vec<&str> = fields.split_whitespace().collect();
+        if parts.len() != 6 {
+            return Err(format!(
+                "it has {} fields, not 6 (minute hour day-of-month month day-of-week year)",
+                parts.len()
+            ));
+        }
+        if (parts[2] == "?") == (parts[4] == "?") {
+            return Err(
+                "exactly one of day-of-month and day-of-week must be `?` (EventBridge Scheduler refuses both or neither)"
+                    .into(),
+            );
+        }
+        croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Required)
+            .year(croner::parser::Year::Required)
+            .alternative_weekdays(true)
+            .build()
+            .parse(&format!("0 {fields}"))
+            .map_err(|e| e.to_string())
+    }
+
+    /// When the window opens next, strictly after `now` (`None`: never again, e.g. its years
+    /// are past).
+    pub fn next_opening(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.schedule().ok()?.find_next_occurrence(&now, false).ok()
+    }
+
+    /// When the window open at `now` opened, if one is open.
+    pub fn open_since(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let opened = self
+            .schedule()
+            .ok()?
+            .find_previous_occurrence(&now, true)
+            .ok()?;
+        (now < opened + chrono::Duration::hours(i64::from(self.duration_hours))).then_some(opened)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -407,22 +461,16 @@ impl Policy {
                     s.account
                 ));
             }
-            if !(s.window.cron.starts_with("cron(") && s.window.cron.ends_with(')'))
-                || s.window
-                    .cron
-                    .trim_start_matches("cron(")
-                    .trim_end_matches(')')
-                    .split_whitespace()
-                    .count()
-                    != 6
-            {
+            if let Err(why) = s.window.schedule() {
                 return Err(format!(
-                    "{at}: window.cron {:?} must be an EventBridge Scheduler cron with 6 fields, e.g. \"cron(0 2 ? * SAT#1 *)\"",
+                    "{at}: window.cron {:?} is not an EventBridge Scheduler cron: {why}; e.g. \"cron(0 2 ? * SAT#1 *)\" (the first Saturday of each month, 02:00 UTC)",
                     s.window.cron
                 ));
             }
-            if s.window.duration_hours == 0 || s.window.duration_hours > 24 {
-                return Err(format!("{at}: window.duration_hours must be 1 to 24"));
+            if s.window.duration_hours == 0 || s.window.duration_hours > MAX_WINDOW_HOURS {
+                return Err(format!(
+                    "{at}: window.duration_hours must be 1 to {MAX_WINDOW_HOURS}"
+                ));
             }
             if s.max_concurrent_refreshes == 0 {
                 return Err(format!("{at}: max_concurrent_refreshes must be at least 1"));
@@ -477,6 +525,12 @@ impl Policy {
                 image.id, image.owner, self.hub_account
             ));
         }
+        if image.public {
+            return Some(format!(
+                "AMI {} is public (anyone may launch it): a golden AMI is shared with the stage accounts only; make it private (ec2 modify-image-attribute --launch-permission \"Remove=[{{Group=all}}]\"), then replay; refused",
+                image.id
+            ));
+        }
         match self.family_of(&image.name, image.family_tag.as_deref()) {
             Some(f) if f.parameter_name == parameter => None,
             Some(f) => Some(format!(
@@ -508,6 +562,83 @@ mod tests {
     use super::*;
 
     const LOCAL: &str = include_str!("../../../local/amiflow.toml");
+
+    fn window(cron: &str) -> Window {
+        Window {
+            cron: cron.into(),
+            duration_hours: 4,
+        }
+    }
+
+    fn at(y: i32, mo: u32, d: u32, h: u32, mi: u32) -> DateTime<Utc> {
+        use chrono::TimeZone;
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, 0).unwrap()
+    }
+
+    /// EventBridge Scheduler's cron as AWS reads it: `SAT#1` the first Saturday, days of the week
+    /// numbered from Sunday = 1, `L` the last day, years; open for `duration_hours` from each start.
+    #[test]
+    fn a_window_opens_when_eventbridge_scheduler_would_open_it() {
+        // 2026-12-05 is the first Saturday of December.
+        let first_saturday = window("cron(0 2 ? * SAT#1 *)");
+        let before = at(2026, 12, 1, 0, 0);
+        assert_eq!(
+            first_saturday.next_opening(before),
+            Some(at(2026, 12, 5, 2, 0))
+        );
+        assert_eq!(first_saturday.open_since(before), None);
+        assert_eq!(
+            first_saturday.open_since(at(2026, 12, 5, 5, 59)),
+            Some(at(2026, 12, 5, 2, 0))
+        );
+        assert_eq!(first_saturday.open_since(at(2026, 12, 5, 6, 0)), None);
+        assert_eq!(
+            first_saturday.next_opening(at(2026, 12, 5, 2, 0)),
+            Some(at(2027, 1, 2, 2, 0))
+        );
+        // AWS numbers Sunday 1: 7 is Saturday, 1 Sunday.
+        assert_eq!(
+            window("cron(30 1 ? * 7 *)").next_opening(before),
+            Some(at(2026, 12, 5, 1, 30))
+        );
+        assert_eq!(
+            window("cron(30 1 ? * 1 *)").next_opening(before),
+            Some(at(2026, 12, 6, 1, 30))
+        );
+        assert_eq!(
+            window("cron(0 22 L * ? *)").next_opening(before),
+            Some(at(2026, 12, 31, 22, 0))
+        );
+        assert_eq!(
+            window("cron(0 2 ? * MON 2025)").next_opening(before),
+            None,
+            "its year is past"
+        );
+    }
+
+    #[test]
+    fn a_cron_eventbridge_scheduler_would_refuse_is_refused_with_the_reason() {
+        for (cron, why) in [
+            (
+                "cron(0 2 * * SAT *)",
+                "exactly one of day-of-month and day-of-week must be `?`",
+            ),
+            (
+                "cron(0 2 ? * ? *)",
+                "exactly one of day-of-month and day-of-week must be `?`",
+            ),
+            ("cron(0 2 ? * SAT)", "it has 5 fields, not 6"),
+            ("0 2 ? * SAT *", "it is not of the form cron(...)"),
+            ("cron(0 25 ? * SAT *)", ""),
+        ] {
+            let policy = LOCAL.replace("cron(0 2 ? * SAT#3 *)", cron);
+            let err = Policy::parse(&policy).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("stage \"prod\": window.cron {cron:?} is not an EventBridge Scheduler cron: {why}")),
+                "{cron}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn the_local_world_policy_is_valid() {

@@ -103,9 +103,19 @@ pub async fn share(
     now: DateTime<Utc>,
 ) -> Result<Vec<Detail>, StepError> {
     let targets: Vec<&crate::policy::Stage> = match &built.targets {
+        Some(accounts) if accounts.is_empty() => {
+            return Err(StepError::Permanent(
+                "targets is empty, so the AMI would reach no stage: name the stage accounts, or leave targets out for every stage; refused".into(),
+            ));
+        }
         Some(accounts) => {
-            let mut chosen = Vec::new();
+            let mut chosen: Vec<&crate::policy::Stage> = Vec::new();
             for account in accounts {
+                if chosen.iter().any(|s| &s.account == account) {
+                    return Err(StepError::Permanent(format!(
+                        "targets names account {account} more than once: name each stage account once; refused"
+                    )));
+                }
                 let stage = policy.stage_for_account(account).ok_or_else(|| {
                     StepError::Permanent(format!(
                         "target account {account} is not a stage in the rollout policy"
@@ -475,6 +485,7 @@ window = { cron = "cron(0 2 ? * SAT#3 *)", duration_hours = 4 }
                 family_tag: None,
                 tags: Default::default(),
                 state: "available".into(),
+                public: false,
                 snapshots: vec![("snap-1".into(), None)],
             },
             changes: Mutex::default(),
@@ -638,6 +649,66 @@ window = { cron = "cron(0 2 ? * SAT#3 *)", duration_hours = 4 }
             "{reason}"
         );
         assert!(other.changes().is_empty(), "{:?}", other.changes());
+    }
+
+    /// A public AMI (the hub's own, made launchable by anyone) is shared with no one.
+    #[tokio::test]
+    async fn a_public_ami_is_shared_with_no_one() {
+        let mut public = hub_with(11);
+        public.image.public = true;
+        let Err(StepError::Permanent(reason)) = run(&public, &goldens(&[]), 11).await else {
+            panic!("a public AMI must be refused for good");
+        };
+        assert!(
+            reason.starts_with(&format!(
+                "AMI {} is public (anyone may launch it): a golden AMI is shared with the stage accounts only; make it private",
+                ami(11)
+            )),
+            "{reason}"
+        );
+        assert!(public.changes().is_empty(), "{:?}", public.changes());
+    }
+
+    /// `targets` that names no stage, or a stage twice, is refused before anything is shared.
+    #[tokio::test]
+    async fn empty_or_repeated_targets_are_refused() {
+        let policy = Policy::parse(POLICY).unwrap();
+        let hub = hub_with(11);
+        for (targets, want) in [
+            (
+                vec![],
+                "targets is empty, so the AMI would reach no stage: name the stage accounts, or leave targets out for every stage; refused".to_owned(),
+            ),
+            (
+                vec!["222222222222".to_owned(), "222222222222".to_owned()],
+                "targets names account 222222222222 more than once: name each stage account once; refused".to_owned(),
+            ),
+        ] {
+            let mut built = AmiBuilt::new(
+                &ami(11),
+                "us-east-1",
+                "golden-al2023-2026-11",
+                month(11),
+                PARAMETER,
+            );
+            built.targets = Some(targets);
+            let err = share(
+                &built,
+                &hub,
+                &FakeAws::default(),
+                &goldens(&[]),
+                &FakeAws::default(),
+                &policy,
+                month(12),
+            )
+            .await
+            .unwrap_err();
+            let StepError::Permanent(reason) = err else {
+                panic!("bad targets are refused for good: {err:?}");
+            };
+            assert_eq!(reason, want);
+        }
+        assert!(hub.changes().is_empty(), "{:?}", hub.changes());
     }
 
     #[tokio::test]

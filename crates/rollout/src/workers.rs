@@ -56,6 +56,42 @@ fn refuse_recalled(worker: &str, what: &str, recall: &Recall) -> StepOutput {
     StepOutput::Emit(Vec::new())
 }
 
+/// How far ahead of this worker's clock a window's `opens_at` may be (clocks differ a little).
+const CLOCK_SKEW: chrono::Duration = chrono::Duration::minutes(5);
+
+/// A window event within the policy's bounds: it has opened (its `opens_at` is not ahead of this
+/// worker's clock by more than [`CLOCK_SKEW`]) and it lasts at most
+/// [`MAX_WINDOW_HOURS`](crate::policy::MAX_WINDOW_HOURS) from its opening (or from now, for a
+/// window that names only its end). A window years long, forged or mistyped, would let refreshes
+/// start at any time; a window of the future is not open.
+pub fn check_window(
+    window: &events::RolloutWindowOpened,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), StepError> {
+    if let Some(opens) = window.opens_at
+        && opens > now + CLOCK_SKEW
+    {
+        return Err(StepError::Permanent(format!(
+            "the window of {} opens at {}, in the future: a window event is sent when its window opens; refused",
+            window.stage,
+            opens.to_rfc3339()
+        )));
+    }
+    let opened = window.opens_at.map_or(now, |o| o.min(now));
+    let longest = chrono::Duration::hours(i64::from(crate::policy::MAX_WINDOW_HOURS));
+    if window.closes_at > opened + longest {
+        return Err(StepError::Permanent(format!(
+            "the window of {} closes at {}, more than {} hours after it opened ({}): no window lasts longer (window.duration_hours is at most {}); refused",
+            window.stage,
+            window.closes_at.to_rfc3339(),
+            crate::policy::MAX_WINDOW_HOURS,
+            opened.to_rfc3339(),
+            crate::policy::MAX_WINDOW_HOURS
+        )));
+    }
+    Ok(())
+}
+
 fn own_stage<'p>(policy: &'p Policy, account: &str, claimed: &str) -> Result<&'p Stage, StepError> {
     if claimed != account {
         return Err(StepError::Permanent(format!(
@@ -347,6 +383,7 @@ impl runtime::Step for ShareStep {
                 ))
             }
             Detail::RolloutWindowOpened(window) => {
+                check_window(window, chrono::Utc::now())?;
                 let stages = self
                     .stages
                     .get_or_try_init(|| {
@@ -602,6 +639,7 @@ impl runtime::Step for PlanStep {
         let (claimed, deadline, key) = match &e.detail {
             Detail::ParamUpdated(p) => (p.account.as_str(), p.closes_at, p.meta.key.as_str()),
             Detail::RolloutWindowOpened(w) => {
+                check_window(w, chrono::Utc::now())?;
                 (w.account.as_str(), Some(w.closes_at), w.meta.key.as_str())
             }
             _ => return Err(refuse("plan-worker", event)),
@@ -777,4 +815,63 @@ pub async fn start(
     )
     .await?;
     Ok((config, ctx, consumer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Duration, TimeZone, Utc};
+    use events::RolloutWindowOpened;
+
+    fn refusal(window: &RolloutWindowOpened, now: chrono::DateTime<Utc>) -> String {
+        match check_window(window, now) {
+            Err(StepError::Permanent(why)) => why,
+            other => panic!("a window out of bounds is refused for good: {other:?}"),
+        }
+    }
+
+    /// A window that opened (within the clock skew) and lasts at most a day is taken; one of the
+    /// future, or one longer than a day however it says so, is refused with the reason.
+    #[test]
+    fn a_window_of_the_future_or_longer_than_a_day_is_refused() {
+        let now = Utc.with_ymd_and_hms(2026, 12, 5, 2, 0, 0).unwrap();
+        let window = |opens: chrono::DateTime<Utc>, closes| {
+            RolloutWindowOpened::new("222222222222", "uat", opens, closes)
+        };
+        check_window(&window(now, now + Duration::hours(24)), now).unwrap();
+        check_window(
+            &window(now + Duration::minutes(4), now + Duration::hours(4)),
+            now,
+        )
+        .unwrap();
+        check_window(
+            &window(now - Duration::hours(3), now + Duration::hours(1)),
+            now,
+        )
+        .unwrap();
+
+        assert_eq!(
+            refusal(&window(now, now + Duration::days(5 * 365)), now),
+            "the window of uat closes at 2031-12-04T02:00:00+00:00, more than 24 hours after it opened (2026-12-05T02:00:00+00:00): no window lasts longer (window.duration_hours is at most 24); refused"
+        );
+        assert_eq!(
+            refusal(
+                &window(
+                    now + Duration::days(30),
+                    now + Duration::days(30) + Duration::hours(4)
+                ),
+                now
+            ),
+            "the window of uat opens at 2027-01-04T02:00:00+00:00, in the future: a window event is sent when its window opens; refused"
+        );
+        // A window that names only its end is counted from now.
+        let mut end_only = window(now, now + Duration::hours(25));
+        end_only.opens_at = None;
+        assert!(
+            refusal(&end_only, now)
+                .contains("more than 24 hours after it opened (2026-12-05T02:00:00+00:00)")
+        );
+        end_only.closes_at = now + Duration::hours(2);
+        check_window(&end_only, now).unwrap();
+    }
 }

@@ -466,8 +466,11 @@ async fn handle<S: Step>(
         Ok(StepOutput::Emit(details)) => {
             WorkerStats::bump(&stats.succeeded, 1);
             WorkerStats::bump(&stats.emitted, details.len() as u64);
-            let emitted: Vec<&str> = details.iter().map(|d| d.meta().key.as_str()).collect();
-            tracing::info!(worker, %rollout_id, %key, %account, detail_type, duration_ms, outcome = "done", emitted = ?emitted, "step finished");
+            // One line per event emitted, each field a plain value a log query can match.
+            for d in &details {
+                tracing::info!(worker, emitted_type = d.detail_type(), emitted_key = %d.meta().key, "emitted");
+            }
+            tracing::info!(worker, %rollout_id, %key, %account, detail_type, duration_ms, outcome = "done", emitted = details.len(), "step finished");
             Disposition::Delete
         }
         Ok(StepOutput::Defer { delay, reason }) => {

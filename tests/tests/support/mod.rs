@@ -559,3 +559,33 @@ pub async fn emulate_refreshes(world: &World, account: &str, groups: &[String], 
             .unwrap();
     }
 }
+
+/// Register an AMI named `name` in `account`, tagged of `family` and created at `created` (the
+/// emulator dates an AMI by its `amiflow:emulator-creation-date` tag); its id.
+pub async fn register_image(
+    world: &World,
+    account: &str,
+    name: &str,
+    family: &str,
+    created: &str,
+) -> String {
+    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+    let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
+    aws_sdk_ec2::Client::new(world.config(account))
+        .register_image()
+        .name(name)
+        .tag_specifications(
+            TagSpecification::builder()
+                .resource_type(ResourceType::Image)
+                .tags(tag("Name", name))
+                .tags(tag("amiflow:family", family))
+                .tags(tag("amiflow:emulator-creation-date", created))
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_owned()
+}

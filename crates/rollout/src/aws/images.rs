@@ -21,6 +21,8 @@ pub struct Image {
     /// Every tag of the AMI (visible to its owner only: a shared AMI's tags stay in its account).
     pub tags: std::collections::BTreeMap<String, String>,
     pub state: String,
+    /// Anyone may launch it (a launch permission for the group `all`).
+    pub public: bool,
     /// (snapshot id, KMS key id if encrypted with one)
     pub snapshots: Vec<(String, Option<String>)>,
 }
@@ -82,6 +84,7 @@ fn to_image(i: &aws_sdk_ec2::types::Image) -> Image {
             })
             .collect(),
         state: i.state().map(|s| s.as_str().to_owned()).unwrap_or_default(),
+        public: i.public().unwrap_or(false),
         snapshots: i
             .block_device_mappings()
             .iter()
