@@ -26,6 +26,10 @@ What moto 5.2.5 gets wrong (see shared/EMULATOR.md) and what this module does ab
   ``CreateLaunchTemplateVersion`` honours ``ClientToken`` (moto ignored it): the same token with the
   same request returns the version the first call made, with another request
   ``IdempotentParameterMismatch``.
+* Deprecation: moto has no ``EnableImageDeprecation``. Here the owner may set an AMI's
+  ``DeprecateAt`` (in the future, at most 10 years ahead, rounded up to the minute, as AWS does);
+  DescribeImages then returns it as ``DeprecationTime``. Deprecated AMIs still launch by id and
+  are not hidden from listings here (AWS hides them from listings by others).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import base64
 import copy
 import json
 import threading
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 CREATION_DATE_TAG = "amiflow:emulator-creation-date"
@@ -186,6 +190,29 @@ def _describe_image_attribute(self, ami_id, attribute_name):
     # moto indexes self.amis directly: an unknown or shared id was a KeyError (HTTP 500).
     _not_owner(self, ami_id)
     return _orig["describe_image_attribute"](self, ami_id, attribute_name)
+
+
+def _enable_image_deprecation(self):
+    """EnableImageDeprecation: the owner sets when the AMI is deprecated (moto lacks the action)."""
+    from moto.core.responses import ActionResult
+    from moto.ec2.exceptions import EC2ClientError
+
+    ami_id = self._get_param("ImageId")
+    at = self._get_param("DeprecateAt")
+    self.error_on_dryrun()
+    _not_owner(self.ec2_backend, ami_id)
+    when = datetime.fromisoformat(str(at).replace("Z", "+00:00")) if not isinstance(at, datetime) else at
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    now = datetime.now(timezone.utc)
+    if when <= now:
+        raise EC2ClientError("InvalidParameterValue", f"DeprecateAt {at}: the deprecation time must be in the future")
+    if when.year > now.year + 10:
+        raise EC2ClientError("InvalidParameterValue", f"DeprecateAt {at}: at most 10 years from now")
+    if when.second or when.microsecond:
+        when = when.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    self.ec2_backend.amis[ami_id].deprecation_time = when.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return ActionResult({"Return": True})
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,6 +624,7 @@ def apply() -> None:
     AmiBackend.describe_image_attribute = _describe_image_attribute
     AmiBackend.create_image = _create_image
     AmisResponse.register_image = _register_image_response
+    AmisResponse.enable_image_deprecation = _enable_image_deprecation
 
     ElasticBlockStore.modify_snapshot_attribute = _modify_snapshot_attribute_response
 

@@ -4,7 +4,7 @@ creation-date hook, launch template versions."""
 import base64
 import random
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from botocore.exceptions import ClientError
@@ -164,6 +164,27 @@ def test_creation_date_hook_on_register_and_create_image(accounts):
     with pytest.raises(ClientError) as err:
         register(ec2, "bad-date", tags=[{"Key": CREATION_DATE_TAG, "Value": "last tuesday"}])
     assert err.value.response["Error"]["Code"] == "InvalidParameterValue"
+
+
+def test_image_deprecation_is_set_by_its_owner_only_and_shown_by_describe_images(accounts):
+    sessions, (a, b, _) = accounts
+    ec2_a, ec2_b = sessions["a"].client("ec2"), sessions["b"].client("ec2")
+    ami = register(ec2_a, "golden-to-deprecate")
+    assert "DeprecationTime" not in ec2_a.describe_images(ImageIds=[ami])["Images"][0]
+    ec2_a.modify_image_attribute(ImageId=ami, LaunchPermission={"Add": [{"UserId": b}]})
+    with pytest.raises(ClientError) as err:
+        ec2_b.enable_image_deprecation(ImageId=ami, DeprecateAt=datetime(2099, 1, 1, tzinfo=timezone.utc))
+    assert err.value.response["Error"]["Code"] == "AuthFailure"
+    with pytest.raises(ClientError) as err:
+        ec2_a.enable_image_deprecation(ImageId=ami, DeprecateAt=datetime(2020, 1, 1, tzinfo=timezone.utc))
+    assert err.value.response["Error"]["Code"] == "InvalidParameterValue"
+    soon = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(minutes=5, seconds=7)
+    assert ec2_a.enable_image_deprecation(ImageId=ami, DeprecateAt=soon)["Return"] is True
+    shown = ec2_a.describe_images(ImageIds=[ami])["Images"][0]["DeprecationTime"]
+    rounded = soon.replace(second=0) + timedelta(minutes=1)
+    assert shown == rounded.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    # Still launchable by its id.
+    ec2_a.run_instances(ImageId=ami, MinCount=1, MaxCount=1)
 
 
 def _lt_with_versions(ec2, name, count, images):

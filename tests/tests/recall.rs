@@ -322,19 +322,11 @@ async fn bake(world: &World, name: &str, created: &str) -> String {
         .instance_id()
         .unwrap()
         .to_owned();
-    let tag = |k: &str, v: &str| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build();
     let image = ec2
         .create_image()
         .instance_id(&instance)
         .name(name)
-        .tag_specifications(
-            aws_sdk_ec2::types::TagSpecification::builder()
-                .resource_type(aws_sdk_ec2::types::ResourceType::Image)
-                .tags(tag("Name", name))
-                .tags(tag("amiflow:family", "al2023"))
-                .tags(tag("amiflow:emulator-creation-date", created))
-                .build(),
-        )
+        .tag_specifications(support::golden_tags(name, "al2023", created))
         .send()
         .await
         .unwrap()
@@ -511,6 +503,8 @@ async fn a_recall_during_qas_window_ends_with_every_group_on_the_previous_ami() 
     )
     .await;
     recall(&world, &candidate, true).await;
+    // Where `amictl recall` returns: the record is in the hub and the event on its bus.
+    let recalled_at = Utc::now();
     let moving = refreshed(&world, &qa);
     let ended = driver
         .outcomes(
@@ -592,6 +586,38 @@ async fn a_recall_during_qas_window_ends_with_every_group_on_the_previous_ami() 
         "the recall came while requests waited: {:?}",
         audit.finished
     );
+    // No refresh to the candidate starts once the recall is recorded, but one already past its
+    // request's fresh read of the recall (`refresh::RecallCheck`): every group's refresh to it
+    // (its first refresh since the snapshot) started before the recall, or within 3 s of it, one
+    // start's calls through a loaded emulator; the documented pause delay is 10 s
+    // (`AMIFLOW_CONTROL_SECONDS`).
+    for name in &moving {
+        // Only an outcome of a refresh that ran says one started (`recalled` and `skipped`
+        // requests started none).
+        let said = audit.outcomes(&qa, name, &candidate).unwrap();
+        if !said
+            .iter()
+            .any(|(o, _)| ["succeeded", "cancelled", "failed", "rolled-back"].contains(&o.as_str()))
+        {
+            continue;
+        }
+        let (was, group) = (
+            &before.groups[&(qa.clone(), name.clone())],
+            &now.groups[&(qa.clone(), name.clone())],
+        );
+        let first = group
+            .refreshes
+            .iter()
+            .filter(|r| !was.refreshes.iter().any(|w| w.0 == r.0))
+            .filter_map(|r| r.2)
+            .min()
+            .unwrap_or_else(|| panic!("qa/{name}: {said:?} but no refresh seen: {group:?}"));
+        assert!(
+            first <= recalled_at + chrono::Duration::seconds(3),
+            "qa/{name}: a refresh to the recalled AMI started at {first}, {} ms after the recall",
+            (first - recalled_at).num_milliseconds()
+        );
+    }
     // The refresh running when the recall came was cancelled, and reported so.
     let said = audit.outcomes(&qa, &held_name, &candidate).unwrap();
     assert_eq!(said[0].0, "cancelled", "{held_name}: {said:?}");

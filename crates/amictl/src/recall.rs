@@ -11,8 +11,9 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
-use rollout::aws::{Images, Parameters, SsmParameters};
+use rollout::aws::{Parameters, SsmParameters};
 use rollout::control::{self, Recall, Recalls, previous_golden};
+use rollout::policy::RecalledImage;
 
 use crate::control::{Hub, rollout_of};
 use crate::exit::refuse;
@@ -40,10 +41,11 @@ pub struct RecallArgs {
     /// Print what the recall would change in each stage, and change nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Also disable the AMI in the hub (`ec2:DisableImage`) and remove its launch permissions:
-    /// nothing new launches from it in any account. A group still configured for it cannot
-    /// launch instances until it has moved back, so use it when running the AMI is worse than
-    /// not scaling. Given for an AMI already recalled, it only disables the image.
+    /// Also disable the AMI in the hub (`ec2:DisableImage`; or deprecate it, when the policy
+    /// sets recalled_image = "deprecate") and remove its launch permissions: nothing new
+    /// launches from it in any other account. A group still configured for it cannot launch
+    /// instances until it has moved back, so use it when running the AMI is worse than not
+    /// scaling. Given for an AMI already recalled, it only disables (or deprecates) the image.
     #[arg(long)]
     disable_image: bool,
 }
@@ -75,7 +77,8 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
         if args.disable_image {
             if args.dry_run {
                 println!(
-                    "{ami} is already recalled; would disable it in the hub {}",
+                    "{ami} is already recalled; would {} it in the hub {}",
+                    retire_verb(scope.policy.recalled_image),
                     scope.hub().label()
                 );
                 return Ok(());
@@ -207,7 +210,8 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
         }
         if args.disable_image {
             println!(
-                "{ami} would be disabled in the hub {}, its launch permissions removed",
+                "{ami} would be {}d in the hub {}, its launch permissions removed",
+                retire_verb(scope.policy.recalled_image),
                 scope.hub().label()
             );
         }
@@ -260,33 +264,93 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
     }
     if args.disable_image {
         disable_image(&scope, &ami).await.with_context(|| {
-            format!("the recall is recorded and sent; run `amictl recall {ami} --reason ... --disable-image` again to disable the image")
+            format!("the recall is recorded and sent; run `amictl recall {ami} --reason ... --disable-image` again to {} the image", retire_verb(scope.policy.recalled_image))
         })?;
     }
     Ok(())
 }
 
-/// Disable `ami` in the hub: its launch permissions removed (AWS makes a disabled AMI private;
-/// removing them here says which accounts lost it, and holds in the emulator too), then
-/// `DisableImage`. Idempotent: an AMI already disabled is left as it is.
+fn retire_verb(how: RecalledImage) -> &'static str {
+    match how {
+        RecalledImage::Disable => "disable",
+        RecalledImage::Deprecate => "deprecate",
+    }
+}
+
+/// Disable (or deprecate, as the policy says) `ami` in the hub and print what was done.
 async fn disable_image(scope: &Scope, ami: &str) -> Result<()> {
     let hub = scope.hub();
     let ec2 = aws_sdk_ec2::Client::new(&hub.config);
-    let state = rollout::aws::Ec2Images(ec2.clone())
-        .describe(ami)
+    let place = format!("the hub {}", hub.label());
+    let done = retire_image(
+        &ec2,
+        ami,
+        scope.policy.recalled_image,
+        chrono::Utc::now(),
+        &place,
+    )
+    .await
+    .with_context(|| format!("in {place}"))?;
+    println!("{done}");
+    Ok(())
+}
+
+/// Take `ami` out of use in its account: its launch permissions removed (AWS makes a disabled
+/// AMI private; removing them here says which accounts lost it, and holds in the emulator too),
+/// then `DisableImage`, or `EnableImageDeprecation` from the next whole minute after `now` (AWS
+/// takes no time in the past). Idempotent: an AMI already disabled, or deprecated by then, is
+/// left as it is. What was done, in a sentence.
+async fn retire_image(
+    ec2: &aws_sdk_ec2::Client,
+    ami: &str,
+    how: RecalledImage,
+    now: chrono::DateTime<chrono::Utc>,
+    place: &str,
+) -> Result<String> {
+    let image = ec2
+        .describe_images()
+        .image_ids(ami)
+        .send()
         .await
-        .map_err(|e| anyhow!("{e}"))?
-        .map(|image| image.state);
-    match state.as_deref() {
-        None => bail!(
-            "{ami} is not visible in the hub {}: nothing to disable",
-            hub.label()
-        ),
-        Some("disabled") => {
-            println!("{ami} is already disabled in the hub {}", hub.label());
-            return Ok(());
+        .map_err(|e| anyhow!("{}", runtime::error::describe(&e)))
+        .with_context(|| format!("reading {ami}"))?
+        .images()
+        .first()
+        .cloned();
+    let Some(image) = image else {
+        bail!(
+            "{ami} is not visible in {place}: nothing to {}",
+            retire_verb(how)
+        );
+    };
+    // The next whole minute at least a minute ahead: what AWS rounds a deprecation time to.
+    let at = {
+        let ahead = now + chrono::Duration::seconds(60);
+        let minute = ahead.timestamp().div_euclid(60) * 60;
+        let rounded = chrono::DateTime::from_timestamp(minute, 0).unwrap_or(ahead);
+        if rounded < ahead {
+            rounded + chrono::Duration::seconds(60)
+        } else {
+            rounded
         }
-        Some(_) => {}
+    };
+    let deprecated = image
+        .deprecation_time()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.to_utc());
+    match how {
+        RecalledImage::Disable
+            if image.state() == Some(&aws_sdk_ec2::types::ImageState::Disabled) =>
+        {
+            return Ok(format!("{ami} is already disabled in {place}"));
+        }
+        RecalledImage::Deprecate if deprecated.is_some_and(|t| t <= at) => {
+            return Ok(format!(
+                "{ami} is already deprecated in {place}, since {}",
+                deprecated.unwrap_or(at).to_rfc3339()
+            ));
+        }
+        _ => {}
     }
     let granted = ec2
         .describe_image_attribute()
@@ -311,12 +375,6 @@ async fn disable_image(scope: &Scope, ami: &str) -> Result<()> {
             .map_err(|e| anyhow!("{}", runtime::error::describe(&e)))
             .with_context(|| format!("removing the launch permissions of {ami}"))?;
     }
-    ec2.disable_image()
-        .image_id(ami)
-        .send()
-        .await
-        .map_err(|e| anyhow!("{}", runtime::error::describe(&e)))
-        .with_context(|| format!("disabling {ami} in the hub {}", hub.label()))?;
     let accounts: Vec<&str> = granted
         .iter()
         .filter_map(|p| {
@@ -325,14 +383,133 @@ async fn disable_image(scope: &Scope, ami: &str) -> Result<()> {
                 .or(p.organizational_unit_arn())
         })
         .collect();
-    println!(
-        "disabled {ami} in the hub {}: nothing new launches from it; launch permissions removed from {}",
-        hub.label(),
-        if accounts.is_empty() {
-            "no account (it was shared with none)".to_owned()
-        } else {
-            accounts.join(", ")
+    let removed = if accounts.is_empty() {
+        "no account (it was shared with none)".to_owned()
+    } else {
+        accounts.join(", ")
+    };
+    match how {
+        RecalledImage::Disable => {
+            ec2.disable_image()
+                .image_id(ami)
+                .send()
+                .await
+                .map_err(|e| anyhow!("{}", runtime::error::describe(&e)))
+                .with_context(|| format!("disabling {ami}"))?;
+            Ok(format!(
+                "disabled {ami} in {place}: nothing new launches from it; launch permissions removed from {removed}"
+            ))
         }
-    );
-    Ok(())
+        RecalledImage::Deprecate => {
+            ec2.enable_image_deprecation()
+                .image_id(ami)
+                .deprecate_at(aws_sdk_ec2::primitives::DateTime::from_secs(at.timestamp()))
+                .send()
+                .await
+                .map_err(|e| anyhow!("{}", runtime::error::describe(&e)))
+                .with_context(|| format!("deprecating {ami}"))?;
+            Ok(format!(
+                "deprecated {ami} in {place} from {} (the policy's recalled_image = \"deprecate\"): it leaves listings and launches only by its id there; launch permissions removed from {removed}",
+                at.to_rfc3339()
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_ec2::operation::{
+        describe_image_attribute::DescribeImageAttributeOutput,
+        describe_images::DescribeImagesOutput, disable_image::DisableImageOutput,
+        enable_image_deprecation::EnableImageDeprecationOutput,
+        modify_image_attribute::ModifyImageAttributeOutput,
+    };
+    use aws_sdk_ec2::primitives::DateTime;
+    use aws_sdk_ec2::types::{Image, ImageState, LaunchPermission};
+    use aws_smithy_mocks::{RuleMode, mock, mock_client};
+    use chrono::TimeZone;
+
+    const AMI: &str = "ami-0123456789abcdef0";
+
+    fn image(deprecated: Option<&'static str>) -> DescribeImagesOutput {
+        DescribeImagesOutput::builder()
+            .images(
+                Image::builder()
+                    .image_id(AMI)
+                    .state(ImageState::Available)
+                    .set_deprecation_time(deprecated.map(str::to_owned))
+                    .build(),
+            )
+            .build()
+    }
+
+    /// By policy a recalled AMI is deprecated, not disabled: from the next whole minute a minute
+    /// ahead (AWS takes no time in the past), its launch permissions removed first; once
+    /// deprecated, nothing more is done.
+    #[tokio::test]
+    async fn a_policy_of_deprecation_deprecates_the_image_and_removes_its_permissions() {
+        let now = chrono::Utc
+            .with_ymd_and_hms(2026, 12, 5, 10, 0, 30)
+            .unwrap();
+        let describe = mock!(aws_sdk_ec2::Client::describe_images).then_output(|| image(None));
+        let granted = mock!(aws_sdk_ec2::Client::describe_image_attribute).then_output(|| {
+            DescribeImageAttributeOutput::builder()
+                .launch_permissions(LaunchPermission::builder().user_id("222222222222").build())
+                .build()
+        });
+        let removed = mock!(aws_sdk_ec2::Client::modify_image_attribute)
+            .match_requests(|r| {
+                r.launch_permission()
+                    .and_then(|p| p.remove().first())
+                    .and_then(|p| p.user_id())
+                    == Some("222222222222")
+            })
+            .then_output(|| ModifyImageAttributeOutput::builder().build());
+        let deprecate = mock!(aws_sdk_ec2::Client::enable_image_deprecation)
+            .match_requests(move |r| {
+                r.image_id() == Some(AMI)
+                    && r.deprecate_at() == Some(&DateTime::from_secs(now.timestamp() + 90))
+            })
+            .then_output(|| {
+                EnableImageDeprecationOutput::builder()
+                    .r#return(true)
+                    .build()
+            });
+        let disable = mock!(aws_sdk_ec2::Client::disable_image)
+            .then_output(|| DisableImageOutput::builder().build());
+        let ec2 = mock_client!(
+            aws_sdk_ec2,
+            RuleMode::MatchAny,
+            [&describe, &granted, &removed, &deprecate, &disable]
+        );
+        let done = retire_image(&ec2, AMI, RecalledImage::Deprecate, now, "the hub")
+            .await
+            .unwrap();
+        assert_eq!(
+            done,
+            format!(
+                "deprecated {AMI} in the hub from 2026-12-05T10:02:00+00:00 (the policy's recalled_image = \"deprecate\"): it leaves listings and launches only by its id there; launch permissions removed from 222222222222"
+            )
+        );
+        assert_eq!(
+            (
+                removed.num_calls(),
+                deprecate.num_calls(),
+                disable.num_calls()
+            ),
+            (1, 1, 0)
+        );
+
+        let already = mock!(aws_sdk_ec2::Client::describe_images)
+            .then_output(|| image(Some("2026-12-05T10:01:00Z")));
+        let ec2 = mock_client!(aws_sdk_ec2, RuleMode::MatchAny, [&already]);
+        let done = retire_image(&ec2, AMI, RecalledImage::Deprecate, now, "the hub")
+            .await
+            .unwrap();
+        assert_eq!(
+            done,
+            format!("{AMI} is already deprecated in the hub, since 2026-12-05T10:01:00+00:00")
+        );
+    }
 }

@@ -280,6 +280,22 @@ pub struct Policy {
     pub role_name: Option<String>,
     pub families: Vec<Family>,
     pub stages: Vec<Stage>,
+    /// What `amictl recall --disable-image` does to the recalled AMI in the hub.
+    #[serde(default)]
+    pub recalled_image: RecalledImage,
+}
+
+/// How a recalled AMI is taken out of use in the hub (its launch permissions go either way, so
+/// no other account launches it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecalledImage {
+    /// `ec2:DisableImage`: nothing launches from it, in the hub either, until it is enabled.
+    #[default]
+    Disable,
+    /// `ec2:EnableImageDeprecation` from the next minute: it leaves listings and searches, and
+    /// still launches by its id in the hub (for those who must not lose the ability to scale).
+    Deprecate,
 }
 
 fn yes() -> bool {

@@ -53,15 +53,7 @@ impl Clients {
     }
 
     pub async fn register(&self, name: &str) -> String {
-        self.ec2
-            .register_image()
-            .name(name)
-            .send()
-            .await
-            .unwrap()
-            .image_id()
-            .unwrap()
-            .to_owned()
+        make::image(&self.ec2, name, None).await
     }
 
     /// A launch template whose version 1 runs `ami` on t3.micro; returns its id.

@@ -9,5 +9,6 @@
 
 mod cloudformation;
 mod fixture;
+mod images;
 mod refresh;
 mod templates;
