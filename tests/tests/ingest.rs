@@ -13,26 +13,12 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+use aws_sdk_ec2::types::Tag;
 use e2e::world::World;
 use serde_json::json;
 
 async fn new_ami(world: &World, name: &str, tags: &[(&str, &str)]) -> String {
-    let ec2 = aws_sdk_ec2::Client::new(world.config(&world.hub()));
-    let mut spec = TagSpecification::builder().resource_type(ResourceType::Image);
-    for (k, v) in tags {
-        spec = spec.tags(Tag::builder().key(*k).value(*v).build());
-    }
-    ec2.register_image()
-        .name(name)
-        .root_device_name("/dev/xvda")
-        .tag_specifications(spec.build())
-        .send()
-        .await
-        .unwrap()
-        .image_id()
-        .unwrap()
-        .to_owned()
+    support::register_tagged(world, &world.hub(), name, support::image_tags(tags)).await
 }
 
 /// EC2's "AMI State Change" to available for `ami`, as the default bus's rule delivers it.

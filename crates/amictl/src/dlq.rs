@@ -216,7 +216,13 @@ async fn list(args: ListArgs, scope: &ScopeArgs) -> Result<()> {
         });
     }
     if args.output.json() {
-        println!("{}", serde_json::to_string_pretty(&listed)?);
+        let summary = serde_json::json!({
+            "queues": listed.len(),
+            "messages": listed.iter().map(|q| q.dlq.approximate_messages).sum::<u64>(),
+            "shown": listed.iter().map(|q| q.shown).sum::<usize>(),
+        });
+        let body = serde_json::json!({ "queues": listed });
+        println!("{}", crate::output::document(summary, &Ok(()), &body)?);
         return Ok(());
     }
     println!("{}", queues_table(&listed));
@@ -448,8 +454,17 @@ async fn replay(args: ReplayArgs, scope: &ScopeArgs) -> Result<()> {
     if !args.dry_run && !args.wait.is_zero() && plan.moved > 0 && !plan.stopped() {
         watch_failing_again(&chosen, &mut reports, plan.started_ms, args.wait).await?;
     }
+    let verdict = failed_again(&reports, args.wait);
     if args.output.json() {
-        println!("{}", serde_json::to_string_pretty(&reports)?);
+        let sum = |f: fn(&QueueReplay) -> usize| reports.iter().map(f).sum::<usize>();
+        let summary = serde_json::json!({
+            "queues": reports.len(),
+            "matched": sum(|r| r.matched),
+            "moved": sum(|r| r.moved),
+            "failed_again": sum(|r| r.failed_again.len()),
+        });
+        let body = serde_json::json!({ "queues": reports });
+        println!("{}", crate::output::document(summary, &verdict, &body)?);
     } else {
         print_replay(&reports, args.dry_run);
     }
@@ -467,6 +482,11 @@ async fn replay(args: ReplayArgs, scope: &ScopeArgs) -> Result<()> {
             r.error.as_deref().unwrap_or_default()
         );
     }
+    verdict
+}
+
+/// Exit 3 when a replayed message failed again within `wait`, naming the first and its reason.
+fn failed_again(reports: &[QueueReplay], wait: Duration) -> Result<()> {
     let again: Vec<(&QueueReplay, &FailedAgain)> = reports
         .iter()
         .flat_map(|r| r.failed_again.iter().map(move |f| (r, f)))
@@ -475,7 +495,7 @@ async fn replay(args: ReplayArgs, scope: &ScopeArgs) -> Result<()> {
         return Err(Attention(format!(
             "{} replayed message(s) failed again within {}: {} in {} {}: {}: {}; fix the cause (`amictl dlq list` shows every reason), then replay again",
             again.len(),
-            humantime::format_duration(args.wait),
+            humantime::format_duration(wait),
             first.detail_type.as_deref().unwrap_or("(not an event)"),
             r.stage,
             r.dlq,

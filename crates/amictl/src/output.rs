@@ -27,3 +27,37 @@ impl OutputArgs {
         self.json || self.output == Format::Json
     }
 }
+
+/// The version of every command's JSON document; raised when a field changes meaning or goes.
+pub const JSON_VERSION: u32 = 1;
+
+/// What a command's JSON carries besides its answer: the document's version, when it was made,
+/// and a summary whose `attention` is the reason the command exits 3 (null when it does not),
+/// so a script reads the verdict from the JSON as from the exit code.
+#[derive(Debug, serde::Serialize)]
+struct Document<'a, B: serde::Serialize> {
+    version: u32,
+    generated_at: chrono::DateTime<chrono::Utc>,
+    summary: serde_json::Value,
+    #[serde(flatten)]
+    body: &'a B,
+}
+
+/// `body` (an object) as one pretty JSON document with `version`, `generated_at` and `summary`
+/// (given fields plus the verdict's `attention`).
+pub fn document<B: serde::Serialize>(
+    mut summary: serde_json::Value,
+    verdict: &anyhow::Result<()>,
+    body: &B,
+) -> anyhow::Result<String> {
+    summary["attention"] = match verdict {
+        Ok(()) => serde_json::Value::Null,
+        Err(e) => format!("{e:#}").into(),
+    };
+    Ok(serde_json::to_string_pretty(&Document {
+        version: JSON_VERSION,
+        generated_at: chrono::Utc::now(),
+        summary,
+        body,
+    })?)
+}

@@ -341,12 +341,23 @@ pub async fn run(args: PlanArgs, scope: &ScopeArgs) -> Result<()> {
         None => None,
     };
     let preview = preview(&scope, only.as_deref(), candidate).await?;
+    let verdict = halted_verdict(&preview);
     if args.output.json() {
-        println!("{}", serde_json::to_string_pretty(&preview)?);
+        // Groups by what the window does to them, over the stages shown.
+        let mut actions = std::collections::BTreeMap::new();
+        for g in preview.stages.iter().flat_map(|s| &s.groups) {
+            let action = serde_json::to_value(g.action)?;
+            *actions
+                .entry(action.as_str().unwrap_or_default().to_owned())
+                .or_insert(0) += 1;
+        }
+        let summary =
+            serde_json::json!({ "stages": preview.stages.len(), "groups_by_action": actions });
+        println!("{}", crate::output::document(summary, &verdict, &preview)?);
     } else {
         print!("{}", render(&preview, args.all));
     }
-    halted_verdict(&preview)
+    verdict
 }
 
 /// Exit 3 when a stage shown halted, by its own run or by the gate of the stage after it.

@@ -3,8 +3,9 @@
 //! laid out per stage and instance: the AMI each instance runs and what it is to its group's
 //! golden parameter (`compliance::AmiClass`), the AMI's age, the refresh-worker's mark on each
 //! group (the rollout, instance refresh and window of its last refresh), the reason for every
-//! group left behind, and the window history amiflow recorded in AWS (the gates' promotions in
-//! the hub, the audit log's golden parameter updates and refresh outcomes). JSON and CSV for
+//! group left behind, and the window history amiflow recorded in AWS (the gates' promotions and
+//! the operators' decisions in the hub, the audit log's golden parameter updates and refresh
+//! outcomes). JSON and CSV for
 //! tools; HTML (module `html`) for people: one self-contained file with inline CSS and SVG.
 
 mod html;
@@ -34,7 +35,7 @@ const PROMOTIONS: &str = "/amiflow/gate";
 /// Write the compliance evidence of every stage (or one) to a file: HTML, JSON or CSV.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "What it covers: the instances of the Auto Scaling groups in each stage account, judged as `amictl status` judges them (a group of no golden family is listed, its instances not charted); each AMI's age from its CreationDate; each group's last refresh from the refresh-worker's mark (rollout, instance refresh, window) and, for when it finished, the hub's audit log (/amiflow/audit); the window history as amiflow recorded it in AWS: each gate's promotion (when and why it opened: /amiflow/gate in the hub's Parameter Store) and the audit log's golden parameter updates and refresh outcomes, from --since on; each stage's gates now, as `amictl plan` shows them. Instances outside Auto Scaling groups and refreshes started by hand are not in it.\n\nFormats: html is one self-contained file (inline CSS and SVG charts, no script, nothing fetched: it opens offline); json is one document with `version` and a `summary`; csv has one row per instance (a group without instances has one row with the instance columns empty), and a cell that a spreadsheet would take for a formula starts with '.\n\nExit codes: 0 the report was written and nothing needs a person, 3 it was written and shows what `amictl status` exits 3 for (a stage halted, a group whose last refresh failed or rolled back), 2 a wrong argument, 1 an error (nothing written).\n\nExamples:\n  amictl report --out compliance.html                      # the local world, every stage\n  amictl report --stage prod --since 30d --format csv --out prod.csv\n  amictl report --config amiflow.toml --format json --since 2026-11-01 --out evidence.json"
+    after_help = "What it covers: the instances of the Auto Scaling groups in each stage account, judged as `amictl status` judges them (a group of no golden family is listed, its instances not charted); each AMI's age from its CreationDate; each group's last refresh from the refresh-worker's mark (rollout, instance refresh, window) and, for when it finished, the hub's audit log (/amiflow/audit); the window history as amiflow recorded it in AWS: each gate's promotion (when and why it opened: /amiflow/gate in the hub's Parameter Store), the operators' decisions the hub holds (/amiflow/control: pauses in force, approvals, halts, resumes, recalls; a lifted pause or halt leaves no record) and the audit log's golden parameter updates and refresh outcomes, from --since on; each stage's gates now, as `amictl plan` shows them. Instances outside Auto Scaling groups and refreshes started by hand are not in it.\n\nFormats: html is one self-contained file (inline CSS and SVG charts, no script, nothing fetched: it opens offline); json is one document with `version` and a `summary`; csv has one row per instance (a group without instances has one row with the instance columns empty), and a cell that a spreadsheet would take for a formula starts with '.\n\nExit codes: 0 the report was written and nothing needs a person, 3 it was written and shows what `amictl status` exits 3 for (a stage halted, a group whose last refresh failed or rolled back), 2 a wrong argument, 1 an error (nothing written).\n\nExamples:\n  amictl report --out compliance.html                      # the local world, every stage\n  amictl report --stage prod --since 30d --format csv --out prod.csv\n  amictl report --config amiflow.toml --format json --since 2026-11-01 --out evidence.json"
 )]
 pub struct ReportArgs {
     /// Only this stage (a stage name from the policy, or an account id).
@@ -217,7 +218,8 @@ const AGE_UNKNOWN: &str = "age unknown";
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HistoryEntry {
     pub at: String,
-    /// `Promoted` (a gate opened), `ParamUpdated`, `AsgRefreshFinished`.
+    /// `Promoted` (a gate opened), `ParamUpdated`, `AsgRefreshFinished`, or an operator's
+    /// decision in force: `Paused`, `Approved`, `Halted`, `Resumed`, `Recalled`.
     pub step: String,
     pub rollout_id: String,
     pub subject: String,
@@ -232,11 +234,31 @@ pub async fn run(args: ReportArgs, scope: &ScopeArgs) -> Result<()> {
     let verdict = crate::status::verdict(&reports, &gates);
     let audit = audited(&scope, since).await?;
     let promotions = promotions(&scope, since).await?;
+    let hub = crate::control::Hub::of(&scope);
+    let stored = hub
+        .records
+        .list_records(rollout::control::CONTROL)
+        .await
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| {
+            format!(
+                "reading the operators' decisions in the hub {}",
+                scope.hub().label()
+            )
+        })?;
+    let decisions = decisions(&stored, since)?;
     let mut stages = Vec::new();
     for r in &reports {
         let account = scope.account(&r.account)?;
         let created = image_dates(&account.config, r).await?;
-        stages.push(stage(r, &gates, &created, &audit, &promotions, now));
+        stages.push(stage(
+            r,
+            &gates,
+            &created,
+            &audit,
+            (&promotions, &decisions),
+            now,
+        ));
     }
     let attention = verdict.as_ref().err().map(|e| format!("{e:#}"));
     let report = Report::new(scope.origin.clone(), now, since, stages, attention);
@@ -321,7 +343,7 @@ fn stage(
     gates: &Preview,
     created: &HashMap<String, Option<DateTime<Utc>>>,
     audit: &[(Value, crate::trace::TraceStep)],
-    promotions: &[Promotion],
+    (promotions, decisions): (&[Promotion], &[Decided]),
     now: DateTime<Utc>,
 ) -> StageReport {
     let created_at = |ami: Option<&String>| ami.and_then(|a| created.get(a).copied().flatten());
@@ -425,6 +447,12 @@ fn stage(
                 result: step.result.clone(),
             }
         }))
+        .chain(
+            decisions
+                .iter()
+                .filter(|d| d.stage.as_ref().is_none_or(|s| *s == r.stage))
+                .map(|d| d.entry.clone()),
+        )
         .collect();
     // At-least-once: the same outcome may have been recorded twice.
     history.sort_by(|a, b| a.at.cmp(&b.at).then_with(|| a.subject.cmp(&b.subject)));
@@ -534,6 +562,125 @@ async fn audited(
 }
 
 /// Every gate's promotion record in the hub (from `since` on).
+/// A record of the hub as amiflow writes it, or an error naming it (someone wrote it by hand).
+fn typed<T: serde::de::DeserializeOwned>(
+    record: &rollout::aws::StoredRecord,
+    what: &str,
+) -> Result<T> {
+    serde_json::from_str(&record.value).with_context(|| {
+        format!(
+            "the {what} record {} is not what amiflow writes",
+            record.name
+        )
+    })
+}
+
+/// An operator's decision, for the history of `stage` (`None`: every stage's).
+#[derive(Debug, Clone, PartialEq)]
+struct Decided {
+    stage: Option<String>,
+    entry: HistoryEntry,
+}
+
+/// The operators' decisions the hub holds under `/amiflow/control` (from `since` on): pauses in
+/// force, approvals, halts, resumes of halted stages, recalls. A lifted pause or halt leaves no
+/// record there (its `amictl resume` deleted it).
+fn decisions(
+    stored: &[rollout::aws::StoredRecord],
+    since: Option<DateTime<Utc>>,
+) -> Result<Vec<Decided>> {
+    use rollout::control::{Decision, Halt, Recall, Resume};
+    let mut out = Vec::new();
+    for record in stored {
+        let parts: Vec<&str> = record
+            .name
+            .trim_start_matches(rollout::control::CONTROL)
+            .trim_start_matches('/')
+            .split('/')
+            .collect();
+        // (stage, step, subject, rollout id, decision, result)
+        let (stage, step, subject, rollout_id, decision, result) = match parts.as_slice() {
+            ["pause", stage] => {
+                let d: Decision = typed(record, "pause")?;
+                let all = *stage == rollout::control::ALL;
+                let result = format!(
+                    "{} by {}: {}",
+                    if all {
+                        "every stage paused".to_owned()
+                    } else {
+                        format!("{stage} paused")
+                    },
+                    d.by,
+                    d.reason
+                );
+                let subject = if all { "every stage" } else { stage };
+                (
+                    (!all).then_some(*stage),
+                    "Paused",
+                    subject,
+                    String::new(),
+                    d,
+                    result,
+                )
+            }
+            ["approval", ami, stage] => {
+                let d: Decision = typed(record, "approval")?;
+                let result = format!("{ami} approved for {stage} by {}: {}", d.by, d.reason);
+                (Some(*stage), "Approved", *ami, String::new(), d, result)
+            }
+            ["halt", ami, stage] => {
+                let h: Halt = typed(record, "halt")?;
+                let result = format!("{stage} halted for {ami} {}", h.describe());
+                (
+                    Some(*stage),
+                    "Halted",
+                    *ami,
+                    String::new(),
+                    h.decision,
+                    result,
+                )
+            }
+            ["resume", ami, stage] => {
+                let r: Resume = typed(record, "resume")?;
+                let result = format!(
+                    "{stage} resumed for {ami} by {}, accepting {} failed group(s): {}",
+                    r.decision.by, r.accepted_failures, r.decision.reason
+                );
+                (
+                    Some(*stage),
+                    "Resumed",
+                    *ami,
+                    String::new(),
+                    r.decision,
+                    result,
+                )
+            }
+            ["recall", ami] => {
+                let r: Recall = typed(record, "recall")?;
+                let id = events::keys::rollout_id(&r.parameter, ami);
+                (None, "Recalled", *ami, id, r.decision.clone(), r.refusal())
+            }
+            _ => continue,
+        };
+        if since.is_some_and(|s| decision.at < s) {
+            continue;
+        }
+        out.push(Decided {
+            stage: stage.map(str::to_owned),
+            entry: HistoryEntry {
+                at: decision
+                    .at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                step: step.into(),
+                rollout_id,
+                subject: subject.to_owned(),
+                result,
+            },
+        });
+    }
+    Ok(out)
+}
+
 async fn promotions(scope: &Scope, since: Option<DateTime<Utc>>) -> Result<Vec<Promotion>> {
     let hub = crate::control::Hub::of(scope);
     let stored = hub
@@ -689,6 +836,7 @@ fn csv_cell(value: &str) -> String {
 pub(crate) mod tests {
     use super::*;
     use crate::compliance::AmiClass;
+    use serde_json::json;
 
     pub const GOLDEN: &str = "ami-0123456789abcdef0";
     pub const PREVIOUS: &str = "ami-0fedcba9876543210";
@@ -834,6 +982,102 @@ pub(crate) mod tests {
             vec![stage],
             None,
         )
+    }
+
+    /// Every decision record the hub holds becomes a history entry of its stage (a pause of
+    /// every stage and a recall: of every stage), from --since on.
+    #[test]
+    fn the_operators_decisions_are_history() {
+        let decision = |at: &str, reason: &str| json!({"by": "arn:aws:sts::111111111111:assumed-role/ops/alice", "at": at, "reason": reason});
+        let stored = |name: &str, value: Value| rollout::aws::StoredRecord {
+            name: format!("/amiflow/control/{name}"),
+            value: value.to_string(),
+            written_by: None,
+        };
+        let mut halt = decision("2026-12-04T02:30:00Z", "502s");
+        halt["cancel_running"] = json!(true);
+        let mut resume = decision("2026-12-04T04:00:00Z", "fixed");
+        resume["accepted_failures"] = json!(2);
+        let mut recall = decision("2026-12-04T05:00:00Z", "CVE-2026-1234");
+        recall["ami"] = json!(GOLDEN);
+        recall["parameter"] = json!("/golden/al2023/ami-id");
+        let records = [
+            stored(
+                "pause/uat",
+                decision("2026-12-04T01:00:00Z", "change freeze"),
+            ),
+            stored(
+                "pause/all",
+                decision("2026-11-01T01:00:00Z", "before --since"),
+            ),
+            stored(
+                &format!("approval/{GOLDEN}/prod"),
+                decision("2026-12-04T03:00:00Z", "CAB-1234"),
+            ),
+            stored(&format!("halt/{GOLDEN}/qa"), halt),
+            stored(&format!("resume/{GOLDEN}/qa"), resume),
+            stored(&format!("recall/{GOLDEN}"), recall),
+        ];
+        let found = decisions(&records, Some(at("2026-11-05T00:00:00Z"))).unwrap();
+        let got: Vec<(Option<&str>, &str, &str)> = found
+            .iter()
+            .map(|d| {
+                (
+                    d.stage.as_deref(),
+                    d.entry.step.as_str(),
+                    d.entry.result.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    Some("uat"),
+                    "Paused",
+                    "uat paused by arn:aws:sts::111111111111:assumed-role/ops/alice: change freeze"
+                ),
+                (
+                    Some("prod"),
+                    "Approved",
+                    &*format!(
+                        "{GOLDEN} approved for prod by arn:aws:sts::111111111111:assumed-role/ops/alice: CAB-1234"
+                    )
+                ),
+                (
+                    Some("qa"),
+                    "Halted",
+                    &*format!(
+                        "qa halted for {GOLDEN} by arn:aws:sts::111111111111:assumed-role/ops/alice at 2026-12-04T02:30:00+00:00 (cancelling its running refreshes): 502s"
+                    )
+                ),
+                (
+                    Some("qa"),
+                    "Resumed",
+                    &*format!(
+                        "qa resumed for {GOLDEN} by arn:aws:sts::111111111111:assumed-role/ops/alice, accepting 2 failed group(s): fixed"
+                    )
+                ),
+                (
+                    None,
+                    "Recalled",
+                    &*format!(
+                        "{GOLDEN} was recalled by arn:aws:sts::111111111111:assumed-role/ops/alice at 2026-12-04T05:00:00+00:00: CVE-2026-1234"
+                    )
+                ),
+            ]
+        );
+        assert_eq!(
+            found[4].entry.rollout_id,
+            format!("/golden/al2023/ami-id@{GOLDEN}")
+        );
+        let hand_made = [stored("pause/uat", json!("paused"))];
+        let err = decisions(&hand_made, None).unwrap_err();
+        assert!(
+            format!("{err:#}")
+                .contains("the pause record /amiflow/control/pause/uat is not what amiflow writes"),
+            "{err:#}"
+        );
     }
 
     #[test]

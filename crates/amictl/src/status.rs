@@ -18,7 +18,7 @@ use crate::scope::{Scope, ScopeArgs};
 /// Show each stage's compliance with its golden parameters.
 #[derive(Debug, Args)]
 #[command(
-    after_help = "Shows per stage: its golden parameters and groups by state, its maintenance window (open now until when, or when it opens next, from the policy's cron in UTC), each rollout at its gates, recalls, and every group that is not current with the reason.\n\nJSON (--output json): one document {version, generated_at, summary, stages}; summary counts groups by state and instances off golden, and its `attention` says what makes the exit code 3 (null when nothing).\n\nExit codes: 0 the report was made and nothing needs a person, 3 a stage is halted or a group's last refresh failed or rolled back (the tables say which and why), 2 a wrong argument, 1 an error.\n\nExamples:\n  amictl status                         # the local world (amictl local up)\n  amictl status --stage prod --json     # one stage, for scripts\n  amictl status --config amiflow.toml   # real AWS: standard credentials, the policy's role per account"
+    after_help = "Shows per stage: its golden parameters and groups by state, its maintenance window (open now until when, or when it opens next, from the policy's cron in UTC), each rollout at its gates, recalls, and every group that is not current with the reason.\n\nJSON (--output json): one document {version, generated_at, summary, stages}; summary counts groups by state and instances off golden, and its `attention` says what makes the exit code 3 (null when nothing).\n\nExit codes: 0 the report was made and nothing needs a person, 3 a stage is halted or a group's last refresh failed or rolled back (the tables say which and why), 2 a wrong argument, 1 an error.\n\nExamples:\n  amictl status                         # the local world (amictl local up)\n  amictl status --stage prod --json     # one stage, for scripts\n  amictl status --watch 30s             # again every 30 s until Ctrl-C\n  amictl status --config amiflow.toml   # real AWS: standard credentials, the policy's role per account"
 )]
 pub struct StatusArgs {
     /// Only this stage (a stage name from the policy, or an account id).
@@ -29,6 +29,11 @@ pub struct StatusArgs {
     /// List every group, not only those that are not current.
     #[arg(long)]
     all: bool,
+    /// Show it again every INTERVAL (default 10s, at least 1s) until interrupted (Ctrl-C), as
+    /// `watch` does; with --output json, one compact document per line. The exit code is the
+    /// last report's.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, default_missing_value = "10s", value_parser = humantime::parse_duration)]
+    watch: Option<std::time::Duration>,
 }
 
 /// The compliance of `stage` (a stage name or account id; every stage when `None`), and each
@@ -60,8 +65,38 @@ pub async fn judge(
 
 pub async fn run(args: StatusArgs, scope: &ScopeArgs) -> Result<()> {
     let scope = Scope::open(scope).await?;
-    let (reports, gates) = judge(&scope, args.stage.as_deref()).await?;
-    let recalls = rollout::control::Recalls::read(&crate::control::Hub::of(&scope).records)
+    let Some(every) = args.watch else {
+        return once(&args, &scope, false).await;
+    };
+    if every < std::time::Duration::from_secs(1) {
+        crate::exit::refuse!(
+            "--watch {}: give at least 1s (each report reads every group of every stage)",
+            humantime::format_duration(every)
+        );
+    }
+    // One listener for the whole watch: an interrupt while a report is read is not lost.
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        let shown = once(&args, &scope, true).await;
+        // A report that needs a person is still a report: go on; an error ends the watch.
+        if let Err(e) = &shown
+            && e.downcast_ref::<Attention>().is_none()
+        {
+            return shown;
+        }
+        tokio::select! {
+            _ = &mut interrupted => return shown,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// One report; `watching`: the screen is cleared first (on a terminal), JSON is one line.
+async fn once(args: &StatusArgs, scope: &Scope, watching: bool) -> Result<()> {
+    use std::io::IsTerminal;
+    let (reports, gates) = judge(scope, args.stage.as_deref()).await?;
+    let recalls = rollout::control::Recalls::read(&crate::control::Hub::of(scope).records)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("reading the recalls in the hub")?;
@@ -96,10 +131,25 @@ pub async fn run(args: StatusArgs, scope: &ScopeArgs) -> Result<()> {
             summary: Summary::of(&reports, verdict.as_ref().err()),
             stages,
         };
-        println!("{}", serde_json::to_string_pretty(&document)?);
+        if watching {
+            println!("{}", serde_json::to_string(&document)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&document)?);
+        }
     } else {
+        if watching && std::io::stdout().is_terminal() {
+            // Clear the screen and go home, as `watch` does.
+            print!("\x1b[2J\x1b[H");
+        }
+        if watching {
+            println!(
+                "{} (every {}; Ctrl-C to stop)\n",
+                now.format("%Y-%m-%d %H:%M:%S UTC"),
+                humantime::format_duration(args.watch.unwrap_or_default())
+            );
+        }
         println!("{}", summary(&reports));
-        println!("\n{}", windows_table(&scope, &reports, now));
+        println!("\n{}", windows_table(scope, &reports, now));
         println!("\n{}", gates_table(&gates));
         if !recalls.0.is_empty() {
             println!("\n{}", recalls_table(&reports, &recalls));

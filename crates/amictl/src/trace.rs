@@ -155,14 +155,17 @@ pub async fn run(args: TraceArgs, scope: &ScopeArgs) -> Result<()> {
         rollout_id: args.rollout_id.clone(),
         steps,
     };
+    let verdict = verdict(&trace.steps);
     if args.output.json() {
-        println!("{}", serde_json::to_string_pretty(&trace)?);
+        let summary =
+            serde_json::json!({ "steps": trace.steps.len(), "text": summary(&trace.steps) });
+        println!("{}", crate::output::document(summary, &verdict, &trace)?);
     } else {
         println!("rollout {}\n", trace.rollout_id);
         println!("{}", table(&trace.steps));
         println!("\n{}", summary(&trace.steps));
     }
-    verdict(&trace.steps)
+    verdict
 }
 
 /// The outcome that stands for each group, by (account, group): its last (steps are in time

@@ -7,7 +7,7 @@ use std::net::{TcpListener, TcpStream};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{amictl, config_from, exports, ok, text};
+use common::{amictl, command, config_from, exports, ok, text};
 
 fn running(pid: u64) -> bool {
     // A zombie (exited, not yet reaped by its new parent) is not running.
@@ -164,6 +164,44 @@ async fn local_world_serves_any_client_and_down_leaves_nothing_behind() {
         table.contains("instances off golden") && table.contains("uat"),
         "{table}"
     );
+    // --watch: a report every interval until interrupted, one JSON document per line; Ctrl-C
+    // (SIGINT) ends it with the last report's exit code (0: nothing needs a person yet).
+    let mut watch = command(
+        dir.path(),
+        &["status", "--stage", "qa", "--watch", "1s", "-o", "json"],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .expect("amictl runs");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(watch.stdout.take().unwrap()));
+    let mut times = Vec::new();
+    for _ in 0..2 {
+        let line = lines.next().expect("a report per interval").unwrap();
+        let report: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(report["version"], 1, "{line}");
+        assert_eq!(report["stages"][0]["stage"], "qa", "{line}");
+        times.push(report["generated_at"].as_str().unwrap().to_owned());
+    }
+    assert!(
+        times[0] < times[1],
+        "two reports, one after the other: {times:?}"
+    );
+    let interrupted = std::process::Command::new("kill")
+        .args(["-INT", &watch.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    let ended = watch.wait_with_output().unwrap();
+    assert_eq!(ended.status.code(), Some(0), "{}", text(&ended.stderr));
+    let short = amictl(dir.path(), &["status", "--watch", "100ms"]);
+    assert_eq!(short.status.code(), Some(2));
+    assert!(
+        text(&short.stderr).contains("--watch 100ms: give at least 1s"),
+        "{}",
+        text(&short.stderr)
+    );
+
     let wrong = amictl(dir.path(), &["status", "--stage", "staging"]);
     assert!(!wrong.status.success());
     assert!(

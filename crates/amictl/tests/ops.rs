@@ -163,7 +163,9 @@ fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Result<T,
 
 /// The messages `dlq list --json` shows for one stage's DLQ.
 fn listed<'a>(list: &'a Value, stage: &str, dlq: &str) -> &'a [Value] {
-    list.as_array()
+    assert_eq!(list["version"], 1, "{list:#}");
+    list["queues"]
+        .as_array()
         .unwrap()
         .iter()
         .find(|q| q["stage"] == stage && q["name"] == dlq)
@@ -406,7 +408,8 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
         "--json",
     ]);
     let sum = |r: &Value, field: &str| {
-        r.as_array()
+        r["queues"]
+            .as_array()
             .unwrap()
             .iter()
             .map(|q| q[field].as_u64().unwrap())
@@ -555,6 +558,24 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
         },
     );
     let steps = trace["steps"].as_array().unwrap();
+    // The JSON carries the summary `trace` prints, and the verdict of its exit code.
+    assert_eq!(trace["version"], 1);
+    assert_eq!(trace["summary"]["steps"], steps.len());
+    assert!(
+        trace["summary"]["text"]
+            .as_str()
+            .unwrap()
+            .contains(", shared with 2 account(s), parameter updated in 2, groups: "),
+        "{:#}",
+        trace["summary"]
+    );
+    assert!(
+        trace["summary"]
+            .get("attention")
+            .is_some_and(|a| a.is_null() || a.is_string()),
+        "{:#}",
+        trace["summary"]
+    );
     assert!(
         has(steps, "AmiShared", "uat", &candidate, "shared"),
         "{trace:#}"
@@ -600,7 +621,15 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
     );
     let decoy_back: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(sum(&decoy_back, "moved"), 1);
-    let again = decoy_back
+    assert!(
+        decoy_back["summary"]["attention"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("1 replayed message(s) failed again")),
+        "{:#}",
+        decoy_back["summary"]
+    );
+    assert_eq!(decoy_back["summary"]["failed_again"], 1);
+    let again = decoy_back["queues"]
         .as_array()
         .unwrap()
         .iter()
@@ -1455,6 +1484,14 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
     let out = w.run(&["plan", "--stage", "uat", "--json"]);
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     let plan: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(plan["version"], 1);
+    assert!(
+        plan["summary"]["attention"]
+            .as_str()
+            .is_some_and(|a| a.contains("halted: uat")),
+        "{:#}",
+        plan["summary"]
+    );
     let run = plan["stages"][0]["runs"]
         .as_array()
         .unwrap()

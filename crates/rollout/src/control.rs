@@ -26,6 +26,8 @@ use crate::aws::Records;
 /// The root of every record amiflow keeps in Parameter Store.
 pub const ROOT: &str = "/amiflow";
 /// Where pauses live: one record per paused stage, or [`ALL`] for every stage.
+/// Where the operators' decisions live (pauses, approvals, halts, resumes, recalls).
+pub const CONTROL: &str = "/amiflow/control";
 pub const PAUSES: &str = "/amiflow/control/pause";
 /// The pause that stops every stage.
 pub const ALL: &str = "all";

@@ -20,3 +20,21 @@ pub async fn launch_template(ec2: &aws_sdk_ec2::Client, name: &str, ami: &str) -
         .unwrap()
         .to_owned()
 }
+
+/// An AMI registered as `name` (an EBS root at /dev/xvda), tagged with `tags` if given; its id.
+pub async fn image(
+    ec2: &aws_sdk_ec2::Client,
+    name: &str,
+    tags: Option<aws_sdk_ec2::types::TagSpecification>,
+) -> String {
+    ec2.register_image()
+        .name(name)
+        .root_device_name("/dev/xvda")
+        .set_tag_specifications(tags.map(|t| vec![t]))
+        .send()
+        .await
+        .unwrap()
+        .image_id()
+        .unwrap()
+        .to_owned()
+}

@@ -560,8 +560,46 @@ pub async fn emulate_refreshes(world: &World, account: &str, groups: &[String], 
     }
 }
 
-/// Register an AMI named `name` in `account`, tagged of `family` and created at `created` (the
-/// emulator dates an AMI by its `amiflow:emulator-creation-date` tag); its id.
+/// An image's tag specification: `tags` as given.
+pub fn image_tags(tags: &[(&str, &str)]) -> aws_sdk_ec2::types::TagSpecification {
+    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
+    let mut spec = TagSpecification::builder().resource_type(ResourceType::Image);
+    for (k, v) in tags {
+        spec = spec.tags(Tag::builder().key(*k).value(*v).build());
+    }
+    spec.build()
+}
+
+/// The tags world.py gives a golden AMI: its name, its family and (the emulator dates an AMI
+/// by its `amiflow:emulator-creation-date` tag) when it was made.
+pub fn golden_tags(
+    name: &str,
+    family: &str,
+    created: &str,
+) -> aws_sdk_ec2::types::TagSpecification {
+    image_tags(&[
+        ("Name", name),
+        ("amiflow:family", family),
+        ("amiflow:emulator-creation-date", created),
+    ])
+}
+
+/// Register an AMI named `name` in `account` with `tags`; its id.
+pub async fn register_tagged(
+    world: &World,
+    account: &str,
+    name: &str,
+    tags: aws_sdk_ec2::types::TagSpecification,
+) -> String {
+    make::image(
+        &aws_sdk_ec2::Client::new(world.config(account)),
+        name,
+        Some(tags),
+    )
+    .await
+}
+
+/// Register a golden AMI named `name` in `account`, of `family`, made at `created`; its id.
 pub async fn register_image(
     world: &World,
     account: &str,
@@ -569,23 +607,5 @@ pub async fn register_image(
     family: &str,
     created: &str,
 ) -> String {
-    use aws_sdk_ec2::types::{ResourceType, Tag, TagSpecification};
-    let tag = |k: &str, v: &str| Tag::builder().key(k).value(v).build();
-    aws_sdk_ec2::Client::new(world.config(account))
-        .register_image()
-        .name(name)
-        .tag_specifications(
-            TagSpecification::builder()
-                .resource_type(ResourceType::Image)
-                .tags(tag("Name", name))
-                .tags(tag("amiflow:family", family))
-                .tags(tag("amiflow:emulator-creation-date", created))
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .image_id()
-        .unwrap()
-        .to_owned()
+    register_tagged(world, account, name, golden_tags(name, family, created)).await
 }

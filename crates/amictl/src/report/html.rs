@@ -142,7 +142,7 @@ pub fn render(report: &Report) -> String {
     for (index, st) in report.stages.iter().enumerate() {
         page.push_str(&stage_section(index, st));
     }
-    page.push_str("<footer><p class=\"note\">Read from AWS: each stage account's golden parameters and their history (SSM), Auto Scaling groups and instances, AMIs' creation dates (EC2), the refresh-worker's mark on each group; from the hub: the gates' promotion records (/amiflow/gate) and the audit log (/amiflow/audit). Judged with amiflow's own code, as <code>amictl status</code> and <code>amictl plan</code> judge.</p></footer>\n</body>\n</html>\n");
+    page.push_str("<footer><p class=\"note\">Read from AWS: each stage account's golden parameters and their history (SSM), Auto Scaling groups and instances, AMIs' creation dates (EC2), the refresh-worker's mark on each group; from the hub: the gates' promotion records (/amiflow/gate), the operators' decisions in force (/amiflow/control) and the audit log (/amiflow/audit). Judged with amiflow's own code, as <code>amictl status</code> and <code>amictl plan</code> judge.</p></footer>\n</body>\n</html>\n");
     page
 }
 
