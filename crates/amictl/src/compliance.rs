@@ -360,20 +360,18 @@ fn queue(
     stage: &Stage,
     now: chrono::DateTime<chrono::Utc>,
 ) {
-    let running: Vec<rollout::mark::Mark> = groups
+    // The slots in use, and the window each golden AMI is being rolled out in: open until then.
+    let mut in_use = 0;
+    let mut open: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
+    for m in groups
         .iter()
         .filter(|g| g.state == GroupState::Refreshing)
-        .filter_map(|g| g.last_mark.as_ref().map(|r| r.mark.clone()))
-        .collect();
-    let in_use = running.len();
-    // The window each golden AMI is being rolled out in: open until then.
-    let mut open: HashMap<String, chrono::DateTime<chrono::Utc>> = HashMap::new();
-    for m in running {
-        if let Ok(closes) = chrono::DateTime::parse_from_rfc3339(&m.deadline)
-            && closes.to_utc() > now
-        {
-            let at = open.entry(m.ami).or_insert(closes.to_utc());
-            *at = (*at).max(closes.to_utc());
+        .filter_map(|g| g.last_mark.as_ref().map(|r| &r.mark))
+    {
+        in_use += 1;
+        if let Some(closes) = m.deadline_time().filter(|c| *c > now) {
+            let at = open.entry(m.ami.clone()).or_insert(closes);
+            *at = (*at).max(closes);
         }
     }
     let golden = |parameter: &str| {

@@ -222,7 +222,7 @@ async fn list(args: ListArgs, scope: &ScopeArgs) -> Result<()> {
             "shown": listed.iter().map(|q| q.shown).sum::<usize>(),
         });
         let body = serde_json::json!({ "queues": listed });
-        println!("{}", crate::output::document(summary, &Ok(()), &body)?);
+        println!("{:#}", crate::output::document(summary, &Ok(()), &body)?);
         return Ok(());
     }
     println!("{}", queues_table(&listed));
@@ -464,7 +464,7 @@ async fn replay(args: ReplayArgs, scope: &ScopeArgs) -> Result<()> {
             "failed_again": sum(|r| r.failed_again.len()),
         });
         let body = serde_json::json!({ "queues": reports });
-        println!("{}", crate::output::document(summary, &verdict, &body)?);
+        println!("{:#}", crate::output::document(summary, &verdict, &body)?);
     } else {
         print_replay(&reports, args.dry_run);
     }

@@ -43,18 +43,18 @@ struct Document<'a, B: serde::Serialize> {
     body: &'a B,
 }
 
-/// `body` (an object) as one pretty JSON document with `version`, `generated_at` and `summary`
-/// (given fields plus the verdict's `attention`).
+/// `body` (an object) as one JSON document with `version`, `generated_at` and `summary` (given
+/// fields plus the verdict's `attention`); print it with `{:#}` (pretty) or `{}` (one line).
 pub fn document<B: serde::Serialize>(
     mut summary: serde_json::Value,
     verdict: &anyhow::Result<()>,
     body: &B,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<serde_json::Value> {
     summary["attention"] = match verdict {
         Ok(()) => serde_json::Value::Null,
         Err(e) => format!("{e:#}").into(),
     };
-    Ok(serde_json::to_string_pretty(&Document {
+    Ok(serde_json::to_value(Document {
         version: JSON_VERSION,
         generated_at: chrono::Utc::now(),
         summary,

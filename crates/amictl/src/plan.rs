@@ -353,7 +353,10 @@ pub async fn run(args: PlanArgs, scope: &ScopeArgs) -> Result<()> {
         }
         let summary =
             serde_json::json!({ "stages": preview.stages.len(), "groups_by_action": actions });
-        println!("{}", crate::output::document(summary, &verdict, &preview)?);
+        println!(
+            "{:#}",
+            crate::output::document(summary, &verdict, &preview)?
+        );
     } else {
         print!("{}", render(&preview, args.all));
     }

@@ -109,9 +109,7 @@ async fn once(args: &StatusArgs, scope: &Scope, watching: bool) -> Result<()> {
                 compliance: r,
                 window: scope
                     .policy
-                    .stages
-                    .iter()
-                    .find(|s| s.name == r.stage)
+                    .stage_named(&r.stage)
                     .map(|s| WindowStatus::of(s, now)),
                 gate: gates
                     .stages
@@ -125,16 +123,13 @@ async fn once(args: &StatusArgs, scope: &Scope, watching: bool) -> Result<()> {
                 recalled: still_on_recalled(r, &recalls),
             })
             .collect();
-        let document = StatusDocument {
-            version: VERSION,
-            generated_at: now,
-            summary: Summary::of(&reports, verdict.as_ref().err()),
-            stages,
-        };
+        let summary = serde_json::to_value(Summary::of(&reports))?;
+        let document =
+            crate::output::document(summary, &verdict, &serde_json::json!({ "stages": stages }))?;
         if watching {
-            println!("{}", serde_json::to_string(&document)?);
+            println!("{document}");
         } else {
-            println!("{}", serde_json::to_string_pretty(&document)?);
+            println!("{document:#}");
         }
     } else {
         if watching && std::io::stdout().is_terminal() {
@@ -162,30 +157,17 @@ async fn once(args: &StatusArgs, scope: &Scope, watching: bool) -> Result<()> {
     verdict
 }
 
-/// The version of `status --json`'s document; raised when a field changes meaning or goes.
-pub const VERSION: u32 = 1;
-
-/// `status --json`: every stage, and a summary a script can gate on.
-#[derive(Serialize)]
-struct StatusDocument<'a> {
-    version: u32,
-    generated_at: chrono::DateTime<chrono::Utc>,
-    summary: Summary,
-    stages: Vec<StageStatus<'a>>,
-}
-
+/// `status --json`'s summary (`output::document` adds the verdict's `attention`).
 #[derive(Serialize)]
 struct Summary {
     stages: usize,
     groups: usize,
     groups_by_state: std::collections::BTreeMap<&'static str, usize>,
     instances_off_golden: usize,
-    /// What needs a person (the reason `status` exits 3); `None` when nothing does.
-    attention: Option<String>,
 }
 
 impl Summary {
-    fn of(reports: &[AccountCompliance], attention: Option<&anyhow::Error>) -> Self {
+    fn of(reports: &[AccountCompliance]) -> Self {
         let mut groups_by_state = std::collections::BTreeMap::new();
         for g in reports.iter().flat_map(|r| &r.groups) {
             *groups_by_state.entry(g.state.as_str()).or_insert(0) += 1;
@@ -195,7 +177,6 @@ impl Summary {
             groups: reports.iter().map(|r| r.groups.len()).sum(),
             groups_by_state,
             instances_off_golden: reports.iter().map(|r| r.instances_off_golden()).sum(),
-            attention: attention.map(|e| format!("{e:#}")),
         }
     }
 }
@@ -251,7 +232,7 @@ fn windows_table(
 ) -> Table {
     let mut table = crate::tables::for_people(&["stage", "window (UTC)", "when"], &[], 140);
     for r in reports {
-        if let Some(stage) = scope.policy.stages.iter().find(|s| s.name == r.stage) {
+        if let Some(stage) = scope.policy.stage_named(&r.stage) {
             let status = WindowStatus::of(stage, now);
             table.add_row([
                 r.stage.clone(),

@@ -159,7 +159,7 @@ pub async fn run(args: TraceArgs, scope: &ScopeArgs) -> Result<()> {
     if args.output.json() {
         let summary =
             serde_json::json!({ "steps": trace.steps.len(), "text": summary(&trace.steps) });
-        println!("{}", crate::output::document(summary, &verdict, &trace)?);
+        println!("{:#}", crate::output::document(summary, &verdict, &trace)?);
     } else {
         println!("rollout {}\n", trace.rollout_id);
         println!("{}", table(&trace.steps));
