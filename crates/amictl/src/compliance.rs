@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use aws_config::SdkConfig;
-use rollout::aws::{AwsGroups, Groups, LaunchSource, Marks, Parameters, SsmParameters};
+use rollout::aws::{AwsGroups, LaunchSource, Marks, Parameters, SsmParameters};
 use rollout::discovery::Verdict;
 use rollout::mark::MarkState;
 use rollout::policy::{Policy, Stage};
@@ -244,18 +244,14 @@ pub async fn account(
         }
         histories.insert(family.parameter_name.clone(), history);
     }
-    let ids: Vec<String> = judged
-        .iter()
-        .flat_map(|j| j.group.group.instance_ids.iter().cloned())
-        .collect();
-    let instance_amis = if ids.is_empty() {
-        HashMap::new()
-    } else {
-        groups
-            .instance_images(&ids)
+    // Each instance's AMI: from Auto Scaling's record where it is exact, else read.
+    let instance_amis: HashMap<String, String> =
+        rollout::plan::instances_of(&groups, judged.iter().map(|j| &j.group), false)
             .await
             .with_context(|| format!("reading the instances of {}", stage.account))?
-    };
+            .into_iter()
+            .map(|(id, i)| (id, i.image))
+            .collect();
     let marks = Marks::new(&groups, &params);
     let mut out = Vec::new();
     for j in judged {

@@ -100,6 +100,27 @@ impl GroupAmi {
         std::iter::once(self.ami.as_ref()).chain(self.overrides.iter().map(|o| o.ami.as_ref()))
     }
 
+    /// The AMI instance `id` runs, where Auto Scaling's own record of its launch says it exactly:
+    /// launched from a numbered version of a template the group (or one of its overrides) names
+    /// by id, the very version that template resolves to now, whose image is an AMI id (a
+    /// `resolve:ssm:` image resolves at each launch, so it is never known this way). Template
+    /// versions never change, so that instance runs that version's AMI. `None` means "read the
+    /// instance": launched as `$Latest` or `$Default`, from another version, or from a
+    /// launch configuration.
+    pub fn launched_ami(&self, id: &str) -> Option<&String> {
+        let matches = |source: &AmiSource| {
+            matches!(source, AmiSource::Template { template, number, .. }
+                if self.group.launched_from_version(id, template, *number))
+        };
+        if matches(&self.source) {
+            return self.ami.as_ref();
+        }
+        self.overrides
+            .iter()
+            .find(|o| matches(&o.source))
+            .and_then(|o| o.ami.as_ref())
+    }
+
     /// Why an override cannot be launched from, if one cannot.
     pub fn broken_override(&self) -> Option<String> {
         self.overrides.iter().find_map(|o| match &o.source {
@@ -359,6 +380,7 @@ mod tests {
             },
             tags: Default::default(),
             instance_ids: vec![],
+            launched_from: Default::default(),
         }
     }
 

@@ -37,6 +37,8 @@ pub struct FakeAws {
     pub template_reads: std::sync::atomic::AtomicUsize,
     /// How many group reads (`get`, `with_tag_value`, `refreshes`) steps made.
     pub group_reads: std::sync::atomic::AtomicUsize,
+    /// How many instances steps read (`instances`).
+    pub instance_reads: std::sync::atomic::AtomicUsize,
     /// Make `ensure_grant` answer AccessDenied.
     pub refuse_grants: Mutex<bool>,
     /// amiflow's records (`aws::Records`), by name.
@@ -63,8 +65,29 @@ impl FakeAws {
                 },
                 tags: HashMap::new(),
                 instance_ids: ids,
+                launched_from: HashMap::new(),
             },
         );
+    }
+
+    /// Auto Scaling records that every instance of `group` was launched from `template` as
+    /// `version` (without this, the fake records nothing: every instance is read).
+    pub fn launched_from(&self, group: &str, template: &str, version: &str) {
+        let mut groups = self.groups.lock().unwrap();
+        let g = groups.get_mut(group).unwrap();
+        g.launched_from = g
+            .instance_ids
+            .iter()
+            .map(|id| {
+                (
+                    id.clone(),
+                    crate::aws::LaunchedFrom {
+                        template_id: template.to_owned(),
+                        version: version.to_owned(),
+                    },
+                )
+            })
+            .collect();
     }
 
     /// The golden parameter `name` holds `value`, after `earlier` (oldest first).
@@ -330,6 +353,8 @@ impl Groups for FakeAws {
     }
 
     async fn instances(&self, ids: &[String]) -> Result<HashMap<String, Instance>, StepError> {
+        self.instance_reads
+            .fetch_add(ids.len(), std::sync::atomic::Ordering::Relaxed);
         let amis = self.instance_amis.lock().unwrap();
         let launched = self.instance_launched.lock().unwrap();
         Ok(ids

@@ -324,6 +324,7 @@ mod tests {
                 .map(|(k, v)| ((*k).to_owned(), v.clone()))
                 .collect(),
             instance_ids: Vec::new(),
+            launched_from: Default::default(),
         }
     }
 

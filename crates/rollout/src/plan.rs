@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use events::{AsgRefreshRequested, Detail, Strategy};
 use runtime::StepError;
 
-use crate::aws::{Group, Groups, Marks, Parameters, STACK_TAG};
+use crate::aws::{Group, Groups, Instance, Marks, Parameters, STACK_TAG};
 use crate::control::Recalls;
 use crate::discovery::{GroupAmi, Resolver, Verdict, verdict};
 use crate::mark::Mark;
@@ -105,43 +105,73 @@ pub async fn judge_all_with(
             mark,
         });
     }
-    // One batched DescribeInstances for every group whose configuration is already current.
-    let ids: Vec<String> = judged
-        .iter()
-        .filter(|j| j.parameter.is_some() && j.verdict == Verdict::Current)
-        .flat_map(|j| j.group.group.instance_ids.iter().cloned())
-        .collect();
-    if !ids.is_empty() {
-        let instances = groups.instances(&ids).await?;
-        for j in judged
-            .iter_mut()
-            .filter(|j| j.parameter.is_some() && j.verdict == Verdict::Current)
+    // The instances of every group whose configuration is already current: those Auto Scaling
+    // says run its template's AMI need no read unless the stage bakes (launch times).
+    let current = |j: &Judged| j.parameter.is_some() && j.verdict == Verdict::Current;
+    let instances = instances_of(
+        groups,
+        judged.iter().filter(|j| current(j)).map(|j| &j.group),
+        stage.bake_hours > 0.0,
+    )
+    .await?;
+    for j in judged.iter_mut().filter(|j| current(j)) {
+        let (mut lagging, mut last_launch) = (0, None);
+        for i in j
+            .group
+            .group
+            .instance_ids
+            .iter()
+            .filter_map(|id| instances.get(id))
         {
-            let (mut lagging, mut last_launch) = (0, None);
-            for i in j
-                .group
-                .group
-                .instance_ids
-                .iter()
-                .filter_map(|id| instances.get(id))
-            {
-                // An instance lags when it runs none of the AMIs the group's templates hold (an
-                // override on another family's AMI launches that AMI legitimately).
-                if j.group.template_amis().all(|t| t != Some(&i.image)) {
-                    lagging += 1;
-                } else if j.group.ami.as_deref() == Some(i.image.as_str()) {
-                    last_launch = last_launch.max(i.launched_at);
-                }
+            // An instance lags when it runs none of the AMIs the group's templates hold (an
+            // override on another family's AMI launches that AMI legitimately).
+            if j.group.template_amis().all(|t| t != Some(&i.image)) {
+                lagging += 1;
+            } else if j.group.ami.as_deref() == Some(i.image.as_str()) {
+                last_launch = last_launch.max(i.launched_at);
             }
-            j.lagging_instances = lagging;
-            j.last_launch = last_launch;
         }
+        j.lagging_instances = lagging;
+        j.last_launch = last_launch;
     }
     for j in &judged {
         tracing::debug!(group = %j.group.group.name, ami = ?j.group.ami, source = ?j.group.source,
             verdict = ?j.verdict, lagging = j.lagging_instances, "judged");
     }
     Ok(judged)
+}
+
+/// The AMI (and, where read, the launch time) of every instance of `of`. An instance whose AMI
+/// Auto Scaling's record of its launch tells exactly ([`GroupAmi::launched_ami`]) is not read,
+/// unless `launch_times` (a stage's bake counts from its last launch); the others are read in
+/// batched `DescribeInstances` calls. Reading them all costs the emulator, and AWS's EC2 bucket,
+/// one call per 200 instances of the account.
+pub async fn instances_of<'a>(
+    groups: &impl Groups,
+    of: impl IntoIterator<Item = &'a GroupAmi>,
+    launch_times: bool,
+) -> Result<HashMap<String, Instance>, StepError> {
+    let (mut known, mut read) = (HashMap::new(), Vec::new());
+    for g in of {
+        for id in &g.group.instance_ids {
+            match g.launched_ami(id).filter(|_| !launch_times) {
+                Some(ami) => {
+                    known.insert(
+                        id.clone(),
+                        Instance {
+                            image: ami.clone(),
+                            launched_at: None,
+                        },
+                    );
+                }
+                None => read.push(id.clone()),
+            }
+        }
+    }
+    if !read.is_empty() {
+        known.extend(groups.instances(&read).await?);
+    }
+    Ok(known)
 }
 
 /// What the plan-worker does with one judged group when its window opens.
@@ -256,6 +286,7 @@ mod tests {
     use super::*;
     use crate::control::{Decision, Recall};
     use crate::fake::FakeAws;
+    use std::collections::BTreeMap;
 
     const PARAMETER: &str = "/golden/al2023/ami-id";
     const OLD: &str = "ami-0000000000000000a";
@@ -348,6 +379,70 @@ mod tests {
                 ("reads-ssm".into(), Some(OLD.into()), Verdict::Current),
             ]
         );
+    }
+
+    /// An instance Auto Scaling says was launched from the group's pinned version runs that
+    /// version's AMI: not read. One launched as `$Latest`, from another version, or on a
+    /// `resolve:ssm:` version is read, and so is every instance of a stage that bakes.
+    #[tokio::test]
+    async fn instances_launched_from_the_pinned_version_are_known_without_a_read() {
+        let mut policy = Policy::parse(include_str!("../../../local/amiflow.toml")).unwrap();
+        let aws = FakeAws::default();
+        aws.golden(PARAMETER, NEW, &[OLD]);
+        aws.template("lt-pinned", &[OLD, NEW], 1);
+        aws.group("pinned", "lt-pinned", "2", NEW, 3);
+        aws.launched_from("pinned", "lt-pinned", "2");
+        // Launched from version 1 (OLD), though the group is on 2 now: left behind, and read.
+        aws.group("behind", "lt-pinned", "2", OLD, 2);
+        aws.launched_from("behind", "lt-pinned", "1");
+        aws.group("latest", "lt-pinned", "$Latest", NEW, 4);
+        aws.launched_from("latest", "lt-pinned", "$Latest");
+        let resolved = format!("resolve:ssm:{PARAMETER}");
+        aws.template("lt-ssm", &[resolved.as_str()], 1);
+        aws.group("reads-ssm", "lt-ssm", "1", OLD, 5);
+        aws.launched_from("reads-ssm", "lt-ssm", "1");
+        let reads = || {
+            aws.instance_reads
+                .swap(0, std::sync::atomic::Ordering::Relaxed)
+        };
+
+        let stage = policy.stage_named("qa").unwrap().clone();
+        let judged = judge_all(&aws, &aws, &policy, &stage).await.unwrap();
+        assert_eq!(
+            reads(),
+            2 + 4 + 5,
+            "every instance but the pinned group's is read"
+        );
+        let lagging: BTreeMap<_, _> = judged
+            .iter()
+            .map(|j| (j.group.group.name.as_str(), j.lagging_instances))
+            .collect();
+        assert_eq!(
+            lagging,
+            BTreeMap::from([
+                ("behind", 2),
+                ("latest", 0),
+                ("pinned", 0),
+                ("reads-ssm", 5)
+            ])
+        );
+        assert!(judged.iter().all(|j| j.last_launch.is_none()));
+
+        // A stage that bakes reads every instance, for the last launch.
+        policy.stages[0].bake_hours = 1.0;
+        let baking = policy.stages[0].clone();
+        let launched = chrono::Utc::now();
+        aws.instance_launched
+            .lock()
+            .unwrap()
+            .insert("i-pinned-0".into(), launched);
+        let judged = judge_all(&aws, &aws, &policy, &baking).await.unwrap();
+        assert_eq!(reads(), 3 + 2 + 4 + 5);
+        let pinned = judged
+            .iter()
+            .find(|j| j.group.group.name == "pinned")
+            .unwrap();
+        assert_eq!(pinned.last_launch, Some(launched));
     }
 
     #[tokio::test]

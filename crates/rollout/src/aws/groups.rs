@@ -33,6 +33,31 @@ pub struct Group {
     pub source: LaunchSource,
     pub tags: HashMap<String, String>,
     pub instance_ids: Vec<String>,
+    /// What Auto Scaling says each instance (by id) was launched from, for those launched from a
+    /// launch template: the template's id and the version as the launch named it (`"3"`, or
+    /// `"$Latest"` / `"$Default"` when the group named it so). Instances of a launch configuration,
+    /// or of an older template no longer named, may be absent.
+    pub launched_from: HashMap<String, LaunchedFrom>,
+}
+
+impl Group {
+    /// Whether Auto Scaling records that `instance` was launched from version `number` of
+    /// `template`, named by its id (a name could since belong to another template): then it runs
+    /// that version's image, as template versions never change.
+    pub fn launched_from_version(&self, instance: &str, template: &str, number: i64) -> bool {
+        template.starts_with("lt-")
+            && self.launched_from.get(instance).is_some_and(|f| {
+                f.template_id == template && f.version.parse::<i64>().ok() == Some(number)
+            })
+    }
+}
+
+/// The launch template (by id) and version an instance was launched from, as Auto Scaling
+/// records it per instance in `DescribeAutoScalingGroups`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchedFrom {
+    pub template_id: String,
+    pub version: String,
 }
 
 /// An instance refresh as amiflow reads it.
@@ -224,6 +249,20 @@ fn to_group(g: &aws_sdk_autoscaling::types::AutoScalingGroup) -> Group {
             .instances()
             .iter()
             .filter_map(|i| i.instance_id().map(str::to_owned))
+            .collect(),
+        launched_from: g
+            .instances()
+            .iter()
+            .filter_map(|i| {
+                let lt = i.launch_template()?;
+                Some((
+                    i.instance_id()?.to_owned(),
+                    LaunchedFrom {
+                        template_id: lt.launch_template_id()?.to_owned(),
+                        version: lt.version()?.to_owned(),
+                    },
+                ))
+            })
             .collect(),
     }
 }

@@ -22,7 +22,8 @@ mod tags;
 mod templates;
 
 pub use groups::{
-    AwsGroups, Group, Groups, Instance, LaunchSource, Refresh, RefreshRequest, desired_version,
+    AwsGroups, Group, Groups, Instance, LaunchSource, LaunchedFrom, Refresh, RefreshRequest,
+    desired_version,
 };
 pub use images::{Ec2Images, IMAGE_BUILDER_TAG, Image, Images};
 pub use keys::{Keys, KmsKeys};

@@ -1843,6 +1843,48 @@ mod tests {
         );
     }
 
+    /// After a success, instances Auto Scaling says were launched from the group's new version
+    /// are not read; the others are, and one of them left behind still fails the refresh.
+    #[tokio::test]
+    async fn after_a_success_only_instances_not_launched_from_the_new_version_are_read() {
+        let aws = fake();
+        aws.template("lt-1", &[OLD], 1);
+        aws.group("web", "lt-1", "1", OLD, 3);
+        let req = request("web", Strategy::LaunchTemplate);
+        run(&aws, &req).await;
+        aws.succeed("web");
+        aws.launched_from("web", "lt-1", "2");
+        aws.groups
+            .lock()
+            .unwrap()
+            .get_mut("web")
+            .unwrap()
+            .launched_from
+            .get_mut("i-web-2")
+            .unwrap()
+            .version = "1".into();
+        aws.instance_amis
+            .lock()
+            .unwrap()
+            .insert("i-web-2".into(), OLD.into());
+        aws.instance_reads
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        let (o, reason) = outcome(&run(&aws, &req).await);
+        assert_eq!(
+            (o, reason),
+            (
+                Outcome::Failed,
+                format!("the refresh ended successful, but 1 of 3 instances still run {OLD}")
+            )
+        );
+        assert_eq!(
+            aws.instance_reads
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "only the instance launched from version 1 is read"
+        );
+    }
+
     /// The default version of `template` in the fake.
     fn default_of(aws: &FakeAws, template: &str) -> i64 {
         aws.templates.lock().unwrap()[template]

@@ -105,7 +105,8 @@ async fn verify(
     let LaunchSource::Template { id, version, mixed } = &group.source else {
         return Ok(None);
     };
-    if let Some(v) = groups.template_version(id, version).await?
+    let resolved = groups.template_version(id, version).await?;
+    if let Some(v) = &resolved
         && v.image_id != ami
         && !v.image_id.starts_with("resolve:ssm:")
     {
@@ -132,7 +133,21 @@ async fn verify(
     {
         return Ok(None);
     }
-    let images = groups.instance_images(&group.instance_ids).await?;
+    // An instance Auto Scaling says was launched from the version the group launches now (whose
+    // image is `ami`) runs `ami`: only the others are read.
+    let exact = resolved.filter(|v| v.image_id == ami).map(|v| v.number);
+    let unknown: Vec<String> = group
+        .instance_ids
+        .iter()
+        .filter(|i| exact.is_none_or(|n| !group.launched_from_version(i, id, n)))
+        .cloned()
+        .collect();
+    let known = group.instance_ids.len() - unknown.len();
+    let images = if unknown.is_empty() {
+        Default::default()
+    } else {
+        groups.instance_images(&unknown).await?
+    };
     let behind: std::collections::BTreeSet<&String> =
         images.values().filter(|a| *a != ami).collect();
     if behind.is_empty() {
@@ -143,7 +158,7 @@ async fn verify(
         Outcome::Failed,
         format!(
             "the refresh ended successful, but {count} of {} instances still run {}",
-            images.len(),
+            known + images.len(),
             behind.into_iter().cloned().collect::<Vec<_>>().join(", ")
         ),
     )))
