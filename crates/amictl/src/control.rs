@@ -26,7 +26,7 @@ use crate::scope::{Scope, ScopeArgs};
 )]
 pub struct PauseArgs {
     /// The stage to pause (a stage name of the policy).
-    #[arg(long, value_name = "STAGE")]
+    #[arg(long, value_name = "STAGE", add = crate::completion::stages())]
     stage: Option<String>,
     /// Pause every stage.
     #[arg(long)]
@@ -44,7 +44,7 @@ pub struct PauseArgs {
 )]
 pub struct ResumeArgs {
     /// The stage to resume (a stage name of the policy).
-    #[arg(long, value_name = "STAGE")]
+    #[arg(long, value_name = "STAGE", add = crate::completion::stages())]
     stage: Option<String>,
     /// Lift the pause of every stage (`amictl pause --all`).
     #[arg(long)]
@@ -64,7 +64,7 @@ pub struct ApproveArgs {
     #[arg(value_name = "ROLLOUT-ID|AMI-ID")]
     rollout: String,
     /// The stage to approve the AMI for.
-    #[arg(long, value_name = "STAGE")]
+    #[arg(long, value_name = "STAGE", add = crate::completion::stages())]
     stage: String,
     /// Why (a change ticket, who signed off).
     #[arg(long, value_name = "TEXT")]
@@ -81,7 +81,7 @@ pub struct HaltArgs {
     #[arg(value_name = "ROLLOUT-ID|AMI-ID")]
     rollout: String,
     /// The stage to halt (it must hold the AMI).
-    #[arg(long, value_name = "STAGE")]
+    #[arg(long, value_name = "STAGE", add = crate::completion::stages())]
     stage: String,
     /// Also cancel the stage's running refreshes to the AMI.
     #[arg(long)]

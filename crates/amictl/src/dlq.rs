@@ -52,7 +52,7 @@ pub enum DlqCommand {
 #[derive(Debug, Clone, Args)]
 pub struct Which {
     /// Only this account (stage name or account id).
-    #[arg(long, value_name = "STAGE|ACCOUNT")]
+    #[arg(long, value_name = "STAGE|ACCOUNT", add = crate::completion::stages())]
     account: Option<String>,
     /// Only this DLQ: `param`, `amiflow-param` or `amiflow-param-dlq` all name one.
     #[arg(long, value_name = "NAME", conflicts_with = "all")]

@@ -50,7 +50,7 @@ pub struct InjectArgs {
     fields: Vec<String>,
     /// The account (stage name or id) whose bus receives the event [default: the hub for
     /// AmiBuilt and AmiShared (it forwards them), else the detail's `account`].
-    #[arg(long, value_name = "STAGE|ACCOUNT")]
+    #[arg(long, value_name = "STAGE|ACCOUNT", add = crate::completion::stages())]
     account: Option<String>,
     /// The bus name or ARN.
     #[arg(long, value_name = "NAME|ARN", default_value = BUS)]

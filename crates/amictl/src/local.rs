@@ -123,7 +123,7 @@ impl Scale {
 pub struct EnvArgs {
     /// Export credentials of the `amiflow` role in this account (a stage name such as `prod`, or
     /// an account id) instead of the emulator's default keys.
-    #[arg(long, value_name = "STAGE|ACCOUNT")]
+    #[arg(long, value_name = "STAGE|ACCOUNT", add = crate::completion::stages())]
     account: Option<String>,
 }
 

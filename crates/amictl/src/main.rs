@@ -2,6 +2,7 @@
 //! arguments from here; `main` only parses, dispatches and turns an error into a message and a
 //! non-zero exit. Errors are `anyhow` chains whose last line says what to do next.
 
+mod completion;
 mod compliance;
 mod control;
 mod demo;
@@ -78,8 +79,11 @@ enum Command {
     /// Recall a bad golden AMI: refused everywhere, every stage and group moved back.
     Recall(recall::RecallArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// The script asks amictl (found on PATH) at each TAB, so `--stage` completes the stages of
+    /// the policy the command acts on: its --config, AMIFLOW_CONFIG, or the local world's.
     #[command(
-        after_help = "Examples:\n  amictl completions bash > ~/.local/share/bash-completion/completions/amictl\n  amictl completions zsh > \"${fpath[1]}/_amictl\""
+        after_help = "Examples:\n  amictl completions bash > ~/.local/share/bash-completion/completions/amictl\n  amictl completions zsh > \"${fpath[1]}/_amictl\"\n  source <(amictl completions bash)              # this shell only"
     )]
     Completions {
         #[arg(value_enum)]
@@ -89,6 +93,8 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // A TAB in a shell whose completion script `amictl completions` printed: answer, exit.
+    completion::answer(Cli::command);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args).await,
@@ -106,8 +112,7 @@ async fn main() -> ExitCode {
         Command::Halt(args) => control::halt(args, &cli.scope).await,
         Command::Recall(args) => recall::run(args, &cli.scope).await,
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "amictl", &mut std::io::stdout());
-            Ok(())
+            completion::registration(shell, &mut std::io::stdout()).map_err(Into::into)
         }
     };
     match result {
@@ -156,23 +161,45 @@ mod tests {
     }
 
     #[test]
-    fn completions_name_every_command() {
-        let mut out = Vec::new();
-        clap_complete::generate(
-            clap_complete::Shell::Bash,
+    fn completion_offers_every_command_and_the_registration_calls_amictl() {
+        let offered: Vec<String> = clap_complete::engine::complete(
             &mut Cli::command(),
-            "amictl",
-            &mut out,
-        );
-        let script = String::from_utf8(out).unwrap();
+            vec!["amictl".into(), "".into()],
+            1,
+            None,
+        )
+        .unwrap()
+        .iter()
+        .map(|c| c.get_value().to_string_lossy().into_owned())
+        .collect();
         for command in [
-            "inject", "dlq", "replay", "rerun", "trace", "status", "local", "plan", "pause",
-            "resume", "approve", "recall", "report",
+            "inject",
+            "dlq",
+            "rerun",
+            "trace",
+            "status",
+            "local",
+            "plan",
+            "pause",
+            "resume",
+            "approve",
+            "halt",
+            "recall",
+            "report",
+            "demo",
+            "completions",
         ] {
             assert!(
-                script.contains(command),
-                "{command} missing from the bash completion"
+                offered.iter().any(|o| o == command),
+                "{command} not offered: {offered:?}"
             );
         }
+        let mut script = Vec::new();
+        completion::registration(clap_complete::Shell::Bash, &mut script).unwrap();
+        let script = String::from_utf8(script).unwrap();
+        assert!(
+            script.contains("COMPLETE=\"bash\"") && script.contains("amictl"),
+            "{script}"
+        );
     }
 }

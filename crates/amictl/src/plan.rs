@@ -34,7 +34,7 @@ use crate::scope::{Scope, ScopeArgs};
 )]
 pub struct PlanArgs {
     /// Only this stage (a stage name of the policy).
-    #[arg(long, value_name = "STAGE")]
+    #[arg(long, value_name = "STAGE", add = crate::completion::stages())]
     stage: Option<String>,
     /// Preview this AMI (or rollout id `<parameter>@<ami>`) instead of each stage's golden AMI.
     #[arg(long, value_name = "AMI-ID|ROLLOUT-ID")]

@@ -39,7 +39,7 @@ const PROMOTIONS: &str = "/amiflow/gate";
 )]
 pub struct ReportArgs {
     /// Only this stage (a stage name from the policy, or an account id).
-    #[arg(long, visible_alias = "account", value_name = "STAGE|ACCOUNT")]
+    #[arg(long, visible_alias = "account", value_name = "STAGE|ACCOUNT", add = crate::completion::stages())]
     stage: Option<String>,
     /// The window history from then on: a date (2026-11-01), a time (RFC 3339) or a duration
     /// back from now (30d, 12h) [default: everything recorded].

@@ -35,7 +35,7 @@ pub enum Rerun {
 #[derive(Debug, Args)]
 pub struct WindowArgs {
     /// The stage (name, or its account id).
-    #[arg(long, visible_alias = "account", value_name = "STAGE|ACCOUNT")]
+    #[arg(long, visible_alias = "account", value_name = "STAGE|ACCOUNT", add = crate::completion::stages())]
     stage: String,
     /// How long the window stays open, 1 to 24 (the workers refuse a longer window) [default: the
     /// stage's window.duration_hours].

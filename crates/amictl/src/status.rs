@@ -22,7 +22,7 @@ use crate::scope::{Scope, ScopeArgs};
 )]
 pub struct StatusArgs {
     /// Only this stage (a stage name from the policy, or an account id).
-    #[arg(long, visible_alias = "account", value_name = "STAGE|ACCOUNT")]
+    #[arg(long, visible_alias = "account", value_name = "STAGE|ACCOUNT", add = crate::completion::stages())]
     stage: Option<String>,
     #[command(flatten)]
     output: crate::output::OutputArgs,

@@ -230,6 +230,12 @@ async fn local_world_serves_any_client_and_down_leaves_nothing_behind() {
         .unwrap();
     assert_eq!(sent.failed_entry_count(), 0);
 
+    // With no --config, `--stage <TAB>` offers the running world's stages.
+    assert_eq!(
+        bash_complete(dir.path(), &["amictl", "pause", "--stage", ""], None),
+        ["qa", "uat", "prod"]
+    );
+
     let down = ok(&amictl(dir.path(), &["local", "down"]), "local down");
     assert!(down.contains("stopped 11 workers"), "{down}");
     wait_gone(&pids, Duration::from_secs(5), "local down");
@@ -243,6 +249,78 @@ async fn local_world_serves_any_client_and_down_leaves_nothing_behind() {
         text(&env.stderr).contains("amictl local up"),
         "{}",
         text(&env.stderr)
+    );
+}
+
+/// What bash offers at the end of `line` (its last word the one being completed), through the
+/// script `amictl completions bash` prints, with the built amictl first on PATH.
+fn bash_complete(state_dir: &std::path::Path, line: &[&str], config: Option<&str>) -> Vec<String> {
+    let words: Vec<String> = line.iter().map(|w| format!("'{w}'")).collect();
+    let script = format!(
+        r#"source <(amictl completions bash)
+COMP_WORDS=({})
+COMP_CWORD={}
+COMP_TYPE=9
+_clap_complete_amictl amictl "${{COMP_WORDS[COMP_CWORD]}}" "${{COMP_WORDS[COMP_CWORD-1]}}"
+printf '%s\n' "${{COMPREPLY[@]}}""#,
+        words.join(" "),
+        line.len() - 1
+    );
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_amictl"))
+        .parent()
+        .unwrap();
+    let mut bash = Command::new("bash");
+    bash.arg("-c")
+        .arg(script)
+        .env(
+            "PATH",
+            format!("{}:{}", bin.display(), std::env::var("PATH").unwrap()),
+        )
+        .env("AMIFLOW_STATE_DIR", state_dir)
+        .env_remove("AMIFLOW_CONFIG");
+    if let Some(config) = config {
+        bash.env("AMIFLOW_CONFIG", config);
+    }
+    let out = bash.output().expect("bash runs");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    text(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `--stage <TAB>` completes the policy's stage names (from --config, or AMIFLOW_CONFIG), those
+/// matching what was typed, and nothing (not file names) when no policy is in sight.
+#[test]
+fn bash_completes_stage_names_from_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = concat!(env!("CARGO_MANIFEST_DIR"), "/../../local/amiflow.toml");
+    assert_eq!(
+        bash_complete(
+            dir.path(),
+            &["amictl", "status", "--config", policy, "--stage", ""],
+            None
+        ),
+        ["qa", "uat", "prod"]
+    );
+    assert_eq!(
+        bash_complete(
+            dir.path(),
+            &["amictl", "plan", "--stage", "u"],
+            Some(policy)
+        ),
+        ["uat"]
+    );
+    assert_eq!(
+        bash_complete(dir.path(), &["amictl", "halt", "x", "--stage", ""], None),
+        Vec::<String>::new()
+    );
+    // Commands complete too.
+    assert!(
+        bash_complete(dir.path(), &["amictl", "rec"], None) == ["recall"],
+        "amictl rec<TAB>"
     );
 }
 
