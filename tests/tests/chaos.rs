@@ -507,7 +507,7 @@ async fn catalogue(world: &World) -> Vec<Case> {
                 with("targets", json!(vec![qa.clone(); 1001])),
             ),
             kind: "invalid-detail",
-            reason: "/targets",
+            reason: "/targets: an array of 1001 items has more than 1000 items",
         },
         Case {
             name: "schema-version-as-a-string",

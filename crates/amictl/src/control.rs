@@ -16,6 +16,7 @@ use rollout::plan::{Judged, judge_all};
 use rollout::policy::Stage;
 
 use crate::exit::{Usage, refuse};
+use crate::output::Told;
 use crate::scope::{Scope, ScopeArgs};
 
 /// Stop a stage, or every stage: nothing changes there until `amictl resume`.
@@ -34,6 +35,8 @@ pub struct PauseArgs {
     /// Why, for the record (who and when are recorded from your AWS identity).
     #[arg(long, value_name = "TEXT")]
     reason: String,
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
 }
 
 /// Lift a pause; or let a stage that halted for an AMI go on, accepting the failures it has.
@@ -52,6 +55,8 @@ pub struct ResumeArgs {
     /// Why (required to resume a halted stage).
     #[arg(long, value_name = "TEXT")]
     reason: Option<String>,
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
 }
 
 /// Approve an AMI for a stage that requires approval.
@@ -69,6 +74,8 @@ pub struct ApproveArgs {
     /// Why (a change ticket, who signed off).
     #[arg(long, value_name = "TEXT")]
     reason: String,
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
 }
 
 /// Halt a stage for an AMI now, whatever its failures: nothing new starts there.
@@ -89,6 +96,8 @@ pub struct HaltArgs {
     /// Why, for the record (who and when are recorded from your AWS identity).
     #[arg(long, value_name = "TEXT")]
     reason: String,
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
 }
 
 /// The hub's records, with the caller's identity for signing decisions.
@@ -284,13 +293,15 @@ pub async fn pause(args: PauseArgs, scope: &ScopeArgs) -> Result<()> {
         .await
         .map_err(|e| anyhow!("{e}"))
         .with_context(|| format!("writing {path} in the hub {}", scope.hub().label()))?;
-    println!(
+    let mut told = Told::default();
+    told.change("paused", &path, &pause);
+    told.say(format!(
         "paused {} ({path} in the hub): by {}, {}",
         name.as_deref().unwrap_or("every stage"),
         pause.by,
         pause.reason
-    );
-    Ok(())
+    ));
+    told.print(&args.output)
 }
 
 pub async fn resume(args: ResumeArgs, scope: &ScopeArgs) -> Result<()> {
@@ -309,14 +320,25 @@ pub async fn resume(args: ResumeArgs, scope: &ScopeArgs) -> Result<()> {
                 paused.join(", ")
             );
         };
-        remove(&hub, &scope, &control::pause_path(None)).await?;
-        println!(
+        let path = control::pause_path(None);
+        let mut told = Told::default();
+        keep_lifted(
+            &hub,
+            &mut told,
+            &control::lifted_pause_path(None, all),
+            all,
+            why,
+        )
+        .await?;
+        remove(&hub, &scope, &path).await?;
+        told.change("pause-lifted", &path, all);
+        told.say(format!(
             "resumed every stage (the pause by {} at {}: {})",
             all.by,
             all.at.to_rfc3339(),
             all.reason
-        );
-        return Ok(());
+        ));
+        return told.print(&args.output);
     };
     let stage = stage(&scope, name)?;
     let own = pauses
@@ -354,25 +376,34 @@ pub async fn resume(args: ResumeArgs, scope: &ScopeArgs) -> Result<()> {
                 .join(", ")
         );
     }
+    let mut told = Told::default();
     if let Some(pause) = own {
-        remove(&hub, &scope, &control::pause_path(Some(&stage.name))).await?;
-        println!(
+        let path = control::pause_path(Some(&stage.name));
+        let lifted = control::lifted_pause_path(Some(&stage.name), &pause);
+        keep_lifted(&hub, &mut told, &lifted, &pause, why).await?;
+        remove(&hub, &scope, &path).await?;
+        told.change("pause-lifted", &path, &pause);
+        told.say(format!(
             "resumed {} (the pause by {} at {}: {})",
             stage.name,
             pause.by,
             pause.at.to_rfc3339(),
             pause.reason
-        );
+        ));
     }
     for run in halted {
         if let Some(halt) = &run.halt {
-            remove(&hub, &scope, &control::halt_path(&run.ami, &stage.name)).await?;
-            println!(
+            let path = control::halt_path(&run.ami, &stage.name);
+            let lifted = control::lifted_halt_path(&run.ami, &stage.name, halt);
+            keep_lifted(&hub, &mut told, &lifted, halt, why).await?;
+            remove(&hub, &scope, &path).await?;
+            told.change("halt-lifted", &path, halt);
+            told.say(format!(
                 "lifted the halt of {} for {} ({})",
                 stage.name,
                 run.ami,
                 halt.describe()
-            );
+            ));
         }
         let resume = Resume {
             decision: hub.decision(why.unwrap_or_default()).await?,
@@ -383,7 +414,8 @@ pub async fn resume(args: ResumeArgs, scope: &ScopeArgs) -> Result<()> {
             .await
             .map_err(|e| anyhow!("{e}"))
             .with_context(|| format!("writing {path} in the hub"))?;
-        println!(
+        told.change("resumed", &path, &resume);
+        told.say(format!(
             "resumed {} for {} ({}): {} failed groups accepted, by {}: {}",
             stage.name,
             run.ami,
@@ -391,14 +423,35 @@ pub async fn resume(args: ResumeArgs, scope: &ScopeArgs) -> Result<()> {
             resume.accepted_failures,
             resume.decision.by,
             resume.decision.reason
-        );
+        ));
     }
     if let Some(all) = &pauses.all {
-        println!(
+        told.say(format!(
             "note: every stage is still paused (by {}: {}); `amictl resume --all` lifts that",
             all.by, all.reason
-        );
+        ));
     }
+    told.print(&args.output)
+}
+
+/// Keep, before a pause or halt is deleted, the record of it and of its lifting, for the
+/// report's history (the workers read only the pause or halt itself).
+async fn keep_lifted<T: serde::Serialize + Clone>(
+    hub: &Hub,
+    told: &mut Told,
+    path: &str,
+    was: &T,
+    why: Option<&str>,
+) -> Result<()> {
+    let lifted = control::Lifted {
+        was: was.clone(),
+        lifted: hub.decision(why.unwrap_or("")).await?,
+    };
+    control::write(&hub.records, path, &lifted)
+        .await
+        .map_err(|e| anyhow!("{e}"))
+        .with_context(|| format!("writing {path} in the hub"))?;
+    told.change("lifted-recorded", path, &lifted);
     Ok(())
 }
 
@@ -502,14 +555,15 @@ pub async fn approve(args: ApproveArgs, scope: &ScopeArgs) -> Result<()> {
         .await
         .map_err(|e| anyhow!("{e}"))?
     {
-        println!(
+        let mut told = Told::default();
+        told.say(format!(
             "{ami} is already approved for {} by {} at {}: {}",
             stage.name,
             earlier.by,
             earlier.at.to_rfc3339(),
             earlier.reason
-        );
-        return Ok(());
+        ));
+        return told.print(&args.output);
     }
     let pauses = hub.pauses().await?;
     let stages = ScopeStages::of(&scope);
@@ -567,18 +621,20 @@ pub async fn approve(args: ApproveArgs, scope: &ScopeArgs) -> Result<()> {
         .await
         .map_err(|e| anyhow!("{e}"))
         .with_context(|| format!("writing {path} in the hub {}", scope.hub().label()))?;
-    println!(
+    let mut told = Told::default();
+    told.change("approved", &path, &approval);
+    told.say(format!(
         "approved {parameter}@{ami} for {} ({path} in the hub): by {}, {}",
         stage.name, approval.by, approval.reason
-    );
+    ));
     if let GateState::Baking { until } = state {
-        println!(
+        told.say(format!(
             "{} is promoted once the stage before has baked, at {}",
             stage.name,
             until.to_rfc3339()
-        );
+        ));
     }
-    Ok(())
+    told.print(&args.output)
 }
 
 pub async fn halt(args: HaltArgs, scope: &ScopeArgs) -> Result<()> {
@@ -610,12 +666,13 @@ pub async fn halt(args: HaltArgs, scope: &ScopeArgs) -> Result<()> {
     if let Some(earlier) = &earlier
         && (earlier.cancel_running || !args.cancel_running)
     {
-        println!(
+        let mut told = Told::default();
+        told.say(format!(
             "{} is already halted for {ami} {}",
             stage.name,
             earlier.describe()
-        );
-        return Ok(());
+        ));
+        return told.print(&args.output);
     }
     let halt = Halt {
         decision: hub.decision(&why).await?,
@@ -625,11 +682,13 @@ pub async fn halt(args: HaltArgs, scope: &ScopeArgs) -> Result<()> {
         .await
         .map_err(|e| anyhow!("{e}"))
         .with_context(|| format!("writing {path} in the hub {}", scope.hub().label()))?;
-    println!(
+    let mut told = Told::default();
+    told.change("halted", &path, &halt);
+    told.say(format!(
         "halted {} for {parameter}@{ami} ({path} in the hub): by {}, {}",
         stage.name, halt.decision.by, halt.decision.reason
-    );
-    println!(
+    ));
+    told.say(format!(
         "no refresh to {ami} starts in {} from within AMIFLOW_CONTROL_SECONDS (default 10 s); {}; the next stage is not promoted. `amictl resume --stage {} --reason ...` lets it go on",
         stage.name,
         if halt.cancel_running {
@@ -638,6 +697,6 @@ pub async fn halt(args: HaltArgs, scope: &ScopeArgs) -> Result<()> {
             "running refreshes finish (`--cancel-running` cancels them)"
         },
         stage.name
-    );
-    Ok(())
+    ));
+    told.print(&args.output)
 }

@@ -129,8 +129,11 @@ pub fn report(
                 "Detail": detail.to_value(),
             },
         });
-        println!("{}", serde_json::to_string_pretty(&event)?);
-        if !as_json {
+        if as_json {
+            let summary = json!({"sent": false, "dry_run": true});
+            println!("{:#}", crate::output::document(summary, &Ok(()), &event)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&event)?);
             eprintln!("dry run: nothing was sent");
         }
         return Ok(());
@@ -144,7 +147,8 @@ pub fn report(
             "account": account.id,
             "bus": bus,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        let summary = json!({"sent": true, "dry_run": false});
+        println!("{:#}", crate::output::document(summary, &Ok(()), &out)?);
     } else {
         println!(
             "sent {} to bus {bus} in {}\n  event id:   {event_id}\n  rollout_id: {}\n  key:        {}",

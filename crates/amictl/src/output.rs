@@ -61,3 +61,52 @@ pub fn document<B: serde::Serialize>(
         body,
     })?)
 }
+
+/// What a command that writes (or, in a dry run, would write) told its caller: sentences for
+/// people, and for `--output json` one document whose `changes` are each record written or
+/// deleted (`change`, the record's `path`, the `record` itself) with the same sentences as
+/// `messages`; `summary` counts the changes and says whether it was a dry run.
+#[derive(Debug, Default)]
+pub struct Told {
+    dry_run: bool,
+    lines: Vec<String>,
+    changes: Vec<serde_json::Value>,
+}
+
+impl Told {
+    pub fn dry_run() -> Self {
+        Told {
+            dry_run: true,
+            ..Told::default()
+        }
+    }
+
+    pub fn say(&mut self, line: impl Into<String>) {
+        self.lines.push(line.into());
+    }
+
+    /// A change made (in a dry run: one that would be), with the record it is about.
+    pub fn change(&mut self, change: &str, path: &str, record: &impl serde::Serialize) {
+        self.changes.push(serde_json::json!({
+            "change": change,
+            "path": path,
+            "record": record,
+        }));
+    }
+
+    pub fn print(self, output: &OutputArgs) -> anyhow::Result<()> {
+        if output.json() {
+            let doc = document(
+                serde_json::json!({"changes": self.changes.len(), "dry_run": self.dry_run}),
+                &Ok(()),
+                &serde_json::json!({"changes": self.changes, "messages": self.lines}),
+            )?;
+            println!("{doc:#}");
+        } else {
+            for line in self.lines {
+                println!("{line}");
+            }
+        }
+        Ok(())
+    }
+}

@@ -17,6 +17,7 @@ use rollout::policy::RecalledImage;
 
 use crate::control::{Hub, rollout_of};
 use crate::exit::refuse;
+use crate::output::Told;
 use crate::plan::Action;
 use crate::scope::{BUS, Scope, ScopeArgs};
 
@@ -41,6 +42,8 @@ pub struct RecallArgs {
     /// Print what the recall would change in each stage, and change nothing.
     #[arg(long)]
     dry_run: bool,
+    #[command(flatten)]
+    output: crate::output::OutputArgs,
     /// Also disable the AMI in the hub (`ec2:DisableImage`; or deprecate it, when the policy
     /// sets recalled_image = "deprecate") and remove its launch permissions: nothing new
     /// launches from it in any other account. A group still configured for it cannot launch
@@ -76,14 +79,17 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
     {
         if args.disable_image {
             if args.dry_run {
-                println!(
+                let mut told = Told::dry_run();
+                told.say(format!(
                     "{ami} is already recalled; would {} it in the hub {}",
                     retire_verb(scope.policy.recalled_image),
                     scope.hub().label()
-                );
-                return Ok(());
+                ));
+                return told.print(&args.output);
             }
-            return disable_image(&scope, &ami).await;
+            let mut told = Told::default();
+            disable_image(&scope, &ami, &mut told).await?;
+            return told.print(&args.output);
         }
         refuse!(
             "{ami} is already recalled ({path} in the hub), by {} at {}: {}; a recall is never repeated or undone (re-send its event with `amictl inject AmiRecalled` if a stage missed it)",
@@ -153,14 +159,17 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
     }
 
     if args.dry_run {
-        println!("recall of {parameter}@{ami} (dry run: nothing is written)");
+        let mut told = Told::dry_run();
+        told.say(format!(
+            "recall of {parameter}@{ami} (dry run: nothing is written)"
+        ));
         for (stage, change) in &changes {
             let Some(back_to) = &change.back_to else {
-                println!(
+                told.say(format!(
                     "{}: {parameter} holds {}: unchanged",
                     change.label,
                     change.holds.as_deref().unwrap_or("nothing")
-                );
+                ));
                 continue;
             };
             let account = scope.account(&stage.account)?;
@@ -179,7 +188,19 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
                 .iter()
                 .filter(|g| g.requested && g.parameter.as_deref() == Some(parameter.as_str()))
                 .collect();
-            println!(
+            told.change(
+                "parameter-back",
+                &parameter,
+                &serde_json::json!({
+                    "stage": stage.name,
+                    "account": stage.account,
+                    "from": ami,
+                    "to": back_to,
+                    "now": args.now,
+                    "groups": moving,
+                }),
+            );
+            told.say(format!(
                 "{}: {parameter} {ami} -> {back_to} (one new version); {} groups move back{}",
                 change.label,
                 moving.len(),
@@ -188,7 +209,7 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
                 } else {
                     " in the stage's next window"
                 }
-            );
+            ));
             for g in moving {
                 let strategy = g
                     .strategy
@@ -199,23 +220,28 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
                     Action::Refresh => String::new(),
                     _ => format!(" ({})", g.reason),
                 };
-                println!(
+                told.say(format!(
                     "  {:<40} {:<16} {} instances, from {}{what}",
                     g.group,
                     strategy,
                     g.instances,
                     g.from.as_deref().unwrap_or("?"),
-                );
+                ));
             }
         }
         if args.disable_image {
-            println!(
-                "{ami} would be {}d in the hub {}, its launch permissions removed",
-                retire_verb(scope.policy.recalled_image),
-                scope.hub().label()
+            let verb = retire_verb(scope.policy.recalled_image);
+            told.change(
+                &format!("image-{verb}d"),
+                &ami,
+                &serde_json::json!({"account": scope.policy.hub_account}),
             );
+            told.say(format!(
+                "{ami} would be {verb}d in the hub {}, its launch permissions removed",
+                scope.hub().label()
+            ));
         }
-        return Ok(());
+        return told.print(&args.output);
     }
 
     let decision = hub.decision(why).await?;
@@ -240,34 +266,49 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
                 "the recall is recorded ({path}) and every worker refuses {ami}, but the stages were not told to move back: re-send it with `amictl inject AmiRecalled`"
             )
         })?;
-    println!(
+    let mut told = Told::default();
+    told.change("recalled", &path, &recall);
+    told.say(format!(
         "recalled {parameter}@{ami} ({path} in the hub): by {}, {}",
         recall.decision.by, recall.decision.reason
-    );
-    for (_, change) in &changes {
+    ));
+    for (stage, change) in &changes {
         match &change.back_to {
-            Some(back_to) => println!(
-                "{}: {parameter} goes back {ami} -> {back_to}; its groups move back {}",
-                change.label,
-                if args.now {
-                    "at once"
-                } else {
-                    "in its next window"
-                }
-            ),
-            None => println!(
+            Some(back_to) => {
+                told.change(
+                    "parameter-back",
+                    &parameter,
+                    &serde_json::json!({
+                        "stage": stage.name,
+                        "account": stage.account,
+                        "from": ami,
+                        "to": back_to,
+                        "now": args.now,
+                    }),
+                );
+                told.say(format!(
+                    "{}: {parameter} goes back {ami} -> {back_to}; its groups move back {}",
+                    change.label,
+                    if args.now {
+                        "at once"
+                    } else {
+                        "in its next window"
+                    }
+                ))
+            }
+            None => told.say(format!(
                 "{}: holds {}: unchanged",
                 change.label,
                 change.holds.as_deref().unwrap_or("nothing")
-            ),
+            )),
         }
     }
     if args.disable_image {
-        disable_image(&scope, &ami).await.with_context(|| {
+        disable_image(&scope, &ami, &mut told).await.with_context(|| {
             format!("the recall is recorded and sent; run `amictl recall {ami} --reason ... --disable-image` again to {} the image", retire_verb(scope.policy.recalled_image))
         })?;
     }
-    Ok(())
+    told.print(&args.output)
 }
 
 fn retire_verb(how: RecalledImage) -> &'static str {
@@ -277,8 +318,8 @@ fn retire_verb(how: RecalledImage) -> &'static str {
     }
 }
 
-/// Disable (or deprecate, as the policy says) `ami` in the hub and print what was done.
-async fn disable_image(scope: &Scope, ami: &str) -> Result<()> {
+/// Disable (or deprecate, as the policy says) `ami` in the hub and tell what was done.
+async fn disable_image(scope: &Scope, ami: &str, told: &mut Told) -> Result<()> {
     let hub = scope.hub();
     let ec2 = aws_sdk_ec2::Client::new(&hub.config);
     let place = format!("the hub {}", hub.label());
@@ -291,7 +332,12 @@ async fn disable_image(scope: &Scope, ami: &str) -> Result<()> {
     )
     .await
     .with_context(|| format!("in {place}"))?;
-    println!("{done}");
+    told.change(
+        &format!("image-{}d", retire_verb(scope.policy.recalled_image)),
+        ami,
+        &serde_json::json!({"account": hub.id}),
+    );
+    told.say(done);
     Ok(())
 }
 

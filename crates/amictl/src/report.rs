@@ -583,13 +583,20 @@ struct Decided {
 }
 
 /// The operators' decisions the hub holds under `/amiflow/control` (from `since` on): pauses in
-/// force, approvals, halts, resumes of halted stages, recalls. A lifted pause or halt leaves no
-/// record there (its `amictl resume` deleted it).
+/// force, approvals, halts, resumes of halted stages, recalls, and the pauses and halts lifted
+/// (`amictl resume` keeps each under `lifted/` as it deletes it).
 fn decisions(
     stored: &[rollout::aws::StoredRecord],
     since: Option<DateTime<Utc>>,
 ) -> Result<Vec<Decided>> {
-    use rollout::control::{Decision, Halt, Recall, Resume};
+    use rollout::control::{Decision, Halt, Lifted, Recall, Resume};
+    let reason_suffix = |reason: &str| {
+        if reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {reason}")
+        }
+    };
     let mut out = Vec::new();
     for record in stored {
         let parts: Vec<&str> = record
@@ -652,6 +659,49 @@ fn decisions(
                     *ami,
                     String::new(),
                     r.decision,
+                    result,
+                )
+            }
+            ["lifted", "pause", stage, _] => {
+                let l: Lifted<Decision> = typed(record, "lifted pause")?;
+                let all = *stage == rollout::control::ALL;
+                let result = format!(
+                    "{} (by {} at {}: {}) lifted by {}{}",
+                    if all {
+                        "the pause of every stage".to_owned()
+                    } else {
+                        format!("{stage}'s pause")
+                    },
+                    l.was.by,
+                    l.was.at.to_rfc3339(),
+                    l.was.reason,
+                    l.lifted.by,
+                    reason_suffix(&l.lifted.reason)
+                );
+                let subject = if all { "every stage" } else { stage };
+                (
+                    (!all).then_some(*stage),
+                    "Pause lifted",
+                    subject,
+                    String::new(),
+                    l.lifted,
+                    result,
+                )
+            }
+            ["lifted", "halt", ami, stage, _] => {
+                let l: Lifted<Halt> = typed(record, "lifted halt")?;
+                let result = format!(
+                    "{stage}'s halt for {ami} ({}) lifted by {}{}",
+                    l.was.describe(),
+                    l.lifted.by,
+                    reason_suffix(&l.lifted.reason)
+                );
+                (
+                    Some(*stage),
+                    "Halt lifted",
+                    *ami,
+                    String::new(),
+                    l.lifted,
                     result,
                 )
             }
@@ -1077,6 +1127,60 @@ pub(crate) mod tests {
             format!("{err:#}")
                 .contains("the pause record /amiflow/control/pause/uat is not what amiflow writes"),
             "{err:#}"
+        );
+    }
+
+    /// A pause or halt `amictl resume` lifted is history too: what it was, who lifted it and why.
+    #[test]
+    fn lifted_pauses_and_halts_are_history() {
+        let decision = |at: &str, reason: &str| json!({"by": "arn:aws:sts::111111111111:assumed-role/ops/alice", "at": at, "reason": reason});
+        let stored = |name: &str, value: Value| rollout::aws::StoredRecord {
+            name: format!("/amiflow/control/lifted/{name}"),
+            value: value.to_string(),
+            written_by: None,
+        };
+        let mut halt = decision("2026-12-04T02:30:00Z", "502s");
+        halt["cancel_running"] = json!(false);
+        let records = [
+            stored(
+                "pause/all/1764810000000",
+                json!({"was": decision("2026-12-04T01:00:00Z", "incident 42"), "lifted": decision("2026-12-04T01:30:00Z", "")}),
+            ),
+            stored(
+                &format!("halt/{GOLDEN}/qa/1764815400000"),
+                json!({"was": halt, "lifted": decision("2026-12-04T04:00:00Z", "fixed")}),
+            ),
+        ];
+        let found = decisions(&records, None).unwrap();
+        let got: Vec<(Option<&str>, &str, &str, &str)> = found
+            .iter()
+            .map(|d| {
+                (
+                    d.stage.as_deref(),
+                    d.entry.step.as_str(),
+                    d.entry.at.as_str(),
+                    d.entry.result.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    None,
+                    "Pause lifted",
+                    "2026-12-04T01:30:00.000Z",
+                    "the pause of every stage (by arn:aws:sts::111111111111:assumed-role/ops/alice at 2026-12-04T01:00:00+00:00: incident 42) lifted by arn:aws:sts::111111111111:assumed-role/ops/alice"
+                ),
+                (
+                    Some("qa"),
+                    "Halt lifted",
+                    "2026-12-04T04:00:00.000Z",
+                    &*format!(
+                        "qa's halt for {GOLDEN} (by arn:aws:sts::111111111111:assumed-role/ops/alice at 2026-12-04T02:30:00+00:00: 502s) lifted by arn:aws:sts::111111111111:assumed-role/ops/alice: fixed"
+                    )
+                ),
+            ]
         );
     }
 

@@ -279,6 +279,11 @@ async fn a_poisoned_rollout_is_listed_replayed_by_filter_and_then_completes() {
     ]);
     assert_eq!(sent["rollout_id"], rollout.as_str());
     assert!(sent["event_id"].as_str().is_some_and(|id| !id.is_empty()));
+    assert_eq!(
+        (&sent["version"], &sent["summary"]["sent"]),
+        (&Value::from(1), &Value::from(true)),
+        "{sent:#}"
+    );
     let mut stdin_inject = command(
         w.path(),
         &["inject", "AmiShared", "--detail", "-", "--json"],
@@ -1173,6 +1178,24 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
         "{out}"
     );
     assert_eq!(record(&hub, "/amiflow/control/pause/prod").await, None);
+    // What was lifted, by whom, is kept for the report's history.
+    let lifted = record(
+        &hub,
+        &format!(
+            "/amiflow/control/lifted/pause/prod/{}",
+            at.timestamp_millis()
+        ),
+    )
+    .await
+    .expect("the lifted pause is kept in the hub");
+    assert_eq!(lifted["was"]["reason"], "change freeze");
+    assert!(
+        lifted["lifted"]["by"]
+            .as_str()
+            .unwrap()
+            .starts_with("arn:aws:"),
+        "{lifted}"
+    );
     let plan = w.json(&["plan", "--stage", "prod", "--json"]);
     assert!(plan["stages"][0]["paused"].is_null(), "{plan:#}");
 
@@ -1188,7 +1211,40 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
             && err.contains("amictl resume --all"),
         "{err}"
     );
-    ok(&w.run(&["resume", "--all"]), "resume --all");
+    // As JSON: one document whose changes are the record kept of the lifted pause, then the
+    // pause deleted, each with its record.
+    let lifted = w.json(&["resume", "--all", "-o", "json"]);
+    assert_eq!(
+        (
+            &lifted["version"],
+            &lifted["summary"]["changes"],
+            &lifted["summary"]["dry_run"]
+        ),
+        (&Value::from(1), &Value::from(2), &Value::from(false)),
+        "{lifted:#}"
+    );
+    assert_eq!(lifted["changes"][0]["change"], "lifted-recorded");
+    assert!(
+        lifted["changes"][0]["path"]
+            .as_str()
+            .unwrap()
+            .starts_with("/amiflow/control/lifted/pause/all/"),
+        "{lifted:#}"
+    );
+    assert_eq!(
+        lifted["changes"][0]["record"]["was"]["reason"],
+        "incident 42"
+    );
+    assert_eq!(lifted["changes"][1]["change"], "pause-lifted");
+    assert_eq!(lifted["changes"][1]["path"], "/amiflow/control/pause/all");
+    assert_eq!(lifted["changes"][1]["record"]["reason"], "incident 42");
+    assert!(
+        lifted["messages"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("resumed every stage"),
+        "{lifted:#}"
+    );
     assert_eq!(record(&hub, "/amiflow/control/pause/all").await, None);
 
     // Approvals: the local policy has no stage that requires one.
@@ -1456,6 +1512,17 @@ async fn pause_resume_and_approve_are_signed_records_in_the_hub_and_bad_ones_are
     assert!(
         again.contains("uat is already halted for") && again.contains("cancelling its running"),
         "{again}"
+    );
+    // As JSON, a halt already in force changes nothing and says so.
+    let again: Value =
+        serde_json::from_str(&ok(&halt(&["--output", "json"]), "halt -o json")).unwrap();
+    assert_eq!(again["summary"]["changes"], 0, "{again:#}");
+    assert!(
+        again["messages"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("uat is already halted for"),
+        "{again:#}"
     );
     assert_eq!(
         record(&hub, &path).await,
@@ -1750,6 +1817,46 @@ async fn recall_is_a_signed_record_previewed_per_stage_and_bad_recalls_are_refus
         out.contains("launch-template") && out.contains("cloudformation"),
         "{out}"
     );
+    // The same dry run as JSON: each stage's parameter change with the groups that move back,
+    // as many as the table lists.
+    let dry = w.json(&[
+        "recall",
+        current,
+        "--reason",
+        "kernel regression",
+        "--dry-run",
+        "-o",
+        "json",
+    ]);
+    assert_eq!(dry["summary"]["dry_run"], true, "{dry:#}");
+    let changes = dry["changes"].as_array().unwrap();
+    assert_eq!(changes.len(), 3, "{dry:#}");
+    for (change, stage) in changes.iter().zip(["qa", "uat", "prod"]) {
+        let listed = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{stage} (")))
+            .and_then(|l| l.split("; ").nth(1))
+            .and_then(|l| l.split(' ').next())
+            .and_then(|n| n.parse::<usize>().ok())
+            .unwrap();
+        assert_eq!(
+            (
+                &change["change"],
+                &change["record"]["stage"],
+                &change["record"]["from"],
+                &change["record"]["to"],
+                change["record"]["groups"].as_array().unwrap().len()
+            ),
+            (
+                &Value::from("parameter-back"),
+                &Value::from(stage),
+                &Value::from(current.as_str()),
+                &Value::from(before.as_str()),
+                listed
+            ),
+            "{dry:#}"
+        );
+    }
     assert_eq!(
         record(&hub, &format!("/amiflow/control/recall/{current}")).await,
         None

@@ -161,11 +161,31 @@ pub fn validate(detail_type: &str, detail: &serde_json::Value) -> Option<Vec<Vio
             }
             _ => violations.push(Violation {
                 path,
-                message: e.to_string(),
+                message: shorten(&e.to_string(), &e.instance),
             }),
         }
     }
     Some(violations)
+}
+
+/// The longest value a violation's message quotes whole.
+const MAX_QUOTED: usize = 120;
+
+/// `message` with a long quoted `instance` (a 1,001-item array) named by its size instead, so the
+/// reason stays readable in a dead letter and a terminal.
+fn shorten(message: &str, instance: &serde_json::Value) -> String {
+    use serde_json::Value;
+    let quoted = instance.to_string();
+    if quoted.len() <= MAX_QUOTED {
+        return message.to_owned();
+    }
+    let size = match instance {
+        Value::Array(items) => format!("an array of {} items", items.len()),
+        Value::Object(fields) => format!("an object of {} fields", fields.len()),
+        Value::String(text) => format!("a string of {} characters", text.chars().count()),
+        _ => format!("a value of {} characters", quoted.len()),
+    };
+    message.replacen(&quoted, &size, 1)
 }
 
 /// The detail field of `detail_type` closest to a misspelt `field`, if one is close enough to be
@@ -193,6 +213,31 @@ fn escape(field: &str) -> String {
 mod tests {
     use super::*;
     use crate::Detail;
+
+    /// A violation quoting a huge value names its size instead of repeating it.
+    #[test]
+    fn a_huge_value_is_named_by_its_size_in_the_violation() {
+        let mut detail = Detail::from(crate::AmiBuilt::new(
+            "ami-0123456789abcdef0",
+            "us-east-1",
+            "golden-al2023-2026-12",
+            chrono::Utc::now(),
+            "/golden/al2023/ami-id",
+        ))
+        .to_value();
+        detail["targets"] = serde_json::json!(vec!["111111111111"; 1001]);
+        let violations = validate("AmiBuilt", &detail).unwrap();
+        let huge = violations
+            .iter()
+            .find(|v| v.path == "/targets")
+            .unwrap_or_else(|| panic!("{violations:?}"));
+        assert!(
+            huge.message
+                .starts_with("an array of 1001 items has more than"),
+            "{huge}"
+        );
+        assert!(huge.message.len() < 80, "{huge}");
+    }
 
     #[test]
     fn every_detail_type_has_a_validator() {

@@ -155,6 +155,35 @@ pub fn resume_path(ami: &str, stage: &str) -> String {
     format!("{ROOT}/control/resume/{ami}/{stage}")
 }
 
+/// Where lifted pauses and halts are kept for the record (`amictl resume` deletes the pause or
+/// halt itself, which workers read): no worker reads them.
+pub const LIFTED: &str = "/amiflow/control/lifted";
+
+/// The record of a lifted pause: one per pause, named by when it was made, so lifting it again
+/// (or a retry) writes the same record.
+pub fn lifted_pause_path(stage: Option<&str>, paused: &Decision) -> String {
+    format!(
+        "{LIFTED}/pause/{}/{}",
+        stage.unwrap_or(ALL),
+        paused.at.timestamp_millis()
+    )
+}
+
+/// The record of a lifted halt, one per halt.
+pub fn lifted_halt_path(ami: &str, stage: &str, halted: &Halt) -> String {
+    format!(
+        "{LIFTED}/halt/{ami}/{stage}/{}",
+        halted.decision.at.timestamp_millis()
+    )
+}
+
+/// A pause or halt an operator lifted: what it was, and who lifted it, when and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lifted<T> {
+    pub was: T,
+    pub lifted: Decision,
+}
+
 /// Read a record; one that does not parse is an error naming it (someone wrote it by hand).
 pub async fn read<T: for<'de> Deserialize<'de>>(
     records: &impl Records,
