@@ -470,6 +470,23 @@ async fn catalogue(world: &World) -> Vec<Case> {
             .unwrap();
     }
     let now = Utc::now();
+    let odd_group = |name: &str| {
+        envelope(
+            &qa,
+            "amiflow",
+            "AsgRefreshRequested",
+            Detail::from(AsgRefreshRequested::new(
+                "",
+                &qa,
+                name,
+                PARAMETER,
+                &candidate,
+                Strategy::LaunchTemplate,
+                None,
+            ))
+            .to_value(),
+        )
+    };
     vec![
         Case {
             name: "an-extra-field",
@@ -668,6 +685,28 @@ async fn catalogue(world: &World) -> Vec<Case> {
             ),
             kind: "permanent",
             reason: "event for account 999999999999 delivered to the worker of account",
+        },
+        // Group names AWS could not have: refused by the schema before any Auto Scaling call.
+        Case {
+            name: "an-empty-group-name",
+            queue: "refresh",
+            body: odd_group(""),
+            kind: "invalid-detail",
+            reason: "/asg_name",
+        },
+        Case {
+            name: "a-group-name-too-long",
+            queue: "refresh",
+            body: odd_group(&"g".repeat(256)),
+            kind: "invalid-detail",
+            reason: "/asg_name",
+        },
+        Case {
+            name: "a-group-name-with-a-control-character",
+            queue: "refresh",
+            body: odd_group("qa-web\u{1b}[2J"),
+            kind: "invalid-detail",
+            reason: "/asg_name",
         },
         Case {
             name: "another-stages-event",

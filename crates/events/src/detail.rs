@@ -6,6 +6,9 @@ use crate::keys;
 
 pub(crate) const AMI_ID: &str = r"^ami-([0-9a-f]{8}|[0-9a-f]{17})$";
 pub(crate) const ACCOUNT_ID: &str = r"^[0-9]{12}$";
+/// An Auto Scaling group name as AWS allows it: no control character but tab, line feed and
+/// carriage return (the length, 1 to 255, is checked besides).
+pub(crate) const ASG_NAME: &str = r"^[^\u0000-\u0008\u000B\u000C\u000E-\u001F]*$";
 const PARAMETER_NAME: &str = r"^/?[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$";
 const REGION: &str = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$";
 const STAGE: &str = r"^[a-z][a-z0-9-]{0,31}$";
@@ -371,7 +374,7 @@ pub struct AsgRefreshRequested {
     pub meta: Meta,
     #[schemars(regex(pattern = ACCOUNT_ID))]
     pub account: String,
-    #[schemars(length(min = 1, max = 255))]
+    #[schemars(length(min = 1, max = 255), regex(pattern = ASG_NAME))]
     pub asg_name: String,
     #[schemars(regex(pattern = PARAMETER_NAME), length(max = 1011))]
     pub parameter_name: String,
@@ -459,7 +462,7 @@ pub struct AsgRefreshFinished {
     pub meta: Meta,
     #[schemars(regex(pattern = ACCOUNT_ID))]
     pub account: String,
-    #[schemars(length(min = 1, max = 255))]
+    #[schemars(length(min = 1, max = 255), regex(pattern = ASG_NAME))]
     pub asg_name: String,
     #[schemars(regex(pattern = AMI_ID))]
     pub ami_id: String,

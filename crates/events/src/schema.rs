@@ -239,6 +239,52 @@ mod tests {
         assert!(huge.message.len() < 80, "{huge}");
     }
 
+    /// A group name AWS could not have (empty, too long, a control character) is refused at
+    /// `/asg_name`; one with the odd characters AWS allows (spaces, `*`, `/`, a tab) is not.
+    #[test]
+    fn a_group_name_is_what_aws_allows() {
+        let request = |name: &str| {
+            Detail::from(crate::AsgRefreshRequested::new(
+                "",
+                "111111111111",
+                name,
+                "/golden/al2023/ami-id",
+                "ami-0123456789abcdef0",
+                crate::Strategy::LaunchTemplate,
+                None,
+            ))
+            .to_value()
+        };
+        let long = "g".repeat(256);
+        for bad in [
+            "",
+            long.as_str(),
+            "web\u{1}",
+            "web\u{0}prod",
+            "web\u{1b}[31m",
+        ] {
+            let violations = validate("AsgRefreshRequested", &request(bad)).unwrap();
+            assert!(
+                violations.iter().any(|v| v.path == "/asg_name"),
+                "{bad:?}: {violations:?}"
+            );
+        }
+        for odd in [
+            "web prod",
+            "web*",
+            "../etc/web",
+            "web\tprod",
+            "é-web",
+            &"g".repeat(255),
+        ] {
+            assert_eq!(
+                validate("AsgRefreshRequested", &request(odd)).unwrap(),
+                [],
+                "{odd:?}"
+            );
+        }
+    }
+
     #[test]
     fn every_detail_type_has_a_validator() {
         for detail_type in Detail::TYPES {
