@@ -39,6 +39,8 @@ pub struct FakeAws {
     pub group_reads: std::sync::atomic::AtomicUsize,
     /// How many instances steps read (`instances`).
     pub instance_reads: std::sync::atomic::AtomicUsize,
+    /// How many parameter histories steps read (`history`).
+    pub history_reads: std::sync::atomic::AtomicUsize,
     /// Make `ensure_grant` answer AccessDenied.
     pub refuse_grants: Mutex<bool>,
     /// amiflow's records (`aws::Records`), by name.
@@ -452,6 +454,8 @@ impl Parameters for FakeAws {
     }
 
     async fn history(&self, name: &str) -> Result<Vec<String>, StepError> {
+        self.history_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut values = self
             .earlier_values
             .lock()

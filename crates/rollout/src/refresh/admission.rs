@@ -26,6 +26,9 @@ pub struct Admission {
     ledger: std::sync::Mutex<Ledger>,
     /// One read of AWS's marks at a time.
     reading: tokio::sync::Mutex<()>,
+    /// The golden parameters' values this process has read (what a start checks a group's AMI
+    /// against).
+    pub(super) golden: super::start::GoldenValues,
 }
 
 #[derive(Debug, Default)]

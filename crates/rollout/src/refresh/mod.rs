@@ -77,9 +77,9 @@ pub struct RefreshContext<'a, G, S, P> {
 /// plan-worker then moves back every group it finds configured for the recalled AMI. A start
 /// trusting a cache read from before the recall could change the group after that judgement,
 /// leaving it on the recalled AMI with nothing asking it back until the stage's next window.
-/// Read here, a recall recorded before the request's first change refuses it. What is left is a
-/// recall recorded during the few calls between this read and the change, whose parameter move
-/// and plan also complete within them.
+/// Read with the group (before any change), a recall recorded before the request's reads refuses
+/// it. What is left is a recall recorded during the few calls between this read and the first
+/// change (the plan of the start), whose parameter move and plan also complete within them.
 pub trait RecallCheck: Sync {
     fn recall_of<'a>(
         &'a self,
@@ -218,8 +218,22 @@ pub async fn request_refresh(
         Admit::InFlight => None,
         Admit::Slot(slot) => Some(slot),
     };
-    // Independent reads go out together: a start's latency holds a slot.
-    let (group, current) = tokio::join!(groups.get(&req.asg_name), params.get(&req.parameter_name));
+    // Independent reads go out together: a start's latency holds a slot. A request given a slot
+    // is about to start, so its fresh read of the AMI's recall goes with them (a recall recorded
+    // after it is still seen before the first change, see `RecallCheck`).
+    let starting = slot.is_some();
+    let early_recall = async {
+        if starting {
+            Some(ctx.recall_now.recall_of(&req.ami_id).await)
+        } else {
+            None
+        }
+    };
+    let (group, current, recall_read) = tokio::join!(
+        groups.get(&req.asg_name),
+        params.get(&req.parameter_name),
+        early_recall
+    );
     let Some(group) = group? else {
         return Ok(finished(
             req,
@@ -318,7 +332,11 @@ pub async fn request_refresh(
         return Ok(halted);
     }
     // Nothing has changed yet: confirm the AMI is not recalled since the cache was read.
-    if let Some(recall) = ctx.recall_now.recall_of(&req.ami_id).await? {
+    let recall = match recall_read {
+        Some(read) => read?,
+        None => ctx.recall_now.recall_of(&req.ami_id).await?,
+    };
+    if let Some(recall) = recall {
         return recalled(ctx, req, &recall).await;
     }
     // The group's refreshes (to recognise one of ours, or someone else's) are read while the
@@ -854,6 +872,106 @@ mod tests {
             aws.changes()
         );
         assert!(aws.started.lock().unwrap().is_empty(), "nothing started");
+    }
+
+    /// The family check reads the parameter's history once per worker process for the AMIs it
+    /// has seen, and afresh for one it has not: an AMI published since is found, another family's
+    /// AMI is still refused.
+    #[tokio::test]
+    async fn a_stage_reads_its_golden_history_once_and_again_only_for_an_ami_not_seen() {
+        let reads = |aws: &FakeAws| aws.history_reads.load(std::sync::atomic::Ordering::Relaxed);
+        let (aws, limit) = one_group_beyond_the_limit();
+        let (stage, settings, admission) = (stage(), settings(), Admission::default());
+        let ctx = context(&aws, &stage, &settings, &admission);
+        for i in 0..limit - 2 {
+            let req = request(&format!("g{i}"), Strategy::LaunchTemplate);
+            let out = request_refresh(&ctx, &req, Utc::now()).await.unwrap();
+            assert!(
+                matches!(&out, StepOutput::Defer { reason, .. } if reason.contains("running")),
+                "g{i} starts: {out:?}"
+            );
+        }
+        assert_eq!(aws.started.lock().unwrap().len(), limit - 2);
+        assert_eq!(reads(&aws), 1, "one history read for {} starts", limit - 2);
+        // An AMI published after the history was read (a rollout's AMI before NEW): not seen, so
+        // the history is read again, and the group moves.
+        const BETWEEN: &str = "ami-0000000000000000c";
+        aws.golden("/golden/al2023/ami-id", NEW, &[OLD, BETWEEN]);
+        aws.template("lt-late", &[BETWEEN], 1);
+        aws.group("late", "lt-late", "1", BETWEEN, 1);
+        let out = request_refresh(&ctx, &request("late", Strategy::LaunchTemplate), Utc::now())
+            .await
+            .unwrap();
+        assert!(
+            matches!(&out, StepOutput::Defer { reason, .. } if reason.contains("running")),
+            "late starts: {out:?}"
+        );
+        assert_eq!(reads(&aws), 2);
+        // Another family's AMI is never in the history: read again, and refused.
+        const WINDOWS: &str = "ami-0000000000000000f";
+        aws.template("lt-win", &[WINDOWS], 1);
+        aws.group("win", "lt-win", "1", WINDOWS, 1);
+        let req = request("win", Strategy::LaunchTemplate);
+        let Err(StepError::Permanent(why)) = request_refresh(&ctx, &req, Utc::now()).await else {
+            panic!("a group of another family is refused, the cache notwithstanding");
+        };
+        assert!(why.contains("which is no earlier golden AMI of"), "{why}");
+        assert_eq!(reads(&aws), 3);
+        assert_eq!(
+            aws.started.lock().unwrap().len(),
+            limit - 1,
+            "win not started"
+        );
+    }
+
+    /// The fresh read of a recall is made once per start, with the group's reads, and never by
+    /// a delivery that only polls a running refresh or waits for a slot.
+    #[tokio::test]
+    async fn only_a_start_reads_the_recall_afresh() {
+        struct Counting(std::sync::atomic::AtomicUsize);
+        impl RecallCheck for Counting {
+            fn recall_of<'a>(
+                &'a self,
+                _ami: &'a str,
+            ) -> futures::future::BoxFuture<'a, Result<Option<crate::control::Recall>, StepError>>
+            {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Box::pin(async { Ok(None) })
+            }
+        }
+        let (aws, limit) = one_group_beyond_the_limit();
+        let (stage, settings, admission) = (stage(), settings(), Admission::default());
+        let counting = Counting(0.into());
+        let ctx = RefreshContext {
+            recall_now: &counting,
+            ..context(&aws, &stage, &settings, &admission)
+        };
+        let fresh = || counting.0.load(std::sync::atomic::Ordering::Relaxed);
+        for i in 0..limit {
+            let req = request(&format!("g{i}"), Strategy::LaunchTemplate);
+            request_refresh(&ctx, &req, Utc::now()).await.unwrap();
+        }
+        assert_eq!(aws.started.lock().unwrap().len(), limit);
+        assert_eq!(fresh(), limit, "one fresh read per start");
+        // g0 polled while it runs, and the group beyond the limit told to wait: no read.
+        let poll = request_refresh(&ctx, &request("g0", Strategy::LaunchTemplate), Utc::now())
+            .await
+            .unwrap();
+        assert!(
+            matches!(&poll, StepOutput::Defer { reason, .. } if reason.contains("running")),
+            "{poll:?}"
+        );
+        let last = format!("g{limit}");
+        let wait = request_refresh(&ctx, &request(&last, Strategy::LaunchTemplate), Utc::now())
+            .await
+            .unwrap();
+        assert!(matches!(&wait, StepOutput::Defer { .. }), "{wait:?}");
+        assert_eq!(
+            aws.started.lock().unwrap().len(),
+            limit,
+            "nothing else started"
+        );
+        assert_eq!(fresh(), limit, "no read for a poll or a wait");
     }
 
     #[tokio::test]

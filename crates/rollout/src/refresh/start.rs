@@ -11,6 +11,8 @@
 //! configuration), one on any other AMI is left alone, and an override whose template cannot be
 //! read fails the request with the reason.
 
+use std::collections::{HashMap, HashSet};
+
 use aws_sdk_autoscaling::types::{
     DesiredConfiguration, LaunchTemplateSpecification, MixedInstancesPolicy,
 };
@@ -35,6 +37,40 @@ pub(super) enum Decision {
     AlreadyThere(Plan),
     /// Nothing to start: this is the answer (skipped, failed, or wait).
     Done(StepOutput),
+}
+
+/// The values the golden parameters held, as far as this process has read their histories.
+///
+/// An AMI once found in a parameter's history stays an earlier golden AMI of its family, so a
+/// value seen answers every later start without a read; only an AMI not seen yet reads the history
+/// again (`ssm:GetParameterHistory`, afresh: it may have been published since). A stage's starts
+/// thus read each family's history about once per worker process rather than once per group.
+#[derive(Debug, Default)]
+pub(super) struct GoldenValues(std::sync::Mutex<HashMap<String, HashSet<String>>>);
+
+impl GoldenValues {
+    /// Whether `ami` was ever a value of the parameter `name`.
+    pub(super) async fn held(
+        &self,
+        params: &impl Parameters,
+        name: &str,
+        ami: &str,
+    ) -> Result<bool, StepError> {
+        if self.seen().get(name).is_some_and(|v| v.contains(ami)) {
+            return Ok(true);
+        }
+        let values = params.history(name).await?;
+        let held = values.iter().any(|v| v == ami);
+        self.seen()
+            .entry(name.to_owned())
+            .or_default()
+            .extend(values);
+        Ok(held)
+    }
+
+    fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// What a refresh will be started with.
@@ -158,10 +194,10 @@ async fn launch_template(
     // never another family's group, nor one on an AMI amiflow never published.
     if main_moves
         && !ctx
-            .params
-            .history(&req.parameter_name)
+            .admission
+            .golden
+            .held(ctx.params, &req.parameter_name, &current.image_id)
             .await?
-            .contains(&current.image_id)
     {
         return Err(StepError::Permanent(format!(
             "group {} launches {} (launch template {template} version {spec}), which is no earlier golden AMI of {}: amiflow moves only the groups of a family; refused",
