@@ -38,7 +38,8 @@ struct Ledger {
     /// Refreshes started (or taken over) here and not yet closed here, by group, with where the
     /// group keeps its mark.
     started: HashMap<String, (Mark, MarkPlace)>,
-    /// When refreshes seen to end here ended, by group: a read begun before does not count them.
+    /// When refreshes seen to end here ended, by group: a read begun before their close's mark was
+    /// written does not count them.
     ended: HashMap<String, Instant>,
     /// Refreshes closed here (the mark written), by group, kept for [`CLOSED_KEPT`].
     closed: HashMap<String, Closed>,
@@ -77,9 +78,10 @@ impl Ledger {
 
     fn in_flight(&self) -> BTreeSet<String> {
         let mut names: BTreeSet<String> = match &self.read {
-            Some((read_at, names)) => names
+            // An end kept past the read is one the read does not show (see `reread`).
+            Some((_, names)) => names
                 .iter()
-                .filter(|g| self.ended.get(*g).is_none_or(|at| at < read_at))
+                .filter(|g| !self.ended.contains_key(*g))
                 .cloned()
                 .collect(),
             None => BTreeSet::new(),
@@ -146,18 +148,28 @@ impl Admission {
             .into_iter()
             .map(|(group, ami)| (group, (ami, None)))
             .collect();
-        let mut ledger = self.ledger();
+        let mut guard = self.ledger();
+        let ledger = &mut *guard;
         ledger.read = Some((began, names));
-        // Failures seen here after the read began may not be in it yet.
+        // A refresh that ended here is in the read only if its close's mark was written before
+        // the read began: the slot is freed first and the mark written after (batched, up to
+        // seconds later), and a read in between still shows it in progress. Its failure and its
+        // end are kept until then, or it would count again as in flight (a slot lost until the
+        // next read) and its failure would not count.
+        let closed = &ledger.closed;
+        let in_read = |group: &str, at: Instant| {
+            at < began && closed.get(group).is_some_and(|c| c.at < began)
+        };
         for (group, seen) in &ledger.failed {
-            if seen.1.is_some_and(|at| at >= began) {
+            if seen.1.is_some_and(|at| !in_read(group, at)) {
                 failed.insert(group.clone(), seen.clone());
             }
         }
+        ledger
+            .ended
+            .retain(|group, at| !in_read(group, *at) && at.elapsed() < CLOSED_KEPT);
         ledger.failed = failed;
         ledger.closed.retain(|_, c| c.at.elapsed() < CLOSED_KEPT);
-        // Ends before this read are in it.
-        ledger.ended.retain(|_, at| *at >= began);
         Ok(())
     }
 
@@ -368,6 +380,74 @@ mod tests {
             admission.admit("b", 1, &aws).await.unwrap(),
             Admit::Slot(_)
         ));
+    }
+
+    /// A refresh's slot is freed before its close's mark is written. A read of AWS's marks made
+    /// in between still shows the group in progress: the end seen here must outlive that read
+    /// (or the slot stays lost until the next read, 30 s on), and so must its failure (or the
+    /// stage's tolerance would not count it), until the mark written before a read says so.
+    #[tokio::test]
+    async fn an_end_whose_mark_is_not_written_yet_outlives_a_read_of_the_marks() {
+        let aws = FakeAws::default();
+        aws.template("lt-a", &["ami-0000000000000000a"], 1);
+        aws.group("a", "lt-a", "1", "ami-0000000000000000a", 1);
+        let mark = |state: MarkState| Mark {
+            ami: "ami-0000000000000000b".into(),
+            state,
+            refresh_id: "ir-a".into(),
+            deadline: "-".into(),
+            parameter: "/golden/al2023/ami-id".into(),
+        };
+        let write = |m: &Mark| {
+            let mut groups = aws.groups.lock().unwrap();
+            let tags = &mut groups.get_mut("a").unwrap().tags;
+            for (k, v) in m.tags(None) {
+                tags.insert(k.into(), v);
+            }
+        };
+        let marks = Marks::new(&aws, &aws);
+        let admission = Admission::default();
+        let Admit::Slot(slot) = admission.admit("a", 1, &marks).await.unwrap() else {
+            panic!("the only slot is free");
+        };
+        let running = mark(MarkState::InProgress);
+        admission.started("a", MarkPlace::Tags, &running);
+        drop(slot);
+        write(&running);
+        // Ended rolled back; the mark in AWS still says in progress when the marks are read.
+        let done = mark(MarkState::RolledBack);
+        admission.ended("a", &done);
+        admission.reread(&marks, true).await.unwrap();
+        assert!(
+            matches!(
+                admission.admit("b", 1, &marks).await.unwrap(),
+                Admit::Slot(_)
+            ),
+            "the slot a freed is free after the read"
+        );
+        assert_eq!(
+            admission
+                .failures("ami-0000000000000000b", &marks)
+                .await
+                .unwrap(),
+            1,
+            "a's failure counts after the read"
+        );
+        // The mark written, then read: AWS's marks say it all, and still one slot is free.
+        write(&done);
+        admission.closed("a", &done, Outcome::RolledBack, "rolled back");
+        admission.reread(&marks, true).await.unwrap();
+        assert!(matches!(
+            admission.admit("c", 1, &marks).await.unwrap(),
+            Admit::Slot(_)
+        ));
+        assert_eq!(
+            admission
+                .failures("ami-0000000000000000b", &marks)
+                .await
+                .unwrap(),
+            1
+        );
     }
 
     #[tokio::test]

@@ -161,7 +161,14 @@ async fn launch_template(
             )));
         }
     };
-    let Some(current) = groups.template_version(&template, &spec).await? else {
+    // The version the group launches now, and one of the template that already has the AMI (a
+    // start moves to it rather than making another): read together, a start's latency holds a
+    // slot. The second is wasted only where nothing moves (a group already there, `resolve:ssm`).
+    let (current, existing) = tokio::join!(
+        groups.template_version(&template, &spec),
+        groups.version_with_image(&template, &req.ami_id)
+    );
+    let Some(current) = current? else {
         return Ok(Decision::Done(finished(
             req,
             Outcome::Failed,
@@ -217,8 +224,9 @@ async fn launch_template(
     let version = if main_moves {
         let moves_default = (spec == "$Default" && !pin(&spec)).then_some(window.as_str());
         Some(
-            new_version(
+            new_version_from(
                 groups,
+                existing?,
                 &template,
                 current.number,
                 &req.ami_id,
@@ -364,8 +372,21 @@ async fn new_version(
     ami: &str,
     moves_default: Option<&str>,
 ) -> Result<NewVersion, StepError> {
+    let existing = groups.version_with_image(template, ami).await?;
+    new_version_from(groups, existing, template, source, ami, moves_default).await
+}
+
+/// [`new_version`], with the template's version that has the AMI (if any) already read.
+async fn new_version_from(
+    groups: &impl Groups,
+    existing: Option<crate::aws::TemplateVersion>,
+    template: &str,
+    source: i64,
+    ami: &str,
+    moves_default: Option<&str>,
+) -> Result<NewVersion, StepError> {
     let note = default_version::note(ami, moves_default, source);
-    Ok(match groups.version_with_image(template, ami).await? {
+    Ok(match existing {
         Some(v) => NewVersion {
             recorded: moves_default.is_some() && v.description == note,
             number: v.number,
