@@ -104,6 +104,8 @@ pub struct HaltArgs {
 pub struct Hub {
     pub records: SsmRecords,
     sts: aws_sdk_sts::Client,
+    /// The caller's ARN, asked of STS once however many decisions a command signs.
+    me: tokio::sync::OnceCell<String>,
 }
 
 impl Hub {
@@ -112,20 +114,29 @@ impl Hub {
         Hub {
             records: SsmRecords(aws_sdk_ssm::Client::new(config)),
             sts: aws_sdk_sts::Client::new(config),
+            me: tokio::sync::OnceCell::new(),
         }
     }
 
     /// A decision signed by the caller: their STS ARN, now, and the reason.
     pub async fn decision(&self, reason: &str) -> Result<Decision> {
         let me = self
-            .sts
-            .get_caller_identity()
-            .send()
-            .await
-            .map_err(|e| anyhow!("{}", runtime::error::describe(&e)))
-            .context("finding out who you are (sts:GetCallerIdentity), to sign the decision")?;
+            .me
+            .get_or_try_init(|| async {
+                let me = self
+                    .sts
+                    .get_caller_identity()
+                    .send()
+                    .await
+                    .map_err(|e| anyhow!("{}", runtime::error::describe(&e)))
+                    .context(
+                        "finding out who you are (sts:GetCallerIdentity), to sign the decision",
+                    )?;
+                anyhow::Ok(me.arn().unwrap_or("unknown").to_owned())
+            })
+            .await?;
         Ok(Decision {
-            by: me.arn().unwrap_or("unknown").to_owned(),
+            by: me.clone(),
             at: Utc::now(),
             reason: reason.to_owned(),
         })

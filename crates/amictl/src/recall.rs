@@ -188,18 +188,9 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
                 .iter()
                 .filter(|g| g.requested && g.parameter.as_deref() == Some(parameter.as_str()))
                 .collect();
-            told.change(
-                "parameter-back",
-                &parameter,
-                &serde_json::json!({
-                    "stage": stage.name,
-                    "account": stage.account,
-                    "from": ami,
-                    "to": back_to,
-                    "now": args.now,
-                    "groups": moving,
-                }),
-            );
+            let mut back = parameter_back(stage, &ami, back_to, args.now);
+            back["groups"] = serde_json::to_value(&moving)?;
+            told.change("parameter-back", &parameter, &back);
             told.say(format!(
                 "{}: {parameter} {ami} -> {back_to} (one new version); {} groups move back{}",
                 change.label,
@@ -278,13 +269,7 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
                 told.change(
                     "parameter-back",
                     &parameter,
-                    &serde_json::json!({
-                        "stage": stage.name,
-                        "account": stage.account,
-                        "from": ami,
-                        "to": back_to,
-                        "now": args.now,
-                    }),
+                    &parameter_back(stage, &ami, back_to, args.now),
                 );
                 told.say(format!(
                     "{}: {parameter} goes back {ami} -> {back_to}; its groups move back {}",
@@ -309,6 +294,23 @@ pub async fn run(args: RecallArgs, scope: &ScopeArgs) -> Result<()> {
         })?;
     }
     told.print(&args.output)
+}
+
+/// What `recall` says it changes (or, in a dry run, would change) in a stage: its parameter goes
+/// back from `ami` to `back_to`.
+fn parameter_back(
+    stage: &rollout::policy::Stage,
+    ami: &str,
+    back_to: &str,
+    now: bool,
+) -> serde_json::Value {
+    serde_json::json!({
+        "stage": stage.name,
+        "account": stage.account,
+        "from": ami,
+        "to": back_to,
+        "now": now,
+    })
 }
 
 fn retire_verb(how: RecalledImage) -> &'static str {

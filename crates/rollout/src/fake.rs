@@ -43,6 +43,8 @@ pub struct FakeAws {
     pub history_reads: std::sync::atomic::AtomicUsize,
     /// Make `ensure_grant` answer AccessDenied.
     pub refuse_grants: Mutex<bool>,
+    /// Hold every instance read until notified (a test's view of a step in the middle of it).
+    pub hold_instance_reads: Mutex<Option<std::sync::Arc<tokio::sync::Notify>>>,
     /// amiflow's records (`aws::Records`), by name.
     pub records: Mutex<std::collections::BTreeMap<String, String>>,
 }
@@ -355,6 +357,10 @@ impl Groups for FakeAws {
     }
 
     async fn instances(&self, ids: &[String]) -> Result<HashMap<String, Instance>, StepError> {
+        let hold = self.hold_instance_reads.lock().unwrap().clone();
+        if let Some(hold) = hold {
+            hold.notified().await;
+        }
         self.instance_reads
             .fetch_add(ids.len(), std::sync::atomic::Ordering::Relaxed);
         let amis = self.instance_amis.lock().unwrap();

@@ -103,6 +103,8 @@ pub struct Stage {
     /// as soon as the parameter changes.
     #[serde(default = "yes")]
     pub refresh_waits_for_window: bool,
+    /// How many instance refreshes may run at once in the stage's account: a slot is held from
+    /// the start until AWS says the refresh ended (its success check holds none).
     #[serde(default = "five")]
     pub max_concurrent_refreshes: u32,
     #[serde(default = "ninety")]

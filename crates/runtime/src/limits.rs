@@ -70,8 +70,24 @@ static LIMITS: LazyLock<Limits> = LazyLock::new(|| Limits {
     autoscaling: RateLimiter::direct(Api::AutoScaling.quota()),
 });
 
+tokio::task_local! {
+    /// The tokens taken within [`count_tokens`].
+    static TAKEN: std::cell::Cell<u32>;
+}
+
+/// Run `work` and count the tokens it took, of every API (what a test checks a call pattern by).
+pub async fn count_tokens<F: Future>(work: F) -> (F::Output, u32) {
+    TAKEN
+        .scope(std::cell::Cell::new(0), async {
+            let out = work.await;
+            (out, TAKEN.with(std::cell::Cell::get))
+        })
+        .await
+}
+
 /// Wait until this process may make one more call of `api`.
 pub async fn acquire(api: Api) {
+    let _ = TAKEN.try_with(|n| n.set(n.get() + 1));
     let limiter = match api {
         Api::Ec2Mutating => &LIMITS.ec2_mutating,
         Api::SsmPutParameter => &LIMITS.ssm_put_parameter,

@@ -298,15 +298,16 @@ impl AwsGroups {
         }
         let mut pages = request.into_paginator().send();
         let mut groups = Vec::new();
-        loop {
-            // One token per page: each page is a call.
-            runtime::limits::acquire(runtime::limits::Api::AutoScaling).await;
-            let Some(page) = pages.next().await else {
-                break;
-            };
+        // One token per page, each page being a call: one for the first, and one more only when a
+        // page says another follows (the paginator ends without a call after the last).
+        runtime::limits::acquire(runtime::limits::Api::AutoScaling).await;
+        while let Some(page) = pages.next().await {
             let page =
                 page.map_err(|e| StepError::from_sdk("autoscaling:DescribeAutoScalingGroups", &e))?;
             groups.extend(page.auto_scaling_groups().iter().map(to_group));
+            if page.next_token().is_some_and(|t| !t.is_empty()) {
+                runtime::limits::acquire(runtime::limits::Api::AutoScaling).await;
+            }
         }
         Ok(groups)
     }
@@ -532,6 +533,46 @@ mod tests {
             .expect("StartInstanceRefresh was called");
         assert_eq!(input.auto_scaling_group_name(), Some("web"));
         input.preferences().cloned().expect("preferences are sent")
+    }
+
+    /// Groups listed over `pages` pages: how many there were and how many Auto Scaling tokens
+    /// the listing took.
+    async fn listed(pages: usize) -> (usize, u32) {
+        use aws_sdk_autoscaling::operation::describe_auto_scaling_groups::DescribeAutoScalingGroupsOutput;
+        use aws_sdk_autoscaling::types::AutoScalingGroup;
+        let rules: Vec<_> = (0..pages)
+            .map(|i| {
+                let next = (i + 1 < pages).then(|| format!("page-{}", i + 1));
+                let asked = (i > 0).then(|| format!("page-{i}"));
+                mock!(aws_sdk_autoscaling::Client::describe_auto_scaling_groups)
+                    .match_requests(move |r| r.next_token().map(str::to_owned) == asked)
+                    .then_output(move || {
+                        DescribeAutoScalingGroupsOutput::builder()
+                            .auto_scaling_groups(
+                                AutoScalingGroup::builder()
+                                    .auto_scaling_group_name(format!("g{i}"))
+                                    .build(),
+                            )
+                            .set_next_token(next.clone())
+                            .build()
+                    })
+            })
+            .collect();
+        let groups = AwsGroups {
+            autoscaling: mock_client!(aws_sdk_autoscaling, RuleMode::MatchAny, &rules),
+            ec2: mock_client!(aws_sdk_ec2, RuleMode::MatchAny, []),
+            tag_batch: None,
+        };
+        let (listed, tokens) = runtime::limits::count_tokens(groups.list()).await;
+        (listed.unwrap().len(), tokens)
+    }
+
+    /// Each page of `DescribeAutoScalingGroups` is one call and takes one token of the account's
+    /// shared bucket; the end of the listing takes none.
+    #[tokio::test]
+    async fn a_listing_takes_one_auto_scaling_token_per_page_and_no_more() {
+        assert_eq!(listed(1).await, (1, 1));
+        assert_eq!(listed(3).await, (3, 3));
     }
 
     #[tokio::test]

@@ -886,10 +886,7 @@ mod tests {
         for i in 0..limit - 2 {
             let req = request(&format!("g{i}"), Strategy::LaunchTemplate);
             let out = request_refresh(&ctx, &req, Utc::now()).await.unwrap();
-            assert!(
-                matches!(&out, StepOutput::Defer { reason, .. } if reason.contains("running")),
-                "g{i} starts: {out:?}"
-            );
+            assert!(polls_later(&out), "g{i} starts: {out:?}");
         }
         assert_eq!(aws.started.lock().unwrap().len(), limit - 2);
         assert_eq!(reads(&aws), 1, "one history read for {} starts", limit - 2);
@@ -902,10 +899,7 @@ mod tests {
         let out = request_refresh(&ctx, &request("late", Strategy::LaunchTemplate), Utc::now())
             .await
             .unwrap();
-        assert!(
-            matches!(&out, StepOutput::Defer { reason, .. } if reason.contains("running")),
-            "late starts: {out:?}"
-        );
+        assert!(polls_later(&out), "late starts: {out:?}");
         assert_eq!(reads(&aws), 2);
         // Another family's AMI is never in the history: read again, and refused.
         const WINDOWS: &str = "ami-0000000000000000f";
@@ -957,10 +951,7 @@ mod tests {
         let poll = request_refresh(&ctx, &request("g0", Strategy::LaunchTemplate), Utc::now())
             .await
             .unwrap();
-        assert!(
-            matches!(&poll, StepOutput::Defer { reason, .. } if reason.contains("running")),
-            "{poll:?}"
-        );
+        assert!(polls_later(&poll), "{poll:?}");
         let last = format!("g{limit}");
         let wait = request_refresh(&ctx, &request(&last, Strategy::LaunchTemplate), Utc::now())
             .await
@@ -1048,6 +1039,11 @@ mod tests {
         (aws, limit)
     }
 
+    /// The request's refresh runs: it comes back to poll it.
+    fn polls_later(out: &StepOutput) -> bool {
+        matches!(out, StepOutput::Defer { reason, .. } if reason.contains("running"))
+    }
+
     fn outcome(out: &StepOutput) -> (Outcome, String) {
         match out {
             StepOutput::Emit(details) => match details.as_slice() {
@@ -1065,9 +1061,7 @@ mod tests {
         aws.group("web", "lt-1", "2", OLD, 2);
         let req = request("web", Strategy::LaunchTemplate);
         // Started: the request comes back later to poll the refresh.
-        assert!(
-            matches!(run(&aws, &req).await, StepOutput::Defer { reason, .. } if reason.contains("running"))
-        );
+        assert!(polls_later(&run(&aws, &req).await));
         // Delivered twice more while the refresh runs: nothing new is created or started.
         run(&aws, &req).await;
         run(&aws, &req).await;
@@ -1336,6 +1330,64 @@ mod tests {
             other => panic!("not deferred: {other:?}"),
         }
         assert_eq!(aws.started.lock().unwrap().len(), limit);
+    }
+
+    /// A refresh holds its slot until AWS says it ended, not until its success is checked: a
+    /// request waiting for the slot starts while the ended refresh's instances are still read.
+    #[tokio::test]
+    async fn a_slot_is_free_once_aws_says_the_refresh_ended_while_its_success_is_checked() {
+        let (aws, limit) = one_group_beyond_the_limit();
+        let admission = Admission::default();
+        for i in 0..limit {
+            run_in(
+                &aws,
+                &request(&format!("g{i}"), Strategy::LaunchTemplate),
+                &admission,
+            )
+            .await;
+        }
+        let next = request(&format!("g{limit}"), Strategy::LaunchTemplate);
+        match run_in(&aws, &next, &admission).await {
+            StepOutput::Defer { reason, .. } => assert!(
+                reason.contains(&format!("the limit is {limit}")),
+                "{reason}"
+            ),
+            other => panic!("every slot is taken: {other:?}"),
+        }
+        aws.succeed("g0");
+        let event = InstanceRefreshEvent {
+            account: "111111111111".into(),
+            region: "us-east-1".into(),
+            kind: RefreshEventKind::Succeeded,
+            instance_refresh_id: mark_of(&aws.groups.lock().unwrap()["g0"])
+                .unwrap()
+                .refresh_id,
+            asg_name: "g0".into(),
+        };
+        // g0's success check reads its instances, and is held there until g{limit} was handled.
+        let check = std::sync::Arc::new(tokio::sync::Notify::new());
+        *aws.hold_instance_reads.lock().unwrap() = Some(check.clone());
+        let (closed, waited) = tokio::join!(
+            refresh_event(&event, "111111111111", &aws, &aws, &admission),
+            async {
+                let out = run_in(&aws, &next, &admission).await;
+                let started = aws.started.lock().unwrap().len();
+                check.notify_one();
+                (out, started)
+            }
+        );
+        assert_eq!(
+            waited.1,
+            limit + 1,
+            "g{limit} started during g0's check: {:?}",
+            waited.0
+        );
+        assert_eq!(outcome(&closed.unwrap()).0, Outcome::Succeeded);
+        assert_eq!(
+            mark_of(&aws.groups.lock().unwrap()["g0"]).unwrap().state,
+            MarkState::Succeeded,
+            "the check still closes g0"
+        );
     }
 
     #[tokio::test]
@@ -1757,6 +1809,11 @@ mod tests {
             ]
         );
         assert!(aws.started.lock().unwrap()[0].1.auto_rollback);
+        assert_eq!(
+            aws.history_reads.load(std::sync::atomic::Ordering::Relaxed),
+            1,
+            "the override's and the main template's AMIs are judged from one read of the history"
+        );
     }
 
     #[tokio::test]
@@ -1942,16 +1999,19 @@ mod tests {
     #[tokio::test]
     async fn instances_left_behind_by_a_successful_refresh_fail_it_with_the_count() {
         let aws = fake();
-        aws.template("lt-1", &[OLD], 1);
-        aws.group("web", "lt-1", "1", OLD, 2);
+        for g in ["web", "next"] {
+            aws.template(&format!("lt-{g}"), &[OLD], 1);
+            aws.group(g, &format!("lt-{g}"), "1", OLD, 2);
+        }
+        let admission = Admission::default();
         let req = request("web", Strategy::LaunchTemplate);
-        run(&aws, &req).await;
+        run_in(&aws, &req, &admission).await;
         aws.succeed("web");
         aws.instance_amis
             .lock()
             .unwrap()
             .insert("i-web-1".into(), OLD.into());
-        let (o, reason) = outcome(&run(&aws, &req).await);
+        let (o, reason) = outcome(&run_in(&aws, &req, &admission).await);
         assert_eq!(
             (o, reason),
             (
@@ -1959,6 +2019,13 @@ mod tests {
                 format!("the refresh ended successful, but 1 of 2 instances still run {OLD}")
             )
         );
+        // The failure the check found counts against qa's tolerance (0) from its close.
+        let next = request("next", Strategy::LaunchTemplate);
+        assert_eq!(
+            outcome(&run_in(&aws, &next, &admission).await).0,
+            Outcome::Halted
+        );
+        assert_eq!(aws.started.lock().unwrap().len(), 1, "only web started");
     }
 
     /// After a success, instances Auto Scaling says were launched from the group's new version

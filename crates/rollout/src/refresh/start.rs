@@ -56,16 +56,32 @@ impl GoldenValues {
         name: &str,
         ami: &str,
     ) -> Result<bool, StepError> {
-        if self.seen().get(name).is_some_and(|v| v.contains(ami)) {
-            return Ok(true);
+        Ok(!self.held_of(params, name, &[ami]).await?.is_empty())
+    }
+
+    /// Which of `amis` were ever values of the parameter `name`: one read of its history when any
+    /// of them was not seen there yet, none otherwise.
+    pub(super) async fn held_of(
+        &self,
+        params: &impl Parameters,
+        name: &str,
+        amis: &[&str],
+    ) -> Result<HashSet<String>, StepError> {
+        let known = |seen: &HashMap<String, HashSet<String>>| -> HashSet<String> {
+            let values = seen.get(name);
+            amis.iter()
+                .filter(|a| values.is_some_and(|v| v.contains(**a)))
+                .map(|a| (*a).to_owned())
+                .collect()
+        };
+        let held = known(&self.seen());
+        if held.len() == amis.len() {
+            return Ok(held);
         }
         let values = params.history(name).await?;
-        let held = values.iter().any(|v| v == ami);
-        self.seen()
-            .entry(name.to_owned())
-            .or_default()
-            .extend(values);
-        Ok(held)
+        let mut seen = self.seen();
+        seen.entry(name.to_owned()).or_default().extend(values);
+        Ok(known(&seen))
     }
 
     fn seen(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashSet<String>>> {
@@ -432,9 +448,11 @@ async fn moved_overrides(
     if templates.is_empty() {
         return Ok(Ok(OverrideMoves::default()));
     }
-    let history = ctx.params.history(&req.parameter_name).await?;
     let window = deadline_text(req.deadline);
     let mut moves = OverrideMoves::default();
+    // Each override's template as it is now, then which of their AMIs are golden (one history
+    // read at most, shared with the main template's check after this).
+    let mut read = Vec::new();
     for (index, o) in templates.into_iter().enumerate() {
         let broken = |why: String| {
             finished(
@@ -457,11 +475,27 @@ async fn moved_overrides(
                 o.version
             ))));
         };
+        read.push((index, o, template, current));
+    }
+    let images: Vec<&str> = read
+        .iter()
+        .map(|(.., current)| current.image_id.as_str())
+        .filter(|i| *i != req.ami_id && !i.starts_with("resolve:ssm:"))
+        .collect();
+    let golden = if images.is_empty() {
+        HashSet::new()
+    } else {
+        ctx.admission
+            .golden
+            .held_of(ctx.params, &req.parameter_name, &images)
+            .await?
+    };
+    for (index, o, template, current) in read {
         let image = current.image_id;
         if image == req.ami_id || image.starts_with("resolve:ssm:") {
             continue;
         }
-        if !history.contains(&image) {
+        if !golden.contains(&image) {
             tracing::info!(group = %req.asg_name, override_type = %o.instance_type, %template, %image,
                 "override template runs an AMI of no golden family here; left alone");
             moves.left_alone.push(image);
