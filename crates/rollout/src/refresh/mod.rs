@@ -1044,6 +1044,20 @@ mod tests {
         matches!(out, StepOutput::Defer { reason, .. } if reason.contains("running"))
     }
 
+    /// A worker that has started the refreshes of `g0` .. `g{limit - 1}`: every slot is taken.
+    async fn fill_slots(aws: &FakeAws, limit: usize) -> Admission {
+        let admission = Admission::default();
+        for i in 0..limit {
+            run_in(
+                aws,
+                &request(&format!("g{i}"), Strategy::LaunchTemplate),
+                &admission,
+            )
+            .await;
+        }
+        admission
+    }
+
     fn outcome(out: &StepOutput) -> (Outcome, String) {
         match out {
             StepOutput::Emit(details) => match details.as_slice() {
@@ -1337,15 +1351,7 @@ mod tests {
     #[tokio::test]
     async fn a_slot_is_free_once_aws_says_the_refresh_ended_while_its_success_is_checked() {
         let (aws, limit) = one_group_beyond_the_limit();
-        let admission = Admission::default();
-        for i in 0..limit {
-            run_in(
-                &aws,
-                &request(&format!("g{i}"), Strategy::LaunchTemplate),
-                &admission,
-            )
-            .await;
-        }
+        let admission = fill_slots(&aws, limit).await;
         let next = request(&format!("g{limit}"), Strategy::LaunchTemplate);
         match run_in(&aws, &next, &admission).await {
             StepOutput::Defer { reason, .. } => assert!(
@@ -1421,15 +1427,7 @@ mod tests {
     #[tokio::test]
     async fn a_refresh_started_here_holds_its_slot_even_if_its_mark_was_never_written() {
         let (aws, limit) = one_group_beyond_the_limit();
-        let admission = Admission::default();
-        for i in 0..limit {
-            run_in(
-                &aws,
-                &request(&format!("g{i}"), Strategy::LaunchTemplate),
-                &admission,
-            )
-            .await;
-        }
+        let admission = fill_slots(&aws, limit).await;
         // The tag writes were lost: AWS shows nothing in flight.
         for g in aws.groups.lock().unwrap().values_mut() {
             g.tags.remove(REFRESH_TAG);
