@@ -103,8 +103,9 @@ pub struct Stage {
     /// as soon as the parameter changes.
     #[serde(default = "yes")]
     pub refresh_waits_for_window: bool,
-    /// How many instance refreshes may run at once in the stage's account: a slot is held from
-    /// the start until AWS says the refresh ended (its success check holds none).
+    /// How many instance refreshes may be in flight at once in the stage's account: a slot is
+    /// held from the start until the refresh is closed (its outcome checked and marked), so no
+    /// other request for the group starts while its close checks it or puts a default back.
     #[serde(default = "five")]
     pub max_concurrent_refreshes: u32,
     #[serde(default = "ninety")]

@@ -249,10 +249,8 @@ impl Admission {
         }
     }
 
-    /// AWS says the group's refresh has ended as `mark` says: it holds no slot from now on (its
-    /// success check and its close no longer replace instances), and a failure counts against the
-    /// stage's tolerance at once (before the slot can go to another start). A success the check
-    /// then finds not on the AMI counts from its close ([`Admission::closed`]).
+    /// The group's refresh has ended as `mark` says: it holds no slot from now on, and a failure
+    /// counts against the stage's tolerance at once (before the slot can go to another start).
     pub(super) fn ended(&self, group: &str, mark: &Mark) {
         let mut ledger = self.ledger();
         if matches!(mark.state, MarkState::Failed | MarkState::RolledBack) {

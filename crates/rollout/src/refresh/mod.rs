@@ -1346,20 +1346,16 @@ mod tests {
         assert_eq!(aws.started.lock().unwrap().len(), limit);
     }
 
-    /// A refresh holds its slot until AWS says it ended, not until its success is checked: a
-    /// request waiting for the slot starts while the ended refresh's instances are still read.
+    /// A refresh holds its slot until it is closed, its success check included: a request waiting
+    /// for the slot still waits while the ended refresh's instances are read, and starts after.
     #[tokio::test]
-    async fn a_slot_is_free_once_aws_says_the_refresh_ended_while_its_success_is_checked() {
+    async fn a_slot_is_held_until_the_close_has_checked_the_refresh() {
         let (aws, limit) = one_group_beyond_the_limit();
         let admission = fill_slots(&aws, limit).await;
         let next = request(&format!("g{limit}"), Strategy::LaunchTemplate);
-        match run_in(&aws, &next, &admission).await {
-            StepOutput::Defer { reason, .. } => assert!(
-                reason.contains(&format!("the limit is {limit}")),
-                "{reason}"
-            ),
-            other => panic!("every slot is taken: {other:?}"),
-        }
+        let full = |out: &StepOutput| matches!(out, StepOutput::Defer { reason, .. } if reason.contains(&format!("the limit is {limit}")));
+        let out = run_in(&aws, &next, &admission).await;
+        assert!(full(&out), "every slot is taken: {out:?}");
         aws.succeed("g0");
         let event = InstanceRefreshEvent {
             account: "111111111111".into(),
@@ -1373,26 +1369,26 @@ mod tests {
         // g0's success check reads its instances, and is held there until g{limit} was handled.
         let check = std::sync::Arc::new(tokio::sync::Notify::new());
         *aws.hold_instance_reads.lock().unwrap() = Some(check.clone());
-        let (closed, waited) = tokio::join!(
+        let (closed, during) = tokio::join!(
             refresh_event(&event, "111111111111", &aws, &aws, &admission),
             async {
                 let out = run_in(&aws, &next, &admission).await;
-                let started = aws.started.lock().unwrap().len();
                 check.notify_one();
-                (out, started)
+                out
             }
         );
-        assert_eq!(
-            waited.1,
-            limit + 1,
-            "g{limit} started during g0's check: {:?}",
-            waited.0
+        assert!(
+            full(&during),
+            "g{limit} waits during g0's check: {during:?}"
         );
+        assert_eq!(aws.started.lock().unwrap().len(), limit);
         assert_eq!(outcome(&closed.unwrap()).0, Outcome::Succeeded);
+        *aws.hold_instance_reads.lock().unwrap() = None;
+        assert!(polls_later(&run_in(&aws, &next, &admission).await));
         assert_eq!(
-            mark_of(&aws.groups.lock().unwrap()["g0"]).unwrap().state,
-            MarkState::Succeeded,
-            "the check still closes g0"
+            aws.started.lock().unwrap().len(),
+            limit + 1,
+            "g{limit} starts after the close"
         );
     }
 

@@ -1,7 +1,7 @@
 //! How a started refresh ends: polled when its request comes back, closed by its Auto Scaling
 //! instance-refresh event (best effort, and possibly ahead of the mark), or adopted when a refresh
-//! of ours was started but never marked. Closing frees the refresh's slot (as soon as AWS says it
-//! ended) and writes the outcome into the group's mark.
+//! of ours was started but never marked. Closing writes the outcome into the group's mark and
+//! frees the refresh's slot.
 //!
 //! A refresh Auto Scaling calls successful is checked against the group before it is reported:
 //! its launch template must still launch the AMI (someone may have set the `$Default` version by
@@ -174,12 +174,6 @@ async fn close(
     admission: &Admission,
 ) -> Result<StepOutput, StepError> {
     let groups = marks.groups();
-    // AWS says the refresh has ended: its slot is free from now on, before the success check and
-    // the default version's restore below (each a read or two that no longer replaces instances)
-    // and the mark's write (if any of them fails, the event or poll is retried and redoes them).
-    // A failure AWS reports counts against the stage's tolerance at once; a success the check
-    // finds not on the AMI counts when the check has said so.
-    admission.ended(&req.asg_name, &mark.ended(outcome));
     let (outcome, reason) = match outcome {
         Outcome::Succeeded => verify(groups, &req.asg_name, &mark.ami)
             .await?
@@ -196,6 +190,9 @@ async fn close(
     };
     let reason = reason.as_str();
     let done = mark.ended(outcome);
+    // The refresh has ended: its slot is free now, before the tag write below (if that fails,
+    // the event or poll is retried and writes it).
+    admission.ended(&req.asg_name, &done);
     let skipped = (outcome == Outcome::Skipped).then_some(reason);
     write_mark(marks, place, &req.asg_name, &done, skipped).await?;
     admission.closed(&req.asg_name, &done, outcome, reason);

@@ -477,22 +477,21 @@ async fn moved_overrides(
         };
         read.push((index, o, template, current));
     }
+    // On the AMI already, or read at launch: nothing to judge or move.
+    let judged = |image: &str| image != req.ami_id && !image.starts_with("resolve:ssm:");
     let images: Vec<&str> = read
         .iter()
         .map(|(.., current)| current.image_id.as_str())
-        .filter(|i| *i != req.ami_id && !i.starts_with("resolve:ssm:"))
+        .filter(|i| judged(i))
         .collect();
-    let golden = if images.is_empty() {
-        HashSet::new()
-    } else {
-        ctx.admission
-            .golden
-            .held_of(ctx.params, &req.parameter_name, &images)
-            .await?
-    };
+    let golden = ctx
+        .admission
+        .golden
+        .held_of(ctx.params, &req.parameter_name, &images)
+        .await?;
     for (index, o, template, current) in read {
         let image = current.image_id;
-        if image == req.ami_id || image.starts_with("resolve:ssm:") {
+        if !judged(&image) {
             continue;
         }
         if !golden.contains(&image) {
