@@ -264,6 +264,36 @@ def test_launch_template_version_inherits_from_source(accounts):
     assert inst["ImageId"] == ami2
 
 
+def test_describe_tags_by_exact_ids_reads_only_those_resources_and_matches_wildcards(accounts):
+    # amiflow_shim.speed looks up exact resource ids directly; a wildcard goes through moto's scan.
+    sessions, _ = accounts
+    ec2 = sessions["a"].client("ec2")
+    ami = register(ec2, "img-tags")
+    lt, _ = _lt_with_versions(ec2, "tags", 1, [ami])
+    ids = [i["InstanceId"] for i in ec2.run_instances(
+        LaunchTemplate={"LaunchTemplateId": lt, "Version": "$Latest"}, MinCount=3, MaxCount=3,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": "team", "Value": "blue"}]}],
+    )["Instances"]]
+    keys = ["aws:ec2launchtemplate:id", "aws:ec2launchtemplate:version"]
+
+    def tags(**filters):
+        out = ec2.describe_tags(Filters=[{"Name": k, "Values": v} for k, v in filters.items()])["Tags"]
+        return sorted((t["ResourceId"], t["Key"], t["Value"], t["ResourceType"]) for t in out)
+
+    # EC2 records the version an instance was launched from as its number, whatever was asked.
+    wanted = sorted((i, k, v, "instance") for i in ids[:2] for k, v in zip(keys, [lt, "1"]))
+    assert tags(**{"resource-id": ids[:2], "key": keys}) == wanted
+    assert tags(**{"resource-id": ids[:2] + ["i-0000000000000dead"], "key": keys}) == wanted
+    assert tags(**{"resource-id": [ids[2]], "value": ["blue"]}) == [(ids[2], "team", "blue", "instance")]
+    # A wildcard id takes moto's own path, with the same answer.
+    prefix = ids[0][:-1] + "*"
+    by_prefix = [t for t in tags(**{"resource-id": [prefix], "key": keys})]
+    assert by_prefix == sorted((ids[0], k, v, "instance") for k, v in zip(keys, [lt, "1"]))
+    # And every instance's own tags still come with DescribeInstances.
+    described = ec2.describe_instances(InstanceIds=ids)["Reservations"][0]["Instances"]
+    assert all({t["Key"]: t["Value"] for t in i["Tags"]}["aws:ec2launchtemplate:version"] == "1" for i in described)
+
+
 def test_describe_versions_filters_versions_and_paging(accounts):
     sessions, _ = accounts
     ec2 = sessions["a"].client("ec2")

@@ -138,9 +138,22 @@ impl GroupAmi {
 pub struct Resolver {
     versions: HashMap<(String, String), Option<(i64, String)>>,
     parameters: HashMap<String, Option<String>>,
+    /// The account's groups, as first listed.
+    listed: Option<Vec<Group>>,
 }
 
 impl Resolver {
+    /// The account's groups: listed by the first call, the same listing after (judging the same
+    /// groups again, as if a golden parameter held another AMI, lists them once).
+    pub async fn groups(&mut self, groups: &impl Groups) -> Result<Vec<Group>, StepError> {
+        if let Some(listed) = &self.listed {
+            return Ok(listed.clone());
+        }
+        let listed = groups.list().await?;
+        self.listed = Some(listed.clone());
+        Ok(listed)
+    }
+
     /// Forget the parameter values read so far, keeping the template versions: judging the same
     /// groups again against other parameters (`amictl plan --ami`: as if a golden parameter held
     /// another AMI) reads no version twice, and each `resolve:ssm:` value from the new ones.

@@ -37,6 +37,8 @@ pub struct FakeAws {
     pub template_reads: std::sync::atomic::AtomicUsize,
     /// How many group reads (`get`, `with_tag_value`, `refreshes`) steps made.
     pub group_reads: std::sync::atomic::AtomicUsize,
+    /// How many listings of every group steps made (`list`).
+    pub listings: std::sync::atomic::AtomicUsize,
     /// How many instances steps read (`instances`).
     pub instance_reads: std::sync::atomic::AtomicUsize,
     /// How many parameter histories steps read (`history`).
@@ -268,6 +270,8 @@ impl Templates for FakeAws {
 
 impl Groups for FakeAws {
     async fn list(&self) -> Result<Vec<Group>, StepError> {
+        self.listings
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut groups: Vec<Group> = self.groups.lock().unwrap().values().cloned().collect();
         groups.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(groups)

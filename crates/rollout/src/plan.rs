@@ -52,9 +52,10 @@ pub async fn judge_all(
     judge_all_with(&mut Resolver::default(), groups, params, policy, stage).await
 }
 
-/// [`judge_all`], reusing the template versions `resolver` has read (it keeps those it reads
-/// now): judging an account a second time, as if a golden parameter held another AMI, then costs
-/// no template read. Parameter values are always read anew from `params`.
+/// [`judge_all`], reusing the groups `resolver` has listed and the template versions it has read
+/// (it keeps those it reads now): judging an account a second time, as if a golden parameter held
+/// another AMI, then costs no listing of the groups and no template read. Parameter values,
+/// marks and instances are always read anew.
 pub async fn judge_all_with(
     resolver: &mut Resolver,
     groups: &impl Groups,
@@ -70,7 +71,7 @@ pub async fn judge_all_with(
             families.push((f.parameter_name.clone(), current.value, history));
         }
     }
-    let listed = groups.list().await?;
+    let listed = resolver.groups(groups).await?;
     resolver.prefetch(groups, &listed).await?;
     let mut judged = Vec::new();
     for group in listed {
@@ -329,7 +330,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_second_judgement_with_one_resolver_reads_no_template_but_every_parameter_anew() {
+    async fn a_second_judgement_with_one_resolver_lists_and_reads_no_template_but_every_parameter_anew()
+     {
         let policy = Policy::parse(include_str!("../../../local/amiflow.toml")).unwrap();
         let stage = policy.stage_named("qa").unwrap();
         let aws = FakeAws::default();
@@ -379,6 +381,8 @@ mod tests {
                 ("reads-ssm".into(), Some(OLD.into()), Verdict::Current),
             ]
         );
+        // The groups were listed once, for both judgements.
+        assert_eq!(aws.listings.load(std::sync::atomic::Ordering::Relaxed), 1);
     }
 
     /// An instance Auto Scaling says was launched from the group's pinned version runs that
